@@ -1,0 +1,139 @@
+"""Megatron-LM flag names -> the typed dataclasses of config.py, in one place.
+
+Each concern adds its flags in its own function and reads them back in `to_config`.
+"""
+
+import argparse
+
+from megatron_emu.config import (
+    CheckpointConfig,
+    DataConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PRESETS,
+    RECIPES,
+    TrainConfig,
+    get_preset,
+)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (default: tiny)")
+    g.add_argument("--l2-loss-weight", type=float, default=1.0, help="lambda in CE + lambda * l2")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=[], help="W1 PREFIX1 W2 PREFIX2 ...; none = synthetic corpus")
+    g.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's recipe)")
+    g.add_argument("--micro-batch-size", type=int, default=None)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--num-workers", type=int, default=1, help="DataLoader worker processes")
+    g.add_argument("--data-cache-dir", default="", help="where the synthetic corpus/tokenizer are cached")
+    g.add_argument("--tokenizer-model", default="", help="sentencepiece .model (default: tiny tokenizer)")
+
+
+def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--lr", type=float, default=None, help="peak LR of the LLM (paper: 3e-5)")
+    g.add_argument("--lr-vision", type=float, default=None, help="peak LR of EVA-CLIP (paper: 4e-5)")
+    g.add_argument("--lr-causal-former", type=float, default=None, help="peak LR of Causal Former + regression head (paper: 1e-4)")
+    g.add_argument("--min-lr", type=float, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=None)
+    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant"])
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.98)
+    g.add_argument("--adam-eps", type=float, default=1e-6)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip (0 = off)")
+    g.add_argument("--freeze-vision", action="store_true")
+    g.add_argument("--freeze-causal-former", action="store_true")
+    g.add_argument("--freeze-llm", action="store_true")
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpointing")
+    g.add_argument("--save", default="")
+    g.add_argument("--save-interval", type=int, default=0)
+    g.add_argument("--load", default="")
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Pretrain Emu (EVA-CLIP -> Causal Former -> LLaMA).",
+        epilog="Flags left unset take the preset's recipe (megatron_emu/config.py RECIPES).",
+    )
+    for add in (add_model_args, add_data_args, add_optimizer_args, add_parallel_args, add_checkpoint_args, add_training_args):
+        add(parser)
+    return parser
+
+
+def fill_recipe_defaults(args: argparse.Namespace) -> None:
+    """Flags left unset take the preset's recipe value (config.RECIPES)."""
+    for name, value in RECIPES[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def to_config(args: argparse.Namespace) -> TrainConfig:
+    fill_recipe_defaults(args)
+    return TrainConfig(
+        preset=args.preset,
+        model=get_preset(args.preset),
+        data=DataConfig(
+            data_path=list(args.data_path),
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            global_batch_size=args.global_batch_size,
+            num_workers=args.num_workers,
+            cache_dir=args.data_cache_dir,
+            tokenizer_model=args.tokenizer_model,
+        ),
+        optimizer=OptimizerConfig(
+            lr=args.lr,
+            lr_vision=args.lr_vision,
+            lr_causal_former=args.lr_causal_former,
+            min_lr=args.min_lr,
+            lr_warmup_iters=args.lr_warmup_iters,
+            lr_decay_style=args.lr_decay_style,
+            lr_decay_iters=args.lr_decay_iters,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            freeze_vision=args.freeze_vision,
+            freeze_causal_former=args.freeze_causal_former,
+            freeze_llm=args.freeze_llm,
+        ),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        ),
+        checkpoint=CheckpointConfig(save=args.save, save_interval=args.save_interval, load=args.load),
+        train_iters=args.train_iters,
+        l2_loss_weight=args.l2_loss_weight,
+        seed=args.seed,
+        log_interval=args.log_interval,
+        device=args.device,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    return to_config(build_parser().parse_args(argv))

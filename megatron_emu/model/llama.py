@@ -1,0 +1,107 @@
+"""LLaMA decoder (spec section 3): the multimodal model's language backbone.
+
+Names follow torchtitan (tok_embeddings, layers.N.attention.{wq,wk,wv,wo},
+layers.N.feed_forward.{w1,w2,w3}, attention_norm, ffn_norm, norm, output). Layers
+live in a ModuleDict keyed by index so names survive pipeline splitting, and a stage
+without `tok_embeddings` / `norm` / `output` (set to None) still runs.
+Rotary embeddings use the Hugging Face "rotate half" layout, so transformers'
+LlamaForCausalLM weights map one to one.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_emu.config import LLaMAConfig
+from megatron_emu.model.attention import scaled_dot_product_attention
+from megatron_emu.model.norms import RMSNorm
+
+
+def rotary_tables(head_dim: int, max_positions: int, theta: float, device=None) -> torch.Tensor:
+    """(2, max_positions, head_dim): cos and sin of position * inverse frequency."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # (P, D)
+    return torch.stack([angles.cos(), angles.sin()])
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, h, S, D); cos/sin: (S, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LLaMAConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.hidden, config.hidden, bias=False)
+        self.wk = nn.Linear(config.hidden, config.hidden, bias=False)
+        self.wv = nn.Linear(config.hidden, config.hidden, bias=False)
+        self.wo = nn.Linear(config.hidden, config.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        # -1 heads: a head-sharded copy (tensor parallel) runs unchanged.
+        q = self.wq(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, h, S, D)
+        k = self.wk(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        cos, sin = rope[0, :S].to(q.dtype), rope[1, :S].to(q.dtype)  # (S, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = scaled_dot_product_attention(q, k, v, causal=True)  # (B, h, S, D)
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, hidden: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, hidden, bias=False)
+        self.w3 = nn.Linear(hidden, ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LLaMAConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.hidden, config.norm_eps)
+        self.feed_forward = FeedForward(config.hidden, config.ffn_dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class LLaMA(nn.Module):
+    """Token embedding -> decoder layers -> final norm -> LM head (untied)."""
+
+    def __init__(self, config: LLaMAConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(config) for i in range(config.layers)})
+        self.norm = RMSNorm(config.hidden, config.norm_eps)
+        self.output = nn.Linear(config.hidden, config.vocab_size, bias=False)
+        # Not persistent: recomputed on load and after meta-device materialisation.
+        self.register_buffer("rope", self._rope_tables(), persistent=False)
+
+    def _rope_tables(self, device=None) -> torch.Tensor:
+        c = self.config
+        return rotary_tables(c.head_dim, c.max_positions, c.rope_theta, device=device)
+
+    def forward_layers(self, h: torch.Tensor) -> torch.Tensor:  # (B, S, H) -> (B, S, H)
+        if h.shape[1] > self.config.max_positions:
+            raise ValueError(f"sequence length {h.shape[1]} exceeds max positions {self.config.max_positions}")
+        for layer in self.layers.values():
+            h = layer(h, self.rope)
+        return h
+
+    def init_weights(self, std: float) -> None:
+        self.rope = self._rope_tables(device=self.rope.device)

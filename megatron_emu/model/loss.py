@@ -1,0 +1,55 @@
+"""The mixed objective (spec section 4): CE on the next text token + lambda * l2 on
+the next visual embedding."""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from megatron_emu.config import SpecialTokens
+
+
+class EmuLoss(NamedTuple):
+    total: torch.Tensor
+    lm: torch.Tensor  # cross-entropy, mean over trained text tokens
+    l2: torch.Tensor  # mean squared error over predicting positions x hidden
+
+
+def text_labels(tokens: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
+    """(B, S) -> (B, S-1) next-token labels, -100 where the label is [PAD]/<image>/[IMG]/[/IMG]."""
+    labels = tokens[:, 1:].clone()
+    ignored = torch.isin(labels, torch.tensor(special.ignored_in_ce, device=tokens.device))
+    return labels.masked_fill(ignored, -100)
+
+
+def regression_mask(tokens: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
+    """(B, S) -> (B, S-1) bool: positions whose next input embedding is regressed.
+
+    Per image these are the 33 positions [IMG], <image>_1 .. <image>_32; their targets
+    are <image>_1 .. <image>_32 and [/IMG]. The last position has no next, so it is dropped.
+    """
+    current = tokens[:, :-1]
+    return (current == special.img_start) | (current == special.image)
+
+
+def cross_entropy_loss(logits: torch.Tensor, tokens: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
+    labels = text_labels(tokens, special)  # (B, S-1)
+    logits = logits[:, :-1].float()  # (B, S-1, V)
+    if not (labels != -100).any():
+        return logits.sum() * 0.0  # keeps the graph; no text to train on
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def l2_regression_loss(regression: torch.Tensor, inputs: torch.Tensor, tokens: torch.Tensor, special) -> torch.Tensor:
+    mask = regression_mask(tokens, special)  # (B, S-1)
+    predicted = regression[:, :-1][mask].float()  # (M, H)
+    target = inputs[:, 1:][mask].detach().float()  # (M, H): no gradient into the target side
+    if predicted.numel() == 0:
+        return regression.sum() * 0.0  # no image in this micro-batch
+    return F.mse_loss(predicted, target)
+
+
+def emu_loss(logits, regression, inputs, tokens, special: SpecialTokens, l2_weight: float = 1.0) -> EmuLoss:
+    lm = cross_entropy_loss(logits, tokens, special)
+    l2 = l2_regression_loss(regression, inputs, tokens, special)
+    return EmuLoss(lm + l2_weight * l2, lm, l2)

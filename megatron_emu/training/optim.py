@@ -1,0 +1,109 @@
+"""AdamW with per-module learning rates, no decay on norms/biases/position tables,
+and Megatron's warmup + decay schedule."""
+
+import math
+
+import torch
+from torch import nn
+
+from megatron_emu.config import OptimizerConfig
+
+# Parameters with fewer than 2 dims (norm weights, biases) never decay; neither do
+# these learned tables, which play the role of positions / fixed tokens.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "query_embeds", "relative_attention_bias")
+
+
+def module_family(name: str) -> str:
+    """Which learning rate a parameter uses: vision (EVA + ln_visual), causal_former
+    (with the randomly initialised regression head, spec section 5), or llm."""
+    if name.startswith(("visual.", "ln_visual.")):
+        return "vision"
+    if name.startswith(("causal_former.", "regression_head.")):
+        return "causal_former"
+    return "llm"
+
+
+def family_lrs(config: OptimizerConfig) -> dict[str, float]:
+    return {
+        "llm": config.lr,
+        "vision": config.lr if config.lr_vision is None else config.lr_vision,
+        "causal_former": config.lr if config.lr_causal_former is None else config.lr_causal_former,
+    }
+
+
+def apply_freezing(model: nn.Module, config: OptimizerConfig) -> None:
+    frozen = {"vision": config.freeze_vision, "causal_former": config.freeze_causal_former, "llm": config.freeze_llm}
+    for name, param in model.named_parameters():
+        if frozen[module_family(name)]:
+            param.requires_grad_(False)
+
+
+def param_groups(model: nn.Module, config: OptimizerConfig) -> list[dict]:
+    """One group per (module family, decay or not); each carries its peak `max_lr`."""
+    lrs = family_lrs(config)
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        family = module_family(name)
+        decays = param.ndim >= 2 and not any(n in name for n in NO_DECAY_NAMES)
+        key = (family, decays)
+        if key not in groups:
+            groups[key] = {
+                "name": f"{family}{'' if decays else '.no_decay'}",
+                "params": [],
+                "lr": lrs[family],
+                "max_lr": lrs[family],
+                "weight_decay": config.weight_decay if decays else 0.0,
+            }
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig, fused: bool | None = None) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, config),
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        fused=fused,
+    )
+
+
+def lr_factor(iteration: int, config: OptimizerConfig, train_iters: int) -> float:
+    """Fraction of the peak rate at `iteration`: linear warmup, then decay to min_lr / lr."""
+    if config.lr_warmup_iters > 0 and iteration < config.lr_warmup_iters:
+        return (iteration + 1) / config.lr_warmup_iters
+    min_ratio = config.min_lr / config.lr if config.lr > 0 else 0.0
+    decay_iters = config.lr_decay_iters or train_iters
+    span = max(decay_iters - config.lr_warmup_iters, 1)
+    progress = min(max(iteration - config.lr_warmup_iters, 0) / span, 1.0)
+    if config.lr_decay_style == "constant":
+        decay = 1.0
+    elif config.lr_decay_style == "linear":
+        decay = 1.0 - progress
+    elif config.lr_decay_style == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown --lr-decay-style {config.lr_decay_style!r}")
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+class LRScheduler:
+    """Sets every group's lr to max_lr * factor(iteration); min_lr scales with each group's peak."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: OptimizerConfig, train_iters: int):
+        self.optimizer, self.config, self.train_iters = optimizer, config, train_iters
+        self.iteration = 0
+        self.step(0)
+
+    def step(self, iteration: int) -> None:
+        self.iteration = iteration
+        factor = lr_factor(iteration, self.config, self.train_iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["max_lr"] * factor
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step(state["iteration"])
