@@ -1,0 +1,31 @@
+"""megatron_emu: 3D-parallel pretraining of Emu (EVA-CLIP -> Causal Former -> LLaMA)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_emu",
+    version="0.1.0",
+    description="Megatron-style training system for the Emu multimodal model",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_emu", "megatron_emu.*"]),
+    py_modules=["pretrain_emu", "finetune_decoder"],
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16,<0.17",
+        "numpy>=1.26",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "pillow>=10.0",
+    ],
+    extras_require={
+        "decoder": ["diffusers>=0.30", "transformers>=4.45"],
+        # pytest plus what the tests import: transformers (HF parity), diffusers (decoder).
+        "test": ["pytest>=8.0", "transformers>=4.45", "diffusers>=0.30"],
+        # CUDA-only kernels. NVIDIA apex comes with the NGC PyTorch container; the
+        # registry's package named `apex` is unrelated and must never be installed.
+        "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]>=1.9"],
+    },
+)
