@@ -42,8 +42,10 @@ class EmuTokenizer:
         self.special = SpecialTokens(self.base_vocab_size)
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
-        # Identifies the vocabulary: datasets record it and refuse another tokenizer.
-        self.fingerprint = hashlib.sha256(proto).hexdigest()[:16]
+        # Identifies the vocabulary (not the file: the proto also stores training paths):
+        # datasets record it and refuse another tokenizer.
+        vocab = "\n".join(f"{self.sp.id_to_piece(i)}\t{self.sp.get_score(i)}" for i in range(self.base_vocab_size))
+        self.fingerprint = hashlib.sha256(vocab.encode()).hexdigest()[:16]
         self._names = {self.base_vocab_size + i: n for i, n in enumerate(SPECIAL_TOKEN_NAMES[:num_special_tokens])}
 
     @property

@@ -1,0 +1,257 @@
+"""Raw documents -> megatron-core .bin/.idx, sharded over worker processes.
+
+The one code path behind tools/preprocess_data.py and the bundled synthetic corpus:
+shards are processed independently into partial datasets (`<out>.parts/NNNNN.*`),
+which are then merged in shard order, so the output does not depend on --workers and
+an interrupted run resumes by skipping the shards whose partial files are complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from megatron_emu.data.indexed import MODE_IMAGE, MODE_TEXT, DocumentWriter, _check_files, read_meta, write_meta
+from megatron_emu.data.synthetic import RawDocument
+
+MAX_NAMED_SKIPS = 10000  # the report names every skipped input, up to this many
+
+
+class SkipItem(Exception):
+    """One input item that cannot be used; `reason` is a report key."""
+
+    def __init__(self, reason: str, name: str):
+        super().__init__(f"{name}: {reason}")
+        self.reason, self.name = reason, name
+
+
+@dataclass
+class Shard:
+    """A unit of work. source: 'synthetic' (spec = (kind, seed, start, stop)) or an input type."""
+
+    index: int
+    source: str
+    spec: object
+    name: str
+
+
+def prepare_image(image, image_size: int = 224, min_size: int = 32, name: str = "") -> np.ndarray:
+    """PIL image, path or bytes -> uint8 (3, S, S): shorter side resized to S, centre crop."""
+    try:
+        if isinstance(image, (str, os.PathLike)):
+            if not os.path.exists(image):
+                raise SkipItem("missing_file", str(image))
+            image = Image.open(image)
+        elif isinstance(image, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(image))
+        image.load()
+        image = image.convert("RGB")
+    except SkipItem:
+        raise
+    except Exception:  # PIL raises many types for corrupt data; all mean the same here
+        raise SkipItem("corrupt_image", name or str(image)) from None
+    w, h = image.size
+    if min(w, h) < min_size:
+        raise SkipItem("too_small", f"{name or 'image'} ({w}x{h})")
+    if (w, h) != (image_size, image_size):
+        scale = image_size / min(w, h)
+        nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+        image = image.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - image_size) // 2, (nh - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, S, S)
+
+
+def encode_document(doc: RawDocument, tokenizer, image_size: int, skips: Counter, named: list) -> list | None:
+    """RawDocument -> [(mode, array)], skipping (and counting) unusable items.
+
+    Returns None when the document itself is unusable (a pair without image or caption,
+    a video without 8 frames, or nothing left at all).
+    """
+    items = []
+    for k, (kind, value) in enumerate(doc.items):
+        try:
+            if kind == "text":
+                text = str(value).strip()
+                if not text:
+                    raise SkipItem("empty_text", f"{doc.name}#{k}")
+                items.append((MODE_TEXT, np.asarray(tokenizer.encode(text), dtype=np.int64)))
+            else:
+                items.append((MODE_IMAGE, prepare_image(value, image_size, name=f"{doc.name}#{k}")))
+        except SkipItem as s:
+            _count(skips, named, s.reason, s.name)
+    n_img = sum(m == MODE_IMAGE for m, _ in items)
+    n_txt = len(items) - n_img
+    if doc.kind == "pairs" and (n_img != 1 or n_txt != 1):
+        _count(skips, named, "incomplete_pair", doc.name)
+        return None
+    if doc.kind == "video" and n_img != 8:
+        _count(skips, named, "too_few_frames", doc.name)
+        return None
+    if not items:
+        _count(skips, named, "empty_document", doc.name)
+        return None
+    return items
+
+
+def _count(skips: Counter, named: list, reason: str, name: str) -> None:
+    skips[reason] += 1
+    if len(named) < MAX_NAMED_SKIPS:
+        named.append({"reason": reason, "name": name})
+
+
+# --- per-shard work (runs in worker processes) -----------------------------------------
+_WORKER_TOKENIZER = {}
+
+
+def _tokenizer(path: str, num_special: int):
+    from megatron_emu.data.tokenizer import EmuTokenizer
+
+    key = (path, num_special)
+    if key not in _WORKER_TOKENIZER:
+        _WORKER_TOKENIZER[key] = EmuTokenizer(path, num_special)
+    return _WORKER_TOKENIZER[key]
+
+
+def iter_shard_documents(shard: Shard):
+    """Yields RawDocument or SkipItem (a source-level failure: unreadable line, shard...)."""
+    if shard.source == "synthetic":
+        from megatron_emu.data.synthetic import MAKERS
+
+        kind, seed, start, stop = shard.spec
+        for i in range(start, stop):
+            yield MAKERS[kind](seed, i)
+    else:
+        from megatron_emu.data.sources import iter_source
+
+        yield from iter_source(shard.source, shard.spec)
+
+
+def process_shard(job: tuple) -> dict:
+    """Write one shard's partial dataset; its .json (written last) marks it complete."""
+    shard, part_prefix, kind, tok_path, num_special, image_size = job
+    tokenizer = _tokenizer(tok_path, num_special)
+    skips, named = Counter(), []
+    docs_in = docs_out = 0
+    writer = DocumentWriter(part_prefix, tokenizer.vocab_size, image_size)
+    try:
+        for doc in iter_shard_documents(shard):
+            if isinstance(doc, SkipItem):
+                _count(skips, named, doc.reason, doc.name)
+                docs_in += doc.reason != "unreadable_shard"
+                continue
+            docs_in += 1
+            items = encode_document(doc, tokenizer, image_size, skips, named)
+            if items is not None:
+                writer.add_document(items)
+                docs_out += 1
+    except Exception as e:  # a source that dies mid-way: keep what was read, name the shard
+        _count(skips, named, "unreadable_shard", f"{shard.name} ({e.__class__.__name__}: {e})")
+    report = {"documents_in": docs_in, "documents_out": docs_out, "images_kept": writer.num_images,
+              "skipped": dict(skips), "skipped_items": named}
+    writer.finalize({"kind": kind, "image_size": image_size, "tokenizer": tokenizer.fingerprint,
+                     "vocab_size": tokenizer.vocab_size, "shard": shard.name, "report": report})
+    return report
+
+
+def _part_done(part_prefix: str) -> dict | None:
+    try:
+        meta = read_meta(part_prefix)
+        _check_files(part_prefix, meta)
+        return meta["report"]
+    except (ValueError, KeyError):
+        return None
+
+
+# --- driver ------------------------------------------------------------------------------
+def preprocess(shards: list[Shard], output_prefix: str, kind: str, tokenizer_path: str, *,
+               num_special: int = 4, image_size: int = 224, workers: int = 1, resume: bool = False,
+               progress: bool = True, keep_parts: bool = False) -> dict:
+    """Process `shards` into `<output_prefix>.bin/.idx/.json`; returns the JSON report."""
+    t0 = time.time()
+    parts_dir = output_prefix + ".parts"
+    os.makedirs(parts_dir, exist_ok=True)
+    reports, jobs = {}, []
+    for shard in shards:
+        part = os.path.join(parts_dir, f"{shard.index:05d}")
+        done = _part_done(part) if resume else None
+        if done is not None:
+            reports[shard.index] = done
+        else:
+            jobs.append((shard, part, kind, tokenizer_path, num_special, image_size))
+    resumed = len(reports)
+    bar = _progress_bar(progress, len(shards), resumed, output_prefix)
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            for job, report in zip(jobs, pool.imap(process_shard, jobs)):
+                reports[job[0].index] = report
+                _advance(bar, report)
+    else:
+        for job in jobs:
+            reports[job[0].index] = process_shard(job)
+            _advance(bar, reports[job[0].index])
+    if bar is not None:
+        bar.close()
+    return _merge(shards, parts_dir, output_prefix, kind, tokenizer_path, num_special, image_size,
+                  reports, resumed, time.time() - t0, keep_parts)
+
+
+def _merge(shards, parts_dir, output_prefix, kind, tokenizer_path, num_special, image_size,
+           reports, resumed, elapsed, keep_parts) -> dict:
+    tokenizer = _tokenizer(tokenizer_path, num_special)
+    writer = DocumentWriter(output_prefix, tokenizer.vocab_size, image_size)
+    for shard in shards:
+        writer.add_index(os.path.join(parts_dir, f"{shard.index:05d}"))
+    total = Counter()
+    named = []
+    for r in reports.values():
+        total.update(r["skipped"])
+        named.extend(r["skipped_items"])
+    report = {
+        "output_prefix": output_prefix, "kind": kind, "shards": len(shards), "shards_resumed": resumed,
+        "documents_in": sum(r["documents_in"] for r in reports.values()),
+        "documents_out": sum(r["documents_out"] for r in reports.values()),
+        "images_kept": sum(r["images_kept"] for r in reports.values()),
+        "skipped": dict(total), "skipped_items": named[:MAX_NAMED_SKIPS],
+        "elapsed_s": round(elapsed, 3),
+    }
+    report["documents_per_s"] = round(report["documents_in"] / max(elapsed, 1e-9), 1)
+    writer.finalize({"kind": kind, "image_size": image_size, "tokenizer": tokenizer.fingerprint,
+                     "vocab_size": tokenizer.vocab_size, "num_documents": report["documents_out"],
+                     "num_images": report["images_kept"]})
+    with open(output_prefix + ".report.json", "w") as f:
+        json.dump(report, f, indent=1)
+    if not keep_parts:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    return report
+
+
+def _progress_bar(enabled: bool, total: int, done: int, name: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=os.path.basename(name), unit="shard", dynamic_ncols=True)
+
+
+def _advance(bar, report: dict) -> None:
+    if bar is None:
+        return
+    bar.docs = getattr(bar, "docs", 0) + report["documents_in"]
+    bar.update(1)
+    bar.set_postfix(docs=bar.docs, docs_per_s=f"{bar.docs / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+
+
+def synthetic_shards(kind: str, num_documents: int, seed: int, docs_per_shard: int = 250) -> list[Shard]:
+    return [Shard(i, "synthetic", (kind, seed, start, min(start + docs_per_shard, num_documents)),
+                  f"synthetic-{kind}[{start}:{min(start + docs_per_shard, num_documents)}]")
+            for i, start in enumerate(range(0, num_documents, docs_per_shard))]

@@ -1,0 +1,222 @@
+"""Sample builders: stored documents -> token sequences with images (spec sections 3, 5).
+
+An image in the stream is [IMG] + <image> x num_query + [/IMG] (tokens_per_image in all)
+and is never cut: an image that does not fit is dropped whole and counted. Text is
+truncated instead. Sequences start with BOS and end with EOS when it fits.
+
+Views (what one sample is):
+- PairView:        a pair document; image before or after the caption at random (seeded);
+- InterleavedView: a chunk of an interleaved document, up to seq_length tokens and at most
+                   5 images (paper: MMC4 sequences up to 1024 tokens with <= 5 images);
+- PairsWindowView: 5 consecutive (image, text) pairs of an interleaved document, up to
+                   512 tokens (the paper's second MMC4 view);
+- VideoView:       8 frames interleaved with subtitles by timestamp (stored in that order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_emu.data.indexed import MODE_IMAGE, MODE_TEXT, MultimodalIndexed
+
+MAX_IMAGES_PER_CHUNK = 5
+PAIRS_PER_WINDOW = 5
+PAIRS_WINDOW_TOKENS = 512
+
+
+@dataclass
+class Sample:
+    tokens: list[int]
+    images: list[np.ndarray]  # uint8 (3, S, S) each, in order of appearance
+    kind: str
+    dropped_images: int = 0
+
+
+@dataclass
+class SeqSpec:
+    """What every view needs to lay out a sequence."""
+
+    seq_length: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    img_start_id: int
+    img_end_id: int
+    image_id: int
+    tokens_per_image: int = 34
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, seq_length: int, tokens_per_image: int = 34) -> "SeqSpec":
+        s = tokenizer.special
+        return cls(seq_length, tokenizer.bos_id, tokenizer.eos_id, s.pad, s.img_start, s.img_end, s.image,
+                   tokens_per_image)
+
+    def image_tokens(self) -> list[int]:
+        return [self.img_start_id] + [self.image_id] * (self.tokens_per_image - 2) + [self.img_end_id]
+
+
+def assemble(items, spec: SeqSpec, kind: str, max_images: int | None = None, seq_length: int | None = None) -> Sample:
+    """Greedy left-to-right layout of (mode, array) items; text truncated, images all-or-nothing."""
+    limit = seq_length or spec.seq_length
+    tokens, images, dropped = [spec.bos_id], [], 0
+    for mode, value in items:
+        room = limit - len(tokens)
+        if mode == MODE_IMAGE:
+            if spec.tokens_per_image <= room and (max_images is None or len(images) < max_images):
+                tokens.extend(spec.image_tokens())
+                images.append(value)
+            else:
+                dropped += 1
+        elif room > 0:
+            tokens.extend(value[:room].tolist())
+    if len(tokens) < limit:
+        tokens.append(spec.eos_id)
+    return Sample(tokens, images, kind, dropped)
+
+
+class PairView:
+    """One sample per pair document; the placement coin is seeded by the draw key."""
+
+    kind = "pair"
+
+    def __init__(self, data: MultimodalIndexed, spec: SeqSpec):
+        self.data, self.spec = data, spec
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def build(self, index: int, key: tuple) -> Sample:
+        items = self.data.read_document(index)
+        text = [v for m, v in items if m == MODE_TEXT][0]
+        image = [v for m, v in items if m == MODE_IMAGE][0]
+        # Keep room for the image: the caption is what gets truncated.
+        text = text[: max(0, self.spec.seq_length - 1 - self.spec.tokens_per_image)]
+        image_first = bool(np.random.default_rng(key).integers(2))
+        ordered = [(MODE_IMAGE, image), (MODE_TEXT, text)] if image_first else [(MODE_TEXT, text), (MODE_IMAGE, image)]
+        return assemble(ordered, self.spec, self.kind)
+
+
+def plan_chunks(data: MultimodalIndexed, spec: SeqSpec, max_images: int) -> list[tuple[int, int]]:
+    """Interleaved documents -> (first_item, stop_item) chunks, computed from the .idx alone.
+
+    A chunk holds whole images (at most max_images) and text; a text item that overflows
+    is truncated and ends the chunk. (seq_length >= tokens_per_image + 2 is checked by
+    the loader, so every image fits in an empty chunk.)
+    """
+    lengths, modes, tpi, limit = data.lengths, data.modes, spec.tokens_per_image, spec.seq_length
+    chunks = []
+    for doc in range(len(data)):
+        start, used, n_img = None, 0, 0
+        for item in data.item_range(doc):
+            if modes[item] == MODE_IMAGE:
+                if start is not None and (n_img == max_images or used + tpi > limit):
+                    chunks.append((start, item))  # the image opens the next chunk
+                    start = None
+                if start is None:
+                    start, used, n_img = item, 2, 0  # BOS + EOS
+                used, n_img = used + tpi, n_img + 1
+            else:
+                if start is None:
+                    start, used, n_img = item, 2, 0
+                used += int(lengths[item])
+                if used >= limit:  # truncated text ends the chunk
+                    chunks.append((start, item + 1))
+                    start = None
+        if start is not None:
+            chunks.append((start, data.item_range(doc).stop))
+    return chunks
+
+
+class InterleavedView:
+    kind = "interleaved"
+
+    def __init__(self, data: MultimodalIndexed, spec: SeqSpec, max_images: int = MAX_IMAGES_PER_CHUNK):
+        self.data, self.spec, self.max_images = data, spec, max_images
+        self.chunks = plan_chunks(data, spec, max_images)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def build(self, index: int, key: tuple) -> Sample:
+        first, stop = self.chunks[index]
+        items = [self.data.read_item(i, self.spec.seq_length) for i in range(first, stop)]
+        return assemble(items, self.spec, self.kind, self.max_images)
+
+
+def plan_pair_windows(data: MultimodalIndexed, pairs_per_window: int) -> list[list[int]]:
+    """Each image with the text item right after it is a pair; windows of consecutive pairs."""
+    modes, windows = data.modes, []
+    for doc in range(len(data)):
+        r = data.item_range(doc)
+        pairs = [i for i in r[:-1] if modes[i] == MODE_IMAGE and modes[i + 1] == MODE_TEXT]
+        for k in range(0, len(pairs), pairs_per_window):
+            windows.append(pairs[k:k + pairs_per_window])
+    return windows
+
+
+class PairsWindowView:
+    kind = "interleaved_pairs"
+
+    def __init__(self, data: MultimodalIndexed, spec: SeqSpec, pairs_per_window: int = PAIRS_PER_WINDOW,
+                 max_tokens: int = PAIRS_WINDOW_TOKENS):
+        self.data, self.spec = data, spec
+        self.seq_length = min(max_tokens, spec.seq_length)
+        self.windows = plan_pair_windows(data, pairs_per_window)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def build(self, index: int, key: tuple) -> Sample:
+        items = []
+        for image_item in self.windows[index]:
+            items.append(self.data.read_item(image_item))
+            items.append(self.data.read_item(image_item + 1, self.seq_length))
+        return assemble(items, self.spec, self.kind, seq_length=self.seq_length)
+
+
+class VideoView:
+    kind = "video"
+
+    def __init__(self, data: MultimodalIndexed, spec: SeqSpec):
+        self.data, self.spec = data, spec
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def build(self, index: int, key: tuple) -> Sample:
+        return assemble(self.data.read_document(index), self.spec, self.kind)
+
+
+def make_view(data: MultimodalIndexed, spec: SeqSpec, view: str = ""):
+    if data.kind == "pairs":
+        return PairView(data, spec)
+    if data.kind == "video":
+        return VideoView(data, spec)
+    return PairsWindowView(data, spec) if view == "pairs" else InterleavedView(data, spec)
+
+
+def collate(samples: list[Sample], spec: SeqSpec, image_size: int = 224) -> dict:
+    """Pad to seq_length with [PAD]; images of all samples in order of appearance."""
+    tokens = torch.full((len(samples), spec.seq_length), spec.pad_id, dtype=torch.long)  # (B, L)
+    for b, s in enumerate(samples):
+        tokens[b, : len(s.tokens)] = torch.as_tensor(s.tokens, dtype=torch.long)
+    all_images = [img for s in samples for img in s.images]
+    if all_images:
+        images = torch.from_numpy(np.stack(all_images))  # (N, 3, S, S) uint8
+    else:
+        images = torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
+    ignored = torch.tensor([spec.pad_id, spec.image_id, spec.img_start_id, spec.img_end_id])
+    kinds: dict[str, int] = {}
+    for s in samples:
+        kinds[s.kind] = kinds.get(s.kind, 0) + 1
+    return {
+        "tokens": tokens,
+        "images": images,
+        # 1 where the token is a cross-entropy target (spec section 4's ignore set).
+        "loss_mask": (~torch.isin(tokens, ignored)).float(),  # (B, L)
+        "num_samples_by_kind": kinds,
+        "dropped_images": sum(s.dropped_images for s in samples),
+    }
