@@ -183,6 +183,10 @@ class DataConfig:
     # Where the synthetic corpus and the tiny tokenizer are built and cached.
     cache_dir: str = ""
     tokenizer_model: str = ""  # sentencepiece .model; empty = tiny tokenizer built on demand
+    # "shares": --data-path weights are exact per-global-batch shares (the paper's recipe);
+    # "weighted": megatron-core BlendedDataset-style greedy blending of the sample stream.
+    data_blend: str = "shares"
+    prefetch_factor: int = 2  # micro-batches prefetched per DataLoader worker
 
 
 @dataclass
