@@ -2,23 +2,76 @@
 
 Every attention module in the model (EVA ViT, Causal Former, LLaMA) calls
 `scaled_dot_product_attention`. The backend is a process-wide setting so the model
-code stays free of kernel choices; `megatron_emu.kernels` picks it from flags and
-from what is installed.
+code stays free of kernel choices; `--attention-backend` / `--use-flash-attn` set it
+once at start-up through `configure_attention`.
+
+Backends, fastest first (DESIGN.md decision 4):
+  flash  flash-attn 2 (`flash_attn_func`), CUDA, fp16/bf16, no additive bias
+  te     Transformer Engine `DotProductAttention`, CUDA, fp16/bf16, no additive bias
+  sdpa   torch SDPA (flash / cuDNN / memory-efficient kernels on GPU, fused C++ on CPU)
+  math   the reference softmax(q k^T * scale + bias) v, written out in torch ops
+flash and te cannot add T5's relative position bias; those calls (only the 32-token
+Causal Former self-attention) and fp32 calls run on sdpa instead, which is exact.
+
+Causal masks are bottom-right aligned everywhere (query i sees key j <= i + Sk - Sq),
+as flash-attn does; for Sq == Sk (every causal call in the model) this is the usual mask.
 """
 
+import importlib.util
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "math")
+log = logging.getLogger("megatron_emu")
+
+BACKENDS = ("auto", "flash", "te", "sdpa", "math")
 _backend = "sdpa"
+_te_modules: dict = {}  # (heads, head_dim, scale, causal) -> te DotProductAttention
+
+
+def backend_installed(name: str) -> bool:
+    """Whether a backend's package is importable (flash/te) or built in (sdpa/math)."""
+    if name == "flash":
+        return importlib.util.find_spec("flash_attn") is not None
+    if name == "te":
+        return importlib.util.find_spec("transformer_engine") is not None
+    return name in ("sdpa", "math")
+
+
+def resolve_attention_backend(name: str, device_type: str, use_flash_attn: bool = False) -> str:
+    """Flag value -> a concrete backend that runs on `device_type` ("cpu" / "cuda")."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown --attention-backend {name!r}; choose one of {BACKENDS}")
+    if use_flash_attn:
+        if name not in ("auto", "flash"):
+            raise ValueError(f"--use-flash-attn conflicts with --attention-backend {name}")
+        name = "flash"
+    if name == "auto":
+        gpu_first = ("flash", "te") if device_type == "cuda" else ()
+        return next((b for b in gpu_first if backend_installed(b)), "sdpa")
+    if name in ("flash", "te"):
+        if not backend_installed(name):
+            package = {"flash": "flash-attn", "te": "transformer-engine"}[name]
+            raise ValueError(f"--attention-backend {name} needs the {package} package, which is not installed")
+        if device_type != "cuda":
+            raise ValueError(f"--attention-backend {name} runs on CUDA only, the device is {device_type}")
+    return name
+
+
+def configure_attention(name: str, device_type: str, use_flash_attn: bool = False) -> str:
+    """Resolve the flags, set the process-wide backend and log the choice."""
+    backend = resolve_attention_backend(name, device_type, use_flash_attn)
+    set_attention_backend(backend)
+    log.info("attention backend: %s (requested %s on %s)", backend, "flash" if use_flash_attn else name, device_type)
+    return backend
 
 
 def set_attention_backend(name: str) -> None:
     global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {BACKENDS}")
+    if name not in BACKENDS[1:]:
+        raise ValueError(f"unknown attention backend {name!r}; available: {BACKENDS[1:]}")
     _backend = name
 
 
@@ -37,11 +90,46 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:  # (B, H, Sq, D)
     if _backend == "math":
         return math_attention(q, k, v, causal=causal, bias=bias, scale=scale)
-    if bias is not None and causal:
-        # SDPA takes either a mask or is_causal; fold causality into the bias.
-        bias = bias + causal_bias(q.shape[-2], k.shape[-2], q.dtype, q.device)
+    fused_ok = bias is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if _backend == "flash" and fused_ok:
+        return flash_attention(q, k, v, causal=causal, scale=scale)
+    if _backend == "te" and fused_ok and q.shape[-2] == k.shape[-2]:
+        return te_attention(q, k, v, causal=causal, scale=scale)
+    return sdpa_attention(q, k, v, causal=causal, bias=bias, scale=scale)
+
+
+def sdpa_attention(q, k, v, *, causal=False, bias=None, scale=None):
+    """torch SDPA. It takes either a mask or is_causal (top-left aligned), so a causal
+    call with a bias, or with Sq != Sk, folds causality into the additive mask."""
+    if causal and (bias is not None or q.shape[-2] != k.shape[-2]):
+        mask = causal_bias(q.shape[-2], k.shape[-2], q.dtype, q.device)  # (Sq, Sk)
+        bias = mask if bias is None else bias + mask
         causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, scale=scale)
+
+
+def flash_attention(q, k, v, *, causal=False, scale=None):
+    """flash-attn 2 wants (B, S, H, D); its causal mask is bottom-right aligned (>= 2.1)."""
+    from flash_attn import flash_attn_func
+
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, softmax_scale=scale)
+    return out.transpose(1, 2)  # (B, H, Sq, D)
+
+
+def te_attention(q, k, v, *, causal=False, scale=None):
+    """Transformer Engine's fused attention (cuDNN / flash inside), layout "bshd"."""
+    B, H, S, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    key = (H, D, scale, causal)
+    if key not in _te_modules:
+        from transformer_engine.pytorch import DotProductAttention
+
+        _te_modules[key] = DotProductAttention(
+            H, D, attention_dropout=0.0, qkv_format="bshd",
+            attn_mask_type="causal" if causal else "no_mask", softmax_scale=scale,
+        )
+    out = _te_modules[key](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, S, H*D)
+    return out.view(B, S, H, D).transpose(1, 2)
 
 
 def math_attention(q, k, v, *, causal=False, bias=None, scale=None):
