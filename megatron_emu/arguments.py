@@ -10,6 +10,7 @@ from megatron_emu.config import (
     DataConfig,
     OptimizerConfig,
     ParallelConfig,
+    PerformanceConfig,
     PRESETS,
     RECIPES,
     TrainConfig,
@@ -74,12 +75,54 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
+def add_performance_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("performance")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "te", "sdpa", "math"],
+                   help="attention kernel; auto = fastest installed (flash-attn > TE > torch SDPA)")
+    g.add_argument("--use-flash-attn", action="store_true", help="same as --attention-backend flash")
+    g.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
+                   help="plain torch RMSNorm / AdamW instead of apex / TE / torch fused kernels")
+    g.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 master weights and grad reduction")
+    g.add_argument("--fp16", action="store_true", help="fp16 compute with loss scaling")
+    g.add_argument("--loss-scale", type=float, default=None, help="static fp16 loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**16)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="selective recompute: attention core and elementwise ops, keep matmul outputs")
+    g.add_argument("--recompute-granularity", default=None, choices=["selective", "full"])
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="full recompute: the first N blocks of each transformer stack (default: all)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+
+
+def performance_config(args: argparse.Namespace) -> PerformanceConfig:
+    granularity = args.recompute_granularity
+    if args.recompute_activations:
+        if granularity == "full":
+            raise ValueError("--recompute-activations (selective) conflicts with --recompute-granularity full")
+        granularity = "selective"
+    return PerformanceConfig(
+        attention_backend=args.attention_backend,
+        use_flash_attn=args.use_flash_attn,
+        fused_kernels=args.fused_kernels,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale,
+        loss_scale_window=args.loss_scale_window,
+        recompute_granularity=granularity,
+        recompute_num_layers=args.recompute_num_layers,
+        compile=args.compile,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Pretrain Emu (EVA-CLIP -> Causal Former -> LLaMA).",
         epilog="Flags left unset take the preset's recipe (megatron_emu/config.py RECIPES).",
     )
-    for add in (add_model_args, add_data_args, add_optimizer_args, add_parallel_args, add_checkpoint_args, add_training_args):
+    for add in (add_model_args, add_data_args, add_optimizer_args, add_parallel_args, add_checkpoint_args, add_training_args,
+                add_performance_args):
         add(parser)
     return parser
 
@@ -127,6 +170,7 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         ),
         checkpoint=CheckpointConfig(save=args.save, save_interval=args.save_interval, load=args.load),
+        performance=performance_config(args),
         train_iters=args.train_iters,
         l2_loss_weight=args.l2_loss_weight,
         seed=args.seed,

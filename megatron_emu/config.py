@@ -235,6 +235,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    performance: "PerformanceConfig" = field(default_factory=lambda: PerformanceConfig())
     train_iters: int = 300
     l2_loss_weight: float = 1.0
     seed: int = 1234
@@ -260,3 +261,34 @@ RECIPES: dict[str, dict] = {
         train_iters=10000, seq_length=1024, micro_batch_size=1, global_batch_size=352, weight_decay=0.05,
     ),
 }
+
+
+@dataclass
+class PerformanceConfig:
+    """Kernels, precision, activation recompute and compile (README_performance.md)."""
+
+    attention_backend: str = "auto"  # auto | flash | te | sdpa | math (model/attention.py)
+    use_flash_attn: bool = False  # Megatron's name for --attention-backend flash
+    fused_kernels: bool = True  # fused RMSNorm / AdamW (megatron_emu/kernels.py)
+    bf16: bool = False  # bf16 compute; fp32 master weights and gradient reduction
+    fp16: bool = False  # fp16 compute with loss scaling
+    loss_scale: float | None = None  # static fp16 loss scale; None = dynamic
+    initial_loss_scale: float = 2.0**16
+    loss_scale_window: int = 1000  # good steps before the dynamic scale doubles
+    recompute_granularity: str | None = None  # None | selective | full
+    recompute_num_layers: int | None = None  # full: first N blocks of each stack; None = all
+    compile: bool = False  # torch.compile each transformer block
+
+    def __post_init__(self) -> None:
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 are mutually exclusive")
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise ValueError(f"--recompute-granularity must be selective or full, got {self.recompute_granularity!r}")
+        if self.recompute_num_layers is not None and self.recompute_granularity != "full":
+            raise ValueError("--recompute-num-layers needs --recompute-granularity full")
+        if self.recompute_num_layers is not None and self.recompute_num_layers < 0:
+            raise ValueError(f"--recompute-num-layers must be >= 0, got {self.recompute_num_layers}")
+
+    @property
+    def compute_dtype(self) -> str:
+        return "bfloat16" if self.bf16 else "float16" if self.fp16 else "float32"
