@@ -49,7 +49,7 @@ def prepare_image(image, image_size: int = 224, min_size: int = 32, name: str = 
     try:
         if isinstance(image, (str, os.PathLike)):
             if not os.path.exists(image):
-                raise SkipItem("missing_file", str(image))
+                raise SkipItem("missing_file", f"{name} ({image})" if name else str(image))
             image = Image.open(image)
         elif isinstance(image, (bytes, bytearray)):
             image = Image.open(io.BytesIO(image))

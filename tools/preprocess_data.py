@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Raw multimodal data -> megatron-core indexed dataset (.bin/.idx, multimodal=True).
+
+Examples:
+  # LAION-style WebDataset shards (or JSONL / parquet of image path + caption)
+  python tools/preprocess_data.py --input-type pairs --input 'laion/{00000..00099}.tar' \
+      --output-prefix data/laion --tokenizer-model llama/tokenizer.model --workers 16
+  # MMC4 interleaved documents
+  python tools/preprocess_data.py --input-type mmc4 --input mmc4/docs_*.jsonl --output-prefix data/mmc4 ...
+  # Video clips (frame folders or video files) with timestamped subtitles
+  python tools/preprocess_data.py --input-type video --input webvid/manifest_*.jsonl --output-prefix data/webvid ...
+  # The bundled synthetic corpus, kind pairs | interleaved | video
+  python tools/preprocess_data.py --input-type synthetic-pairs --num-documents 2000 --output-prefix data/syn_pairs
+
+Writes <prefix>.bin, <prefix>.idx, <prefix>.json (format metadata) and <prefix>.report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_emu.data.preprocess import Shard, preprocess, synthetic_shards  # noqa: E402
+
+KIND_OF_INPUT = {"pairs": "pairs", "mmc4": "interleaved", "video": "video"}
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Globs and brace ranges ({00000..00099}, as in WebDataset URLs) -> sorted paths."""
+    out = []
+    for pattern in patterns:
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+        if m:
+            width = len(m.group(1))
+            names = [pattern[: m.start()] + str(i).zfill(width) + pattern[m.end():]
+                     for i in range(int(m.group(1)), int(m.group(2)) + 1)]
+        else:
+            names = sorted(glob.glob(pattern)) or [pattern]  # a missing file is reported, not fatal
+        out.extend(names)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input-type", required=True,
+                   choices=["pairs", "mmc4", "video", "synthetic-pairs", "synthetic-interleaved", "synthetic-video"])
+    p.add_argument("--input", nargs="*", default=[], help="input files (globs, {a..b} ranges); one shard each")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--tokenizer-model", default="", help="sentencepiece .model (default: the tiny tokenizer)")
+    p.add_argument("--num-special-tokens", type=int, default=4, choices=[4, 6])
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="skip shards whose partial output is complete")
+    p.add_argument("--keep-parts", action="store_true", help="keep per-shard partial files after merging")
+    p.add_argument("--report", default="", help="also write the JSON report here")
+    p.add_argument("--num-documents", type=int, default=2000, help="synthetic inputs: number of documents")
+    p.add_argument("--seed", type=int, default=0, help="synthetic inputs: corpus seed")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    tokenizer_model = args.tokenizer_model
+    if not tokenizer_model:
+        from megatron_emu.data.tokenizer import build_tiny_tokenizer
+
+        tokenizer_model = build_tiny_tokenizer()
+    if args.input_type.startswith("synthetic-"):
+        kind = args.input_type[len("synthetic-"):]
+        shards = synthetic_shards(kind, args.num_documents, args.seed)
+    else:
+        kind = KIND_OF_INPUT[args.input_type]
+        paths = expand_inputs(args.input)
+        if not paths:
+            raise ValueError(f"--input: no input files given for --input-type {args.input_type}")
+        if any(p.endswith(".parquet") for p in paths):
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise ValueError("--input: parquet inputs need pyarrow (pip install pyarrow)") from None
+        shards = [Shard(i, args.input_type, path, path) for i, path in enumerate(paths)]
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    report = preprocess(shards, args.output_prefix, kind, tokenizer_model, num_special=args.num_special_tokens,
+                        image_size=args.image_size, workers=args.workers, resume=args.resume,
+                        progress=not args.no_progress, keep_parts=args.keep_parts)
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=1)
+    summary = {k: report[k] for k in ("documents_in", "documents_out", "images_kept", "skipped", "documents_per_s")}
+    print(json.dumps(summary))
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
