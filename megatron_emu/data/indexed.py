@@ -136,7 +136,8 @@ class MultimodalIndexed:
         mode = int(self.modes[item])
         if mode == MODE_IMAGE:
             raw = self.ds.get(item)[0]
-            return mode, raw.view(np.uint8).reshape(3, self.image_size, self.image_size)
+            # Copied: a view would outlive megatron-core's mmap, which closes with the dataset.
+            return mode, raw.view(np.uint8).reshape(3, self.image_size, self.image_size).copy()
         length = None if max_tokens is None else min(max_tokens, int(self.lengths[item]))
         return mode, self.ds.get(item, 0, length)[0].astype(np.int64)
 
