@@ -212,10 +212,21 @@ class OptimizerConfig:
 
 @dataclass
 class ParallelConfig:
-    """Sizes of the (pp, dp, tp) mesh and how each dimension is used."""
+    """Sizes of the (pp, dp, tp) mesh and how each dimension is used.
+
+    The data-parallel size is not set: it is world size / (TP x PP). Validation of all
+    sizes happens once, in megatron_emu/parallel/mesh.py (ParallelDims).
+    """
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False  # shard norm/residual regions of LLaMA along the sequence (needs TP > 1)
+    pipeline_schedule: str = "1f1b"  # 1f1b | interleaved | zero-bubble
+    num_layers_per_virtual_pipeline_stage: int | None = None  # interleaved: LLaMA layers per virtual stage
+    decoder_first_pipeline_num_layers: int | None = None  # LLaMA layers on the first (multimodal) stage
+    decoder_last_pipeline_num_layers: int | None = None  # LLaMA layers on the last stage
+    data_parallel_sharding: str = "ddp"  # ddp | fsdp (ZeRO-3, FSDP2) | hsdp (shard inside groups, replicate across)
+    num_distributed_optimizer_instances: int = 1  # hsdp: number of replicas (the rest of DP shards)
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""Data parallelism with FSDP2 (`fully_shard`), gradient-sync control, global grad-norm clipping.
+
+- fsdp: ZeRO-3 over the whole DP group (parameters, gradients, optimizer state sharded).
+- hsdp: shard inside groups of DP / replicas ranks, replicate across the replicas.
+- ddp:  the same machinery with a shard group of 1: full replicas, gradients all-reduced
+  (bucketed per block, overlapped with backward). It composes with DTensor TP
+  parameters, which torch's DistributedDataParallel does not.
+Each transformer block is its own FSDP unit so communication overlaps compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+
+from megatron_emu.parallel.mesh import ParallelMesh
+
+
+def transformer_blocks(part: nn.Module) -> list[nn.Module]:
+    blocks = list(part.llm.layers.values())
+    if part.visual is not None:
+        blocks += list(part.visual.blocks) + list(part.causal_former.blocks)
+    return blocks
+
+
+def apply_data_parallel(part: nn.Module, pmesh: ParallelMesh) -> None:
+    """Wrap one model part in place; a no-op when DP is 1."""
+    if pmesh.dims.dp == 1:
+        return
+    mesh = pmesh.sharding_mesh()
+    # With pipelining a block runs once per micro-batch: keep it gathered between
+    # forward and backward instead of all-gathering it twice per micro-batch.
+    reshard = pmesh.dims.pp == 1
+    for block in transformer_blocks(part):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(part, mesh=mesh, reshard_after_forward=reshard)
+
+
+def gradient_sync(parts: list[nn.Module], enabled: bool) -> contextlib.AbstractContextManager:
+    """Gradient accumulation: reduce only on the last micro-batch (no redundant all-reduce)."""
+    for part in parts:
+        if isinstance(part, FSDPModule):
+            part.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def replication_factor(param: torch.Tensor, pmesh: ParallelMesh) -> int:
+    """On how many ranks of one pipeline stage (DP x TP of them) this tensor's values repeat."""
+    group_size = pmesh.dims.dp * pmesh.dims.tp
+    if not isinstance(param, DTensor):
+        return group_size
+    distinct = 1
+    for size, placement in zip(param.device_mesh.shape, param.placements):
+        if placement.is_shard():
+            distinct *= size
+    return group_size // distinct
+
+
+@torch.no_grad()
+def clip_grad_norm_global(parts: list[nn.Module], max_norm: float, pmesh: ParallelMesh | None) -> float:
+    """Global L2 norm of all gradients over every parallel group; scales them to max_norm.
+
+    Each rank sums the squares of its local shards, divided by how often those values
+    repeat (replicas over DP/TP), and one all-reduce over the world adds the stages.
+    """
+    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
+    if pmesh is None:
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
+        return float(norm)
+    local = torch.zeros((), dtype=torch.float64, device=pmesh.device)
+    for g in grads:
+        shard = g.to_local() if isinstance(g, DTensor) else g
+        local += shard.double().pow(2).sum() / replication_factor(g, pmesh)
+    dist.all_reduce(local)
+    norm = float(local.sqrt())
+    if max_norm > 0 and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s epsilon
+        for g in grads:
+            (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
+    return norm

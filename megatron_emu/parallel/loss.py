@@ -1,0 +1,44 @@
+"""The mixed CE + lambda * l2 loss (model/loss.py) when the heads are tensor-parallel.
+
+- Cross-entropy: logits are vocab-sharded DTensors; under `loss_parallel()` (which
+  must also wrap the backward) F.cross_entropy reduces max / sum-exp / target logit
+  over TP without gathering the vocabulary.
+- l2: the regression output is sharded along the hidden dim. Each rank sums the
+  squared error of its columns; the sum is a Partial DTensor reduced over TP, then
+  divided by (positions x hidden), exactly F.mse_loss's mean.
+Without TP the tensors are plain and model/loss.py runs unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, Partial
+
+from megatron_emu.config import SpecialTokens
+from megatron_emu.model.loss import EmuLoss, cross_entropy_loss, emu_loss, regression_mask
+
+
+def mixed_loss(logits, regression, inputs, tokens, special: SpecialTokens, l2_weight: float = 1.0) -> EmuLoss:
+    if not isinstance(logits, DTensor):
+        return emu_loss(logits, regression, inputs, tokens, special, l2_weight)
+    lm = cross_entropy_loss(logits, tokens, special)  # vocab-parallel under loss_parallel()
+    lm = lm.full_tensor() if isinstance(lm, DTensor) else lm
+    l2 = sharded_l2_loss(regression, inputs, tokens, special)
+    return EmuLoss(lm + l2_weight * l2, lm, l2)
+
+
+def sharded_l2_loss(regression: DTensor, inputs: torch.Tensor, tokens: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
+    """regression: DTensor (B, S, H) sharded on H over TP; inputs: full (B, S, H) targets."""
+    mask = regression_mask(tokens, special)  # (B, S-1)
+    local = regression.to_local()  # (B, S, H/TP)
+    width, hidden = local.shape[-1], regression.shape[-1]
+    start = regression.device_mesh.get_local_rank() * width  # even split: validated H % TP == 0
+    predicted = local[:, :-1][mask].float()  # (M, H/TP)
+    target = inputs[:, 1:, start : start + width][mask].detach().float()  # (M, H/TP)
+    if predicted.shape[0] == 0:
+        return local.sum() * 0.0  # no image in this micro-batch; keeps the graph
+    squared = (predicted - target).pow(2).sum()  # this rank's columns
+    # Partial -> Replicate is an all-reduce forward and a pass-through backward: each
+    # rank's columns get exactly their own gradient.
+    total = DTensor.from_local(squared, regression.device_mesh, [Partial()]).full_tensor()
+    return total / (predicted.shape[0] * hidden)

@@ -1,0 +1,31 @@
+"""Spawn a gloo process group on CPU for multi-rank tests: one spawn runs many checks.
+
+Workers report failures by raising; torch.multiprocessing.spawn re-raises the first
+one in the parent with the worker's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, init_file: str, fn, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # the CI machine has 2 cores shared by every rank
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world_size: int, fn, *args) -> None:
+    """Run fn(rank, world_size, *args) on `world_size` gloo ranks; fn must be importable."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world_size, os.path.join(tmp, "init"), fn, args), nprocs=world_size, join=True)
