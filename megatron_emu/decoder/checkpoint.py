@@ -1,0 +1,67 @@
+"""Decoder checkpoints: resume state every --save-interval, a diffusers directory at the end.
+
+Only the UNet trains, and it is replicated (DDP), so rank 0 writes one torch.save file
+per iteration: `<save>/iter_0001000/state.pt` with the UNet, optimizer, EMA weights and
+the random generators (noise and condition drop: a resumed run draws what the
+uninterrupted one would). `<save>/latest` names the newest one and is replaced
+atomically, after the file is complete, so a crash mid-save never breaks a resume.
+
+The final product is `<save>/decoder/`: unet/ (diffusers UNet2DConditionModel, the
+EMA weights when --ema-decay > 0, else the trained ones), unet_trained/ (with EMA, the
+non-averaged weights), vae/ and scheduler/ copied from the SD source, so
+`tools/generate_image.py --decoder <save>/decoder` runs it directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def iteration_dir(save: str, step: int) -> str:
+    return os.path.join(save, f"iter_{step:07d}")
+
+
+def save_checkpoint(save: str, step: int, state: dict) -> str:
+    path = iteration_dir(save, step)
+    os.makedirs(path, exist_ok=True)
+    torch.save(state, os.path.join(path, "state.pt.tmp"))
+    os.replace(os.path.join(path, "state.pt.tmp"), os.path.join(path, "state.pt"))
+    with open(os.path.join(save, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(path))
+    os.replace(os.path.join(save, "latest.tmp"), os.path.join(save, "latest"))
+    return path
+
+
+def load_checkpoint(load: str) -> dict | None:
+    """The newest state under `load`; None when the directory holds no checkpoint yet."""
+    if not os.path.isdir(load):
+        raise ValueError(f"{load}: --load is not a directory")
+    latest = os.path.join(load, "latest")
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        name = f.read().strip()
+    path = os.path.join(load, name, "state.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"{latest}: names {name}, which has no state.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: unreadable decoder checkpoint ({e.__class__.__name__})") from None
+
+
+def save_final(out_dir: str, unet, ema, vae, scheduler_config: dict) -> str:
+    """Write the diffusers decoder directory (see the module docstring)."""
+    from diffusers import DDPMScheduler
+
+    if ema is not None:
+        unet.save_pretrained(os.path.join(out_dir, "unet_trained"))
+        with ema.swapped_into(unet):
+            unet.save_pretrained(os.path.join(out_dir, "unet"))
+    else:
+        unet.save_pretrained(os.path.join(out_dir, "unet"))
+    vae.save_pretrained(os.path.join(out_dir, "vae"))
+    DDPMScheduler.from_config(scheduler_config).save_pretrained(os.path.join(out_dir, "scheduler"))
+    return out_dir
