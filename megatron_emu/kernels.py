@@ -1,0 +1,84 @@
+"""Fused norm and optimizer kernels: the one place they are chosen (DESIGN.md decision 4).
+
+apex (from the NGC image) when installed on CUDA, torch's own fused kernels otherwise:
+  RMSNorm    apex fused_rms_norm_affine  ->  torch.nn.functional.rms_norm
+  LayerNorm  apex fused_layer_norm_affine ->  torch's LayerNorm (already one fused kernel)
+  AdamW      apex FusedAdam(adam_w_mode)  ->  torch AdamW(fused=True) (CUDA and CPU)
+The attention kernel is chosen in model/attention.py.
+
+Norms are switched from outside the model by giving each norm module a fused
+`forward`; parameters, names and state dicts are untouched, and the class stays the
+model's own (init, TP plans and checkpoint converters key on it).
+"""
+
+import importlib.util
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_emu.config import OptimizerConfig
+from megatron_emu.model.norms import RMSNorm
+from megatron_emu.training.optim import param_groups
+
+log = logging.getLogger("megatron_emu")
+
+
+def apex_available(device_type: str) -> bool:
+    return device_type == "cuda" and importlib.util.find_spec("apex") is not None
+
+
+# -- norms --------------------------------------------------------------------------
+def _torch_rms_norm_forward(self: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    # Same numerics as RMSNorm.forward: normalise in fp32, cast back, then scale.
+    y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+    return self.weight * y
+
+
+def _apex_rms_norm_forward(self: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+
+    return fused_rms_norm_affine(x, self.weight, (x.shape[-1],), self.eps)
+
+
+def _apex_layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+
+    return fused_layer_norm_affine(x, self.weight, self.bias, self.normalized_shape, self.eps)
+
+
+def apply_fused_norms(model: nn.Module, device_type: str) -> str:
+    """Give every RMSNorm / LayerNorm a fused forward; returns the kernel family used."""
+    use_apex = apex_available(device_type)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            forward = _apex_rms_norm_forward if use_apex else _torch_rms_norm_forward
+            module.forward = types.MethodType(forward, module)
+        elif isinstance(module, nn.LayerNorm) and use_apex:
+            module.forward = types.MethodType(_apex_layer_norm_forward, module)
+    family = "apex" if use_apex else "torch"
+    log.info("fused norms: %s", family)
+    return family
+
+
+# -- optimizer ----------------------------------------------------------------------
+def build_adamw(model: nn.Module, config: OptimizerConfig, device_type: str, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW over optim.param_groups: apex FusedAdam, torch fused, or torch foreach."""
+    groups = param_groups(model, config)
+    kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    if fused and apex_available(device_type):
+        from apex.optimizers import FusedAdam
+
+        log.info("optimizer: apex FusedAdam (AdamW mode)")
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    log.info("optimizer: torch AdamW (%s)", "fused" if fused else "foreach")
+    return torch.optim.AdamW(groups, fused=fused or None, foreach=None if fused else True, **kwargs)
+
+
+def apply_fused_kernels(model: nn.Module, config: OptimizerConfig, device_type: str, enabled: bool = True):
+    """Fused norms on `model` (when enabled) and the matching AdamW; returns the optimizer."""
+    if enabled:
+        apply_fused_norms(model, device_type)
+    return build_adamw(model, config, device_type, fused=enabled)

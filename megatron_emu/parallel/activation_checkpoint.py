@@ -1,0 +1,103 @@
+"""Activation recompute and torch.compile, applied from outside the model (as
+torchtitan's apply_ac / apply_compile), in the fixed order TP -> recompute -> compile
+-> FSDP/DDP.
+
+Three transformer stacks are wrapped block by block: the EVA ViT (`visual.blocks`), the
+Causal Former (`causal_former.blocks`) and LLaMA (`llm.layers`). A stack a pipeline
+stage does not hold is skipped.
+
+- full (`--recompute-granularity full [--recompute-num-layers N]`): the first N blocks
+  of each stack keep only their inputs; the whole block reruns in backward.
+- selective (`--recompute-activations`): every block keeps the outputs of its
+  projection / FFN matmuls and recomputes the rest in backward: the attention core
+  (QK^T, softmax, @V, or the fused SDPA kernel, whose (S x S) scores Megatron's
+  selective recompute targets) and the cheap elementwise ops (norms, rotary, SiLU).
+
+Blocks get a checkpointed `forward` on the instance instead of a wrapper module, so
+parameter names (TP plans, optimizer groups, checkpoints) do not change.
+"""
+
+import functools
+import logging
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from megatron_emu.config import PerformanceConfig
+
+log = logging.getLogger("megatron_emu")
+
+# Outputs kept by selective recompute: the matmuls of the linear layers (and the
+# patch-embedding conv). Attention's own matmuls run as bmm or a fused SDPA kernel.
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.convolution.default,
+}
+if hasattr(torch.ops, "_c10d_functional"):
+    # Sequence-parallel collectives are not worth redoing in backward.
+    _SAVED_OPS.add(torch.ops._c10d_functional.reduce_scatter_tensor.default)
+
+
+def transformer_stacks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """(name, blocks) of each transformer stack present on this (stage of the) model."""
+    stacks = []
+    for name, path in (("vision", ("visual", "blocks")), ("causal_former", ("causal_former", "blocks")),
+                       ("llm", ("llm", "layers"))):
+        holder = getattr(model, path[0], None)
+        blocks = getattr(holder, path[1], None) if holder is not None else None
+        if blocks is not None:
+            stacks.append((name, list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)))
+    return stacks
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def checkpoint_block(block: nn.Module, selective: bool) -> None:
+    """Replace `block.forward` by a non-reentrant checkpoint of the original forward."""
+    inner = block.forward
+    context_fn = _selective_context if selective else None
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        extra = {"context_fn": context_fn} if context_fn else {}
+        # No dropout anywhere in Emu: RNG state need not be replayed.
+        return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs)
+
+    block.forward = forward
+
+
+def apply_activation_checkpointing(model: nn.Module, config: PerformanceConfig) -> dict[str, int]:
+    """Wrap blocks per `config.recompute_granularity`; returns blocks wrapped per stack."""
+    granularity = config.recompute_granularity
+    wrapped = {}
+    if granularity is None:
+        return wrapped
+    for name, blocks in transformer_stacks(model):
+        count = len(blocks)
+        if granularity == "full" and config.recompute_num_layers is not None:
+            count = min(config.recompute_num_layers, count)
+        for block in blocks[:count]:
+            checkpoint_block(block, selective=granularity == "selective")
+        wrapped[name] = count
+    log.info("activation recompute (%s): %s", granularity, wrapped)
+    return wrapped
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
+    """torch.compile each transformer block in place (blocks repeat: one compiled graph
+    serves a whole stack); returns the number of blocks compiled."""
+    count = 0
+    for _, blocks in transformer_stacks(model):
+        for block in blocks:
+            block.compile(backend=backend)
+            count += 1
+    log.info("torch.compile: %d blocks (backend %s)", count, backend)
+    return count
