@@ -62,9 +62,15 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpointing")
-    g.add_argument("--save", default="")
-    g.add_argument("--save-interval", type=int, default=0)
-    g.add_argument("--load", default="")
+    g.add_argument("--save", default="", help="checkpoint root; iterations go to SAVE/iter_0000100/")
+    g.add_argument("--save-interval", type=int, default=0, help="iterations between saves (0: save at the end only)")
+    g.add_argument("--load", default="", help="checkpoint root (loads its latest) or one iteration directory")
+    g.add_argument("--finetune", action="store_true", help="load model weights only; start at iteration 0")
+    g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer / LR-scheduler state")
+    g.add_argument("--no-load-rng", action="store_true", help="do not load RNG states")
+    g.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
+    g.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
+    g.add_argument("--ckpt-save-threads", type=int, default=1, help="writer threads per rank")
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -169,13 +175,29 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         ),
-        checkpoint=CheckpointConfig(save=args.save, save_interval=args.save_interval, load=args.load),
+        checkpoint=checkpoint_config(args),
         performance=performance_config(args),
         train_iters=args.train_iters,
         l2_loss_weight=args.l2_loss_weight,
         seed=args.seed,
         log_interval=args.log_interval,
         device=args.device,
+    )
+
+
+def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
+    if args.save_interval < 0 or args.keep_last < 0 or args.ckpt_save_threads < 1:
+        raise ValueError("--save-interval and --keep-last must be >= 0, --ckpt-save-threads >= 1")
+    return CheckpointConfig(
+        save=args.save,
+        save_interval=args.save_interval,
+        load=args.load,
+        finetune=args.finetune,
+        no_load_optim=args.no_load_optim,
+        no_load_rng=args.no_load_rng,
+        keep_last=args.keep_last,
+        async_save=args.async_save,
+        save_threads=args.ckpt_save_threads,
     )
 
 

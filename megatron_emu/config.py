@@ -231,9 +231,17 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: str = ""
-    save_interval: int = 0
-    load: str = ""
+    """Sharded DCP checkpoints (megatron_emu/training/checkpoint.py), Megatron flag names."""
+
+    save: str = ""  # root directory; iterations go to SAVE/iter_0000100/
+    save_interval: int = 0  # iterations between saves (0 = only at the end when --save is set)
+    load: str = ""  # root directory (its latest) or one iteration directory
+    finetune: bool = False  # load the model only; iteration, optimizer, RNG, data start fresh
+    no_load_optim: bool = False  # skip optimizer and LR-scheduler state
+    no_load_rng: bool = False
+    keep_last: int = 0  # prune all but the newest N iterations after a save (0 = keep all)
+    async_save: bool = False  # write in a background thread while training goes on
+    save_threads: int = 1  # writer threads per rank
 
 
 @dataclass

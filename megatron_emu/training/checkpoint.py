@@ -1,0 +1,315 @@
+"""Sharded save / resume with torch.distributed.checkpoint (DCP), Megatron layout.
+
+    DIR/latest_checkpointed_iteration.txt   "100", replaced atomically after a complete save
+    DIR/iter_0000100/                       DCP files (.metadata, __R_0.distcp) + run_config.json
+    DIR/iter_0000100.tmp/                   a save in progress (never loaded; swept on the next save)
+
+Every rank writes its own shards; rank 0 renames the finished directory and then
+replaces `latest` (temp file + os.replace), so a save killed at any moment leaves the
+previous `latest` loadable. Model and optimizer state are keyed by fully-qualified
+parameter names (`get_model_state_dict` / flattened `get_optimizer_state_dict`), which
+is what lets a checkpoint saved at one TP/PP/DP layout load at another: DCP reshards
+plain tensors, DTensors (TP, FSDP2) and pipeline stages alike. What cannot be
+resharded is per-rank state (RNG, data-loader position): it is restored only when
+the layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from megatron_emu.config import CheckpointConfig
+from megatron_emu.training.checkpoint_files import (
+    RUN_CONFIG_NAME,
+    check_model_config,
+    check_shards,
+    check_state_keys,
+    list_iterations,
+    read_latest,
+    read_run_config,
+    iteration_dir,
+    write_latest,
+)
+
+log = logging.getLogger("megatron_emu")
+
+# Flattened optimizer keys ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr") carry the
+# parameter's name in the key, so each pipeline stage saves and loads only its own.
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+@dataclass
+class Layout:
+    """Where this process sits; recorded so per-rank state is restored only onto the same layout."""
+
+    rank: int = 0
+    world_size: int = 1
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    dp_rank: int = 0
+
+    @classmethod
+    def single(cls) -> "Layout":
+        return cls()
+
+
+@dataclass
+class TrainState:
+    """Progress restored by `load`: where the loop resumes."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+# ---------------------------------------------------------------------------
+# State gathering
+# ---------------------------------------------------------------------------
+def model_state(models) -> dict[str, Any]:
+    """FQN -> tensor over all model parts of this rank (pipeline stages keep global names)."""
+    state: dict[str, Any] = {}
+    for model in _as_list(models):
+        state.update(get_model_state_dict(model))
+    return state
+
+
+def optimizer_state(models, optimizers) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for model, optimizer in zip(_as_list(models), _as_list(optimizers), strict=True):
+        state.update(get_optimizer_state_dict(model, optimizer, options=_OPTIM_OPTIONS))
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rank_key(layout: Layout) -> str:
+    return f"rank_state.{layout.rank}"
+
+
+def _loader_key(layout: Layout) -> str:
+    # Ranks of one data-parallel replica (TP/PP peers) read the same samples: one copy.
+    return f"loader_state.dp{layout.dp_rank}"
+
+
+# ---------------------------------------------------------------------------
+# The checkpointer
+# ---------------------------------------------------------------------------
+class Checkpointer:
+    """Saves every `save_interval` iterations into `config.save`, loads from `config.load`.
+
+    `run_config` is the run's TrainConfig (a dataclass); it is stored as JSON and its
+    `model` section must match on load. `process_group`: the group DCP coordinates on;
+    default: a dedicated gloo group, so async saves never interleave with training
+    collectives and CPU state can be gathered even when training runs on NCCL.
+    """
+
+    def __init__(self, config: CheckpointConfig, run_config, layout: Layout | None = None, process_group=None):
+        self.config = config
+        self.run_config = run_config
+        self.layout = layout or Layout.single()
+        self.distributed = dist.is_available() and dist.is_initialized()
+        if self.distributed and process_group is None:
+            process_group = dist.new_group(backend="gloo")
+        self.process_group = process_group
+        self._pending = None  # (future, iteration) of an async save in flight
+
+    # -- saving -----------------------------------------------------------------
+    def should_save(self, iteration: int) -> bool:
+        c = self.config
+        return bool(c.save) and c.save_interval > 0 and iteration % c.save_interval == 0
+
+    def save(self, iteration: int, models, optimizers, scheduler=None, loader=None, consumed_samples: int = 0) -> None:
+        """Write iteration `iteration`; with --async-save return once the state is staged."""
+        self.wait()  # one save in flight at a time
+        root = self.config.save
+        final = iteration_dir(root, iteration)
+        tmp = final + ".tmp"
+        if self.layout.rank == 0:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+            os.makedirs(tmp)
+            self._write_run_config(tmp, iteration, consumed_samples)
+        self._barrier()  # the clean tmp dir exists before anyone writes into it
+
+        state = self._state_to_save(models, optimizers, scheduler, loader, iteration, consumed_samples)
+        writer = dcp.FileSystemWriter(tmp, thread_count=self.config.save_threads)
+        if self.config.async_save:
+            future = dcp.async_save(state, storage_writer=writer, process_group=self.process_group)
+            self._pending = (future, iteration)
+        else:
+            dcp.save(state, storage_writer=writer, process_group=self.process_group)
+            self._finalize(iteration)
+            self._barrier()  # every rank returns with the new `latest` in place
+
+    def wait(self) -> None:
+        """Block until an async save has finished and is published as `latest`."""
+        if self._pending is not None:
+            future, iteration = self._pending
+            self._pending = None
+            future.result()
+            self._finalize(iteration)
+
+    def poll(self) -> None:
+        """Publish a finished async save without blocking (call once per iteration)."""
+        if self._pending is not None and self._pending[0].done():
+            self.wait()
+
+    def _state_to_save(self, models, optimizers, scheduler, loader, iteration, consumed_samples) -> dict:
+        common = {
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "layout": dataclasses.asdict(self.layout),
+        }
+        state = {
+            "model": model_state(models),
+            "optim": optimizer_state(models, optimizers),
+            "common": pickle.dumps(common),
+            _rank_key(self.layout): pickle.dumps({"rng": rng_state()}),
+        }
+        if loader is not None and hasattr(loader, "state_dict"):
+            state[_loader_key(self.layout)] = pickle.dumps(loader.state_dict())
+        return state
+
+    def _write_run_config(self, directory: str, iteration: int, consumed_samples: int) -> None:
+        record = {
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp},
+            "torch_version": torch.__version__,
+            "config": dataclasses.asdict(self.run_config),
+        }
+        with open(os.path.join(directory, RUN_CONFIG_NAME), "w") as f:
+            json.dump(record, f, indent=2)
+
+    def _finalize(self, iteration: int) -> None:
+        """Rank 0, after all shards and DCP's .metadata are written: rename, publish, prune.
+
+        DCP writes .metadata only after gathering every rank's write results, so once
+        rank 0's save has returned the directory is complete.
+        """
+        if self.layout.rank != 0:
+            return
+        root = self.config.save
+        final = iteration_dir(root, iteration)
+        if os.path.exists(final):  # re-saving an iteration: replace the old copy
+            shutil.rmtree(final)
+        os.rename(final + ".tmp", final)
+        write_latest(root, iteration)
+        log.info("saved checkpoint %s", final)
+        self._prune(root, keep=self.config.keep_last, current=iteration)
+
+    def _prune(self, root: str, keep: int, current: int) -> None:
+        if keep <= 0:
+            return
+        for old in list_iterations(root)[:-keep]:
+            if old != current:
+                shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
+
+    # -- loading ----------------------------------------------------------------
+    def resolve_load_dir(self) -> str | None:
+        """The iteration directory to load, or None when --load has no checkpoint yet."""
+        root = self.config.load
+        if not root:
+            return None
+        if os.path.exists(os.path.join(root, ".metadata")):  # an iteration directory itself
+            return root
+        iteration = read_latest(root)
+        if iteration is None:
+            log.warning("--load %s holds no checkpoint (no %s); starting from scratch", root, "latest_checkpointed_iteration.txt")
+            return None
+        directory = iteration_dir(root, iteration)
+        if not os.path.isdir(directory):
+            raise ValueError(f"{root}: latest_checkpointed_iteration.txt names iteration {iteration} but {directory} is missing")
+        return directory
+
+    def load(self, models, optimizers, scheduler=None, loader=None) -> TrainState:
+        """Restore what the flags ask for; returns where the loop resumes (0 with --finetune)."""
+        directory = self.resolve_load_dir()
+        if directory is None:
+            return TrainState()
+        c = self.config
+        record = read_run_config(directory)
+        check_model_config(directory, record["config"]["model"], dataclasses.asdict(self.run_config.model))
+        metadata = dcp.FileSystemReader(directory).read_metadata()
+        check_shards(directory, metadata)
+
+        load_optim = not (c.finetune or c.no_load_optim)
+        state: dict[str, Any] = {"model": model_state(models)}
+        if load_optim:
+            state["optim"] = optimizer_state(models, optimizers)
+        check_state_keys(directory, metadata, state, record.get("layout", {}), self.layout)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(directory), process_group=self.process_group)
+        for model in _as_list(models):
+            set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+        if load_optim:
+            for model, optimizer in zip(_as_list(models), _as_list(optimizers), strict=True):
+                set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIM_OPTIONS)
+        log.info("loaded checkpoint %s (model%s)", directory, ", optimizer" if load_optim else "")
+        if c.finetune:
+            return TrainState()
+        return self._load_progress(directory, metadata, record, scheduler, loader, load_optim)
+
+    def _load_progress(self, directory, metadata, record, scheduler, loader, load_optim) -> TrainState:
+        extras = {"common": b""}
+        saved = record.get("layout", {})
+        same_layout = saved == {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}
+        keys = metadata.state_dict_metadata
+        rank_key, loader_key = _rank_key(self.layout), _loader_key(self.layout)
+        if same_layout and not self.config.no_load_rng and rank_key in keys:
+            extras[rank_key] = b""
+        if same_layout and loader is not None and hasattr(loader, "load_state_dict") and loader_key in keys:
+            extras[loader_key] = b""
+        dcp.load(extras, storage_reader=dcp.FileSystemReader(directory), process_group=self.process_group)
+        common = pickle.loads(extras["common"])
+        if load_optim and scheduler is not None and common["scheduler"] is not None:
+            scheduler.load_state_dict(common["scheduler"])
+        if rank_key in extras:
+            set_rng_state(pickle.loads(extras[rank_key])["rng"])
+        if loader_key in extras:
+            loader.load_state_dict(pickle.loads(extras[loader_key]))
+        elif not same_layout:
+            log.warning("checkpoint layout %s differs from this run's: RNG and data-loader positions are not restored", saved)
+        return TrainState(common["iteration"], common["consumed_samples"])
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.process_group)
