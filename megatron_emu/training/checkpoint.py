@@ -7,7 +7,7 @@
 Every rank writes its own shards; rank 0 renames the finished directory and then
 replaces `latest` (temp file + os.replace), so a save killed at any moment leaves the
 previous `latest` loadable. Model and optimizer state are keyed by fully-qualified
-parameter names (`get_model_state_dict` / flattened `get_optimizer_state_dict`), which
+parameter names (`get_model_state_dict`; `state.<fqn>.exp_avg` for the optimizer), which
 is what lets a checkpoint saved at one TP/PP/DP layout load at another: DCP reshards
 plain tensors, DTensors (TP, FSDP2) and pipeline stages alike. What cannot be
 resharded is per-rank state (RNG, data-loader position): it is restored only when
@@ -34,9 +34,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 
 from megatron_emu.config import CheckpointConfig
@@ -54,10 +52,6 @@ from megatron_emu.training.checkpoint_files import (
 
 log = logging.getLogger("megatron_emu")
 
-# Flattened optimizer keys ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr") carry the
-# parameter's name in the key, so each pipeline stage saves and loads only its own.
-_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-
 
 @dataclass
 class Layout:
@@ -73,6 +67,14 @@ class Layout:
     @classmethod
     def single(cls) -> "Layout":
         return cls()
+
+    @classmethod
+    def from_mesh(cls, pmesh) -> "Layout":
+        """From a megatron_emu.parallel ParallelMesh (None: one process)."""
+        if pmesh is None:
+            return cls()
+        d = pmesh.dims
+        return cls(rank=dist.get_rank(), world_size=d.world_size, tp=d.tp, pp=d.pp, dp=d.dp, dp_rank=pmesh.dp_rank)
 
 
 @dataclass
@@ -98,11 +100,60 @@ def model_state(models) -> dict[str, Any]:
     return state
 
 
-def optimizer_state(models, optimizers) -> dict[str, Any]:
+# Wrappers that insert a name component without changing what a parameter is.
+_WRAPPER_NAMES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def _clean_name(name: str) -> str:
+    for wrapper in _WRAPPER_NAMES:
+        name = name.replace(wrapper, "")
+    return name[len("module."):] if name.startswith("module.") else name  # DDP
+
+
+def _ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create Adam's moments for every parameter (a step with lr 0 and zero gradients),
+    so a fresh optimizer has tensors for DCP to load into."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if all(optimizer.state.get(p) for p in params):
+        return
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    grads = [p.grad for p in params]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0 if not torch.is_tensor(group["lr"]) else torch.zeros_like(group["lr"])
+    for p in params:  # no gradient = skipped by the step: existing moments stay untouched
+        p.grad = None if optimizer.state.get(p) else torch.zeros_like(p)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    for p, grad in zip(params, grads):
+        p.grad = grad
+
+
+def optimizer_state(models, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """One optimizer over all of this rank's model parts, keyed by parameter name:
+    `state.<fqn>.exp_avg` (the live tensors, so DCP loads in place) and
+    `param_groups.<fqn>.lr` (hyper-parameters, per parameter, so stages split freely)."""
+    names = {id(p): _clean_name(n) for model in _as_list(models) for n, p in model.named_parameters()}
+    _ensure_optimizer_state(optimizer)
     state: dict[str, Any] = {}
-    for model, optimizer in zip(_as_list(models), _as_list(optimizers), strict=True):
-        state.update(get_optimizer_state_dict(model, optimizer, options=_OPTIM_OPTIONS))
+    for group in optimizer.param_groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        for p in group["params"]:
+            fqn = names[id(p)]
+            for key, value in optimizer.state[p].items():
+                state[f"state.{fqn}.{key}"] = value
+            for key, value in hyper.items():
+                state[f"param_groups.{fqn}.{key}"] = value
     return state
+
+
+def set_optimizer_hyperparameters(models, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Moments were loaded in place; copy the loaded hyper-parameters back into the groups."""
+    names = {id(p): _clean_name(n) for model in _as_list(models) for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        first = names[id(group["params"][0])]
+        for key in [k for k in group if k != "params"]:
+            group[key] = state[f"param_groups.{first}.{key}"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -156,7 +207,7 @@ class Checkpointer:
         c = self.config
         return bool(c.save) and c.save_interval > 0 and iteration % c.save_interval == 0
 
-    def save(self, iteration: int, models, optimizers, scheduler=None, loader=None, consumed_samples: int = 0) -> None:
+    def save(self, iteration: int, models, optimizer, scheduler=None, loader=None, consumed_samples: int = 0) -> None:
         """Write iteration `iteration`; with --async-save return once the state is staged."""
         self.wait()  # one save in flight at a time
         root = self.config.save
@@ -169,7 +220,7 @@ class Checkpointer:
             self._write_run_config(tmp, iteration, consumed_samples)
         self._barrier()  # the clean tmp dir exists before anyone writes into it
 
-        state = self._state_to_save(models, optimizers, scheduler, loader, iteration, consumed_samples)
+        state = self._state_to_save(models, optimizer, scheduler, loader, iteration, consumed_samples)
         writer = dcp.FileSystemWriter(tmp, thread_count=self.config.save_threads)
         if self.config.async_save:
             future = dcp.async_save(state, storage_writer=writer, process_group=self.process_group)
@@ -192,7 +243,7 @@ class Checkpointer:
         if self._pending is not None and self._pending[0].done():
             self.wait()
 
-    def _state_to_save(self, models, optimizers, scheduler, loader, iteration, consumed_samples) -> dict:
+    def _state_to_save(self, models, optimizer, scheduler, loader, iteration, consumed_samples) -> dict:
         common = {
             "iteration": iteration,
             "consumed_samples": consumed_samples,
@@ -201,7 +252,7 @@ class Checkpointer:
         }
         state = {
             "model": model_state(models),
-            "optim": optimizer_state(models, optimizers),
+            "optim": optimizer_state(models, optimizer),
             "common": pickle.dumps(common),
             _rank_key(self.layout): pickle.dumps({"rng": rng_state()}),
         }
@@ -261,7 +312,7 @@ class Checkpointer:
             raise ValueError(f"{root}: latest_checkpointed_iteration.txt names iteration {iteration} but {directory} is missing")
         return directory
 
-    def load(self, models, optimizers, scheduler=None, loader=None) -> TrainState:
+    def load(self, models, optimizer, scheduler=None, loader=None) -> TrainState:
         """Restore what the flags ask for; returns where the loop resumes (0 with --finetune)."""
         directory = self.resolve_load_dir()
         if directory is None:
@@ -275,14 +326,13 @@ class Checkpointer:
         load_optim = not (c.finetune or c.no_load_optim)
         state: dict[str, Any] = {"model": model_state(models)}
         if load_optim:
-            state["optim"] = optimizer_state(models, optimizers)
+            state["optim"] = optimizer_state(models, optimizer)
         check_state_keys(directory, metadata, state, record.get("layout", {}), self.layout)
         dcp.load(state, storage_reader=dcp.FileSystemReader(directory), process_group=self.process_group)
         for model in _as_list(models):
             set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
         if load_optim:
-            for model, optimizer in zip(_as_list(models), _as_list(optimizers), strict=True):
-                set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIM_OPTIONS)
+            set_optimizer_hyperparameters(models, optimizer, state["optim"])
         log.info("loaded checkpoint %s (model%s)", directory, ", optimizer" if load_optim else "")
         if c.finetune:
             return TrainState()
