@@ -101,3 +101,10 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
             count += 1
     log.info("torch.compile: %d blocks (backend %s)", count, backend)
     return count
+
+
+def apply_recompute_and_compile(part: nn.Module, config: PerformanceConfig) -> None:
+    """Both steps in their fixed order; call after TP and before FSDP/DDP."""
+    apply_activation_checkpointing(part, config)
+    if config.compile:
+        apply_compile(part)

@@ -9,13 +9,14 @@ compute, fp32 gradient reduce-scatter. fp16 adds loss scaling (dynamic by defaul
 Usage in the loop (training/train.py):
     with precision.autocast():  loss = ...
     precision.backward(loss)
-    grad_norm, stepped = precision.clip_and_step(optimizer, params, max_norm)
+    precision.unscale_(optimizer); clip the gradients; precision.step(optimizer)
 """
 
 import contextlib
 import logging
 
 import torch
+import torch.distributed as dist
 
 from megatron_emu.config import PerformanceConfig
 
@@ -29,7 +30,11 @@ class Precision:
         self.config = config
         self.device_type = device_type
         self.dtype = DTYPES[config.compute_dtype]
-        self.scaler = torch.amp.GradScaler(
+        # Ranks must agree on skipping a step: the sharded scaler all-reduces found-inf.
+        scaler_class = torch.amp.GradScaler
+        if config.fp16 and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler as scaler_class
+        self.scaler = scaler_class(
             device_type,
             init_scale=config.loss_scale or config.initial_loss_scale,
             growth_interval=config.loss_scale_window,
@@ -51,21 +56,20 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()  # scale() is the identity unless fp16
 
-    def clip_and_step(self, optimizer, params: list, max_norm: float) -> tuple[float, bool]:
-        """Unscale, clip by global norm, step unless fp16 gradients overflowed.
-
-        Returns (grad_norm before clipping, whether the optimizer stepped)."""
+    def unscale_(self, optimizer) -> None:
+        """Divide the gradients by the loss scale (before clipping); a no-op unless fp16."""
         self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def step(self, optimizer) -> bool:
+        """optimizer.step() unless fp16 gradients overflowed; returns whether it stepped."""
         if not self.config.fp16:
             optimizer.step()
-            return grad_norm.item(), True
-        scale = self.scaler.get_scale()
+            return True
+        # Filled by unscale_ (called before clipping): one flag per device.
+        found_inf = sum(v.item() for v in self.scaler._found_inf_per_device(optimizer).values())
         self.scaler.step(optimizer)  # skipped when any gradient is inf/nan
         self.scaler.update(self.config.loss_scale)  # None = dynamic; a number pins it
-        stepped = self.scaler.get_scale() >= scale if self.config.loss_scale is None else bool(
-            torch.isfinite(grad_norm))
-        return grad_norm.item(), stepped
+        return found_inf == 0
 
     def fsdp_policy(self):
         """FSDP2 MixedPrecisionPolicy: gather params in the compute dtype, reduce in fp32."""

@@ -1,0 +1,263 @@
+"""Training throughput of the real step (training/train.py) on synthetic batches.
+
+    python tools/benchmark_throughput.py --preset tiny --micro-batch-size 4 --seq-length 160 \\
+        --global-batch-size 4 --images-per-sample 1 --warmup-iters 2 --timed-iters 5 --compare hf
+    torchrun --nproc-per-node 8 tools/benchmark_throughput.py --preset 1b --bf16 \\
+        --tensor-model-parallel-size 2 ...
+    python tools/benchmark_throughput.py --data-only [benchmark_data.py flags]
+
+Every pretrain_emu.py flag applies (layout, --bf16, --recompute-*, --attention-backend, ...).
+Reports tokens/s, samples/s, TFLOP/s per device (training/metrics.py formula), MFU
+against the device peak (--peak-tflops to override; on CPU a measured matmul peak),
+and peak memory per rank: CUDA allocator statistics on GPU, exact live tensor bytes on
+CPU (metrics.CPUPeakMemory, over one extra untimed step). `--compare hf` trains the same
+LLaMA shape with transformers' LlamaForCausalLM in the same run, on text-only batches
+for both, and reports the tokens/s ratio. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megatron_emu.arguments import build_parser, to_config  # noqa: E402
+from megatron_emu.config import ModelConfig, TrainConfig  # noqa: E402
+from megatron_emu.model.attention import configure_attention  # noqa: E402
+from megatron_emu.training.metrics import CPUPeakMemory, device_peak_tflops, mfu, training_flops  # noqa: E402
+from megatron_emu.training.precision import Precision  # noqa: E402
+
+log = logging.getLogger("megatron_emu")
+
+
+def synthetic_batch(config: ModelConfig, batch_size: int, seq_length: int, images_per_sample: int, seed: int) -> dict:
+    """{"tokens": (B, S), "images": (B * k, 3, H, W) uint8}, as the loader yields them:
+    text, k images as `[IMG] <image> x 32 [/IMG]` blocks between text, [PAD] at the end."""
+    g = torch.Generator().manual_seed(seed)
+    special = config.special_tokens
+    block = [special.img_start] + [special.image] * config.causal_former.num_query_tokens + [special.img_end]
+    text = lambda n: torch.randint(3, special.pad, (n,), generator=g).tolist()  # noqa: E731
+    rows = []
+    for _ in range(batch_size):
+        row = [1] + text(5)
+        for _ in range(images_per_sample):
+            row += block + text(4)
+        if len(row) > seq_length:
+            raise ValueError(f"--seq-length {seq_length} cannot hold {images_per_sample} images per sample")
+        row += text(seq_length - len(row) - 4) + [special.pad] * 4
+        rows.append(row[:seq_length])
+    size = config.vision.image_size
+    images = torch.randint(0, 256, (batch_size * images_per_sample, 3, size, size), generator=g, dtype=torch.uint8)
+    return {"tokens": torch.tensor(rows), "images": images}
+
+
+def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("benchmark")
+    g.add_argument("--warmup-iters", type=int, default=2)
+    g.add_argument("--timed-iters", type=int, default=5)
+    g.add_argument("--images-per-sample", type=int, default=1)
+    g.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: table / CPU measurement)")
+    g.add_argument("--compare", choices=["hf"], default=None, help="also train transformers' LlamaForCausalLM")
+    g.add_argument("--no-memory", action="store_true", help="skip the CPU memory-tracking step")
+    g.add_argument("--data-only", action="store_true", help="run tools/benchmark_data.py with the other flags")
+
+
+# -- timing ---------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def time_steps(step, warmup: int, timed: int, device: torch.device) -> float:
+    """Mean seconds per step over `timed` steps after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(timed):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / timed
+
+
+def peak_memory(step, state_tensors, device: torch.device, skip_cpu: bool) -> int | None:
+    """Peak bytes this rank held: CUDA allocator stats, or one tracked step on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if skip_cpu:
+        return None
+    tracker = CPUPeakMemory()
+    with tracker:
+        tracker.track(state_tensors())  # weights, grads, optimizer states, batches
+        step()
+    return tracker.peak
+
+
+# -- our step -----------------------------------------------------------------------
+def run_emu(config: TrainConfig, args, images_per_sample: int) -> dict:
+    from megatron_emu.parallel.mesh import ParallelDims, build_mesh, init_distributed
+    from megatron_emu.training import train
+
+    world_size, device = init_distributed(config.device)
+    dims = ParallelDims.from_config(config.parallel, world_size, config.model)
+    n_micro = dims.validate(config.model, config.data)
+    pmesh = build_mesh(dims, device) if world_size > 1 else None
+    perf = config.performance
+    backend = configure_attention(perf.attention_backend, device.type, perf.use_flash_attn)
+    precision = Precision(perf, device.type)
+    torch.manual_seed(config.seed)
+    pmodel = train.build_model(config, pmesh, n_micro, device)
+    optimizer = (train.build_adamw(pmodel.parts[0], config.optimizer, device.type, perf.fused_kernels)
+                 if pmesh is None else train.build_parallel_optimizer(pmodel, config.optimizer))
+    dp_rank = pmesh.dp_rank if pmesh is not None else 0
+    d = config.data
+    micro = [train.move_batch(synthetic_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample,
+                                              seed=dp_rank * 1000 + i), device) for i in range(n_micro)]
+    result = {}
+
+    def step():
+        result["step"] = train.train_step(pmodel, optimizer, micro, config, precision)
+
+    def state():
+        params = [p for part in pmodel.parts for p in part.parameters()]
+        return params, [p.grad for p in params if p.grad is not None], optimizer.state_dict()["state"], micro
+
+    seconds = time_steps(step, args.warmup_iters, args.timed_iters, device)
+    memory = peak_memory(step, state, device, args.no_memory)
+    images = d.global_batch_size * images_per_sample
+    flops = training_flops(config.model, d.global_batch_size, d.seq_length, images,
+                           perf.recompute_granularity, perf.recompute_num_layers)
+    return dict(seconds=seconds, flops=flops, memory=memory, device=device, world_size=world_size,
+                layout=dims.describe(), attention=backend, lm_loss=result["step"].lm_loss)
+
+
+# -- transformers baseline ------------------------------------------------------------
+def run_hf_llama(config: TrainConfig, args, device: torch.device) -> float:
+    """Seconds per step of LlamaForCausalLM with our LLaMA's shape, same batch and precision."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m, d, perf = config.model.llm, config.data, config.performance
+    hf_config = LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden, intermediate_size=m.ffn_dim, num_hidden_layers=m.layers,
+        num_attention_heads=m.heads, num_key_value_heads=m.heads, max_position_embeddings=m.max_positions,
+        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=False,
+    )
+    hf_config._attn_implementation = "sdpa"
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM(hf_config).to(device)
+    if perf.recompute_granularity == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fused = perf.fused_kernels
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None, foreach=None if fused else True)
+    precision = Precision(perf, device.type)
+    n_micro = d.global_batch_size // d.micro_batch_size
+    batches = [synthetic_batch(config.model, d.micro_batch_size, d.seq_length, 0, seed=i)["tokens"].to(device)
+               for i in range(n_micro)]
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        for tokens in batches:
+            with precision.autocast():
+                loss = model(input_ids=tokens, labels=tokens).loss
+            precision.backward(loss / n_micro)
+        precision.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.clip_grad)
+        precision.step(optimizer)
+
+    return time_steps(step, args.warmup_iters, args.timed_iters, device)
+
+
+# -- report -------------------------------------------------------------------------
+def versions() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
+
+
+def report(config: TrainConfig, args, ours: dict, peak: tuple[float, str], text_only: dict | None, hf_seconds) -> dict:
+    d, ws = config.data, ours["world_size"]
+    tflops = ours["flops"] / ours["seconds"] / 1e12 / ws
+    memories = [ours["memory"]]
+    if dist.is_initialized():
+        memories = [None] * ws
+        dist.all_gather_object(memories, ours["memory"])
+    row = {
+        "preset": config.preset, "layout": ours["layout"], "world_size": ws, "device": device_name(ours["device"]),
+        "precision": config.performance.compute_dtype, "attention": ours["attention"],
+        "recompute": config.performance.recompute_granularity, "compile": config.performance.compile,
+        "micro_batch_size": d.micro_batch_size, "global_batch_size": d.global_batch_size,
+        "seq_length": d.seq_length, "images_per_sample": args.images_per_sample,
+        "step_ms": ours["seconds"] * 1000, "tokens_per_s": d.global_batch_size * d.seq_length / ours["seconds"],
+        "samples_per_s": d.global_batch_size / ours["seconds"], "tflops_per_device": tflops,
+        "peak_tflops": peak[0], "peak_source": peak[1], "mfu": mfu(tflops * 1e12, peak[0]),
+        "peak_memory_mib_per_rank": [None if m is None else round(m / 2**20, 1) for m in memories],
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "versions": versions(),
+    }
+    if text_only is not None:
+        ours_text = d.global_batch_size * d.seq_length / text_only["seconds"]
+        hf_text = d.global_batch_size * d.seq_length / hf_seconds
+        row.update(text_only_tokens_per_s=ours_text, hf_tokens_per_s=hf_text, ratio_vs_hf=ours_text / hf_text)
+    return row
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def print_table(row: dict) -> None:
+    skip = {"versions"}
+    width = max(len(k) for k in row)
+    for key, value in row.items():
+        if key not in skip:
+            shown = f"{value:,.3f}" if isinstance(value, float) else str(value)
+            print(f"  {key:<{width}}  {shown}")
+    print("BENCHMARK_JSON " + json.dumps(row), flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    parser.description = __doc__.splitlines()[0]
+    add_benchmark_args(parser)
+    args, rest = parser.parse_known_args(argv)
+    if args.data_only:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from benchmark_data import run_data_benchmark
+
+        return run_data_benchmark(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    config = to_config(args)
+    ours = run_emu(config, args, args.images_per_sample)
+    peak = device_peak_tflops(ours["device"], getattr(torch, config.performance.compute_dtype), args.peak_tflops)
+    text_only = hf_seconds = None
+    if args.compare == "hf":
+        if ours["world_size"] != 1:
+            raise ValueError("--compare hf runs on a single process")
+        text_only = run_emu(config, argparse.Namespace(**{**vars(args), "no_memory": True}), 0)
+        hf_seconds = run_hf_llama(config, args, ours["device"])
+    row = report(config, args, ours, peak, text_only, hf_seconds)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print_table(row)
+    return row
+
+
+if __name__ == "__main__":
+    main()
