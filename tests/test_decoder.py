@@ -122,7 +122,7 @@ def test_finetune_steps_lower_loss_on_a_fixed_batch_and_keep_frozen_params(decod
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
     frozen_before = {"emu": _snapshot(emu), "vae": _snapshot(vae)}
     losses = []
-    for _ in range(8):
+    for _ in range(6):
         gens = {"noise": torch.Generator().manual_seed(5), "drop": torch.Generator().manual_seed(6)}
         loss, grad_norm = train_step(unet.train(), optimizer, batches, frozen, config, DDPMScheduler.from_config(schedule),
                                      gens, torch.device("cpu"), Summary())
@@ -139,7 +139,7 @@ def _run(assets, out, iters, *extra):
 
     argv = ["--preset", "tiny", "--emu-load", assets["emu"], "--pretrained-sd", assets["sd"],
             "--data-path", "7", assets["coco"], "2", assets["aesthetics"], "--micro-batch-size", "2",
-            "--global-batch-size", "4", "--resolution", "64", "--train-iters", str(iters), "--lr", "1e-3",
+            "--global-batch-size", "2", "--resolution", "64", "--train-iters", str(iters), "--lr", "1e-3",
             "--lr-warmup-iters", "2", "--save", str(out), "--save-interval", "2", "--num-workers", "0",
             "--log-interval", "1", "--ema-decay", "0.9", *extra]
     return main(argv)

@@ -39,8 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_context_image(path: str, size: int) -> torch.Tensor:
+    """uint8 (3, size, size), resized and centre-cropped as in preprocessing."""
+    from megatron_emu.data.preprocess import SkipItem, prepare_image
+
+    try:
+        return torch.from_numpy(prepare_image(path, size, name=path))
+    except SkipItem as e:
+        raise ValueError(f"{path}: unusable context image ({e.reason})") from None
+
+
 def main(argv=None) -> list[str]:
-    from megatron_emu.data.preprocess import prepare_image
     from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
     from megatron_emu.decoder.frozen import freeze, load_emu
     from megatron_emu.decoder.pipeline import EmuImagePipeline, load_decoder, save_pngs
@@ -55,7 +64,7 @@ def main(argv=None) -> list[str]:
     unet, vae, schedule = load_decoder(args.decoder, args.unet_subfolder)
     pipe = EmuImagePipeline(emu, tokenizer, freeze(unet).to(device, dtype), freeze(vae).to(device, dtype), schedule,
                             where=args.decoder)
-    context = [("", torch.from_numpy(prepare_image(p, config.vision.image_size, name=p))) for p in args.context_image]
+    context = [("", read_context_image(p, config.vision.image_size)) for p in args.context_image]
     if args.context_text:
         context.append((args.context_text, None))
     images = pipe(args.prompt, [context] * len(args.prompt), args.height, args.width, args.num_inference_steps,
