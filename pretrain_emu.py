@@ -11,6 +11,7 @@ from megatron_emu.training.train import pretrain
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its dataset loading is chatty
     return pretrain(parse_args(argv))
 
 

@@ -22,6 +22,8 @@ setup(
     ],
     extras_require={
         "decoder": ["diffusers>=0.30", "transformers>=4.45"],
+        "video": ["av>=12.0"],  # decoding video files in tools/preprocess_data.py
+        "parquet": ["pyarrow>=15.0"],  # parquet inputs in tools/preprocess_data.py
         # pytest plus what the tests import: transformers (HF parity), diffusers (decoder).
         "test": ["pytest>=8.0", "transformers>=4.45", "diffusers>=0.30"],
         # CUDA-only kernels. NVIDIA apex comes with the NGC PyTorch container; the

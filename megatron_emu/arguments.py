@@ -33,6 +33,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=1, help="DataLoader worker processes")
     g.add_argument("--data-cache-dir", default="", help="where the synthetic corpus/tokenizer are cached")
     g.add_argument("--tokenizer-model", default="", help="sentencepiece .model (default: tiny tokenizer)")
+    g.add_argument("--data-blend", default="shares", choices=["shares", "weighted"],
+                   help="shares: --data-path weights are exact per-global-batch shares (the paper); "
+                        "weighted: megatron-core's greedy weighted blending")
 
 
 def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +156,7 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
             num_workers=args.num_workers,
             cache_dir=args.data_cache_dir,
             tokenizer_model=args.tokenizer_model,
+            data_blend=args.data_blend,
         ),
         optimizer=OptimizerConfig(
             lr=args.lr,
