@@ -1,0 +1,150 @@
+"""Public checkpoints -> our DCP checkpoint (`--load DIR --finetune` starts training from it).
+
+Kinds: hf-llama (transformers LLaMA dir: the LLM; embedding and LM head grown for the
+added tokens, new rows = mean of the old ones), eva-clip (the ViT, fused qkv split),
+emu-v1 (the official Emu v1 release, whole model), hf-emu (our own export_hf output).
+Modules no source provides keep a fresh initialisation (seeded). The model is held once
+in memory; source tensors stream in one at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+from tqdm import tqdm
+
+from megatron_emu.config import ModelConfig
+from megatron_emu.convert.export import hf_emu_tensors, read_visual_config
+from megatron_emu.convert.keys import emu_v1_to_ours, eva_to_ours, hf_to_llama
+from megatron_emu.convert.streams import SafetensorsSource, atomic_output_dir, open_source
+from megatron_emu.data.tokenizer import resize_token_embeddings
+from megatron_emu.model.emu import build_emu
+from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, iteration_dir, write_latest
+
+KINDS = ("hf-llama", "eva-clip", "emu-v1", "hf-emu")
+# Which of our modules each kind must fill completely.
+_REQUIRED = {"hf-llama": ("llm.",), "eva-clip": ("visual.",), "emu-v1": ("",), "hf-emu": ("",)}
+_VOCAB_ROWS = ("llm.tok_embeddings.weight", "llm.output.weight")
+
+
+def check_hf_llama_config(path: str, config: ModelConfig) -> None:
+    """Every field of the transformers config.json that fixes a shape must match the preset."""
+    file = os.path.join(path, "config.json")
+    try:
+        hf = json.load(open(file))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: unreadable ({e})") from None
+    llm = config.llm
+    expected = {
+        "hidden_size": llm.hidden, "num_hidden_layers": llm.layers, "num_attention_heads": llm.heads,
+        "num_key_value_heads": llm.heads, "intermediate_size": llm.ffn_dim,
+    }
+    actual = dict(hf)
+    actual.setdefault("num_key_value_heads", hf.get("num_attention_heads"))  # absent = no GQA
+    diffs = [f"{k}: checkpoint {actual.get(k)} vs model {v}" for k, v in expected.items() if actual.get(k) != v]
+    if hf.get("vocab_size") not in (llm.base_vocab_size, llm.vocab_size):
+        diffs.append(f"vocab_size: checkpoint {hf.get('vocab_size')} vs model {llm.base_vocab_size} (+{llm.num_special_tokens} added)")
+    if hf.get("tie_word_embeddings"):
+        diffs.append("tie_word_embeddings: checkpoint true vs model false (Emu's LM head is untied)")
+    if diffs:
+        raise ValueError(f"{file}: a different model size: {'; '.join(diffs)}")
+
+
+def _fit_vocab(name: str, tensor: torch.Tensor, target: torch.Tensor, source: str, llm) -> torch.Tensor:
+    """Grow a base-vocabulary embedding / LM head by the added tokens (mean of old rows)."""
+    if name in _VOCAB_ROWS and tensor.shape[0] != target.shape[0]:
+        if tensor.shape[0] != llm.base_vocab_size or tensor.shape[1:] != target.shape[1:]:
+            raise ValueError(f"{source}: vocab mismatch: {name} has {tensor.shape[0]} rows, the model has "
+                             f"{llm.base_vocab_size} pieces + {llm.num_special_tokens} added tokens")
+        return resize_token_embeddings(tensor, target.shape[0])
+    return tensor
+
+
+def assign_all(model, tensors, source: str, required: tuple[str, ...]) -> set[str]:
+    """Copy (our name, tensor) pairs into `model`, checking names and shapes; every
+    parameter under a `required` prefix must be filled. Returns the names filled."""
+    params = dict(model.named_parameters())
+    filled = set()
+    for name, tensor in tqdm(tensors, desc=f"read {os.path.basename(source.rstrip('/'))}", unit="tensor", leave=False):
+        if name not in params:
+            raise ValueError(f"{source}: tensor {name} has no place in this model")
+        target = params[name]
+        tensor = _fit_vocab(name, tensor, target, source, model.config.llm)
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model needs {tuple(target.shape)} "
+                             "(a checkpoint of another model size?)")
+        with torch.no_grad():
+            target.copy_(tensor)
+        filled.add(name)
+    missing = [n for n in params if n.startswith(required) and n not in filled]
+    if missing:
+        raise ValueError(f"{source}: lacks {len(missing)} tensors the model needs, e.g. {', '.join(missing[:3])}")
+    return filled
+
+
+def _mapped(source, convert, path: str):
+    for name, tensor in source:
+        try:
+            pairs = convert(name, tensor)
+        except KeyError:
+            raise ValueError(f"{path}: unexpected tensor {name}") from None
+        yield from pairs or ()
+
+
+def _hf_llama_pair(name, tensor):
+    ours = hf_to_llama(name)
+    if ours is None:
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        raise KeyError(name)
+    return [(ours, tensor)]
+
+
+def _eva_pairs(name, tensor):
+    return eva_to_ours(name[len("visual."):] if name.startswith("visual.") else name, tensor)
+
+
+def source_tensors(kind: str, path: str, config: ModelConfig):
+    """(our name, tensor) pairs of one input, validated before anything is written."""
+    if kind == "hf-llama":
+        check_hf_llama_config(path, config)
+        return _mapped(SafetensorsSource(path), _hf_llama_pair, path)
+    if kind == "eva-clip":
+        return _mapped(open_source(path), _eva_pairs, path)
+    if kind == "emu-v1":
+        return _mapped(open_source(path), emu_v1_to_ours, path)
+    if kind == "hf-emu":
+        saved = dataclasses.asdict(read_visual_config(path))
+        if saved != dataclasses.asdict(config):
+            raise ValueError(f"{path}: exported from another model config than the one requested")
+        return hf_emu_tensors(path)
+    raise ValueError(f"unknown --from {kind!r}; choose from {KINDS}")
+
+
+def import_checkpoint(inputs: list[tuple[str, str]], config: ModelConfig, output: str, preset: str = "",
+                      seed: int = 1234, dtype: torch.dtype | None = None) -> None:
+    """Build our model from `inputs` [(kind, path)] and save it as iteration 0 of `output`."""
+    model = build_emu(config, seed=seed)
+    for kind, path in inputs:
+        assign_all(model, source_tensors(kind, path, config), path, _REQUIRED.get(kind, ("",)))
+    if dtype is not None:
+        model.to(dtype)
+    with atomic_output_dir(output) as tmp:
+        directory = iteration_dir(tmp, 0)
+        common = {"iteration": 0, "consumed_samples": 0, "scheduler": None, "layout": {}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+            dcp.save({"model": model.state_dict(), "common": pickle.dumps(common)},
+                     storage_writer=dcp.FileSystemWriter(directory), no_dist=True)
+        record = {"iteration": 0, "consumed_samples": 0, "layout": {"tp": 1, "pp": 1, "dp": 1},
+                  "torch_version": torch.__version__, "imported_from": [list(i) for i in inputs],
+                  "config": {"preset": preset, "model": dataclasses.asdict(config)}}
+        with open(os.path.join(directory, RUN_CONFIG_NAME), "w") as f:
+            json.dump(record, f, indent=2)
+        write_latest(tmp, 0)

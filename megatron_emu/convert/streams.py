@@ -1,0 +1,211 @@
+"""Streaming tensor sources and sinks: one tensor (or one shard) in memory at a time.
+
+Sources yield (name, tensor) lazily from a DCP checkpoint (any TP/PP/DP layout: DCP
+reassembles each global tensor), a safetensors file or sharded directory, or a torch
+file (memory-mapped). The sink writes safetensors shards of a bounded size with the
+transformers index. Outputs are built in a temporary sibling directory and renamed at
+the end, so a failed conversion leaves nothing in the output directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str):
+    """Yield a temp directory that becomes `path` only if the block succeeds."""
+    if os.path.exists(path) and os.listdir(path):
+        raise ValueError(f"{path}: output directory exists and is not empty")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        os.rmdir(path)  # empty, checked above
+    os.rename(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------
+class DCPSource:
+    """Model tensors of one of our checkpoints (root with `latest`, or an iteration dir)."""
+
+    def __init__(self, path: str):
+        from megatron_emu.training.checkpoint_files import check_shards, iteration_dir, read_latest, read_run_config
+
+        if not os.path.exists(os.path.join(path, ".metadata")):
+            latest = read_latest(path) if os.path.isdir(path) else None
+            if latest is None:
+                raise ValueError(f"{path}: not a megatron_emu checkpoint (no .metadata, no latest_checkpointed_iteration.txt)")
+            path = iteration_dir(path, latest)
+        self.path = path
+        self.record = read_run_config(path)
+        self.metadata = dcp.FileSystemReader(path).read_metadata()
+        check_shards(path, self.metadata)
+        self.entries = {
+            key[len("model."):]: meta
+            for key, meta in self.metadata.state_dict_metadata.items()
+            if key.startswith("model.") and hasattr(meta, "size")
+        }
+
+    def nbytes(self, name: str) -> int:
+        meta = self.entries[name]
+        return torch.Size(meta.size).numel() * meta.properties.dtype.itemsize
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Load a group of tensors (one output shard's worth) in one DCP pass."""
+        state = {n: torch.empty(tuple(self.entries[n].size), dtype=self.entries[n].properties.dtype) for n in names}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+            dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
+        return state
+
+
+def _safetensors_files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            weight_map = json.load(open(index))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: unreadable index ({e})") from None
+        return [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+class SafetensorsSource:
+    """Tensors of a safetensors file or a transformers directory; headers checked up front."""
+
+    def __init__(self, path: str):
+        self.files = _safetensors_files(path)
+        self.names: dict[str, str] = {}
+        for file in self.files:
+            if not os.path.exists(file):
+                raise ValueError(f"{file}: listed in the index but missing")
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        self.names[name] = file
+                _check_length(file)
+            except ValueError:
+                raise
+            except Exception as e:  # safetensors raises its own error types
+                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for file in self.files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self.names[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def _check_length(file: str) -> None:
+    """safetensors reads the header lazily; a truncated body must fail before we write."""
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = os.path.getsize(file)
+    if size < 8 + header_len + end:
+        raise ValueError(f"{file}: truncated ({size} bytes, the header promises {8 + header_len + end})")
+
+
+class TorchFileSource:
+    """A torch.save'd state dict (EVA-CLIP / Emu v1 releases), memory-mapped, not copied."""
+
+    def __init__(self, path: str):
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from None
+        for key in ("module", "model", "state_dict"):  # common wrappers
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(f"{path}: expected a state dict of tensors")
+        self.state = state
+
+    def __iter__(self):
+        yield from self.state.items()
+
+
+def open_source(path: str):
+    """Safetensors (file or directory) or a torch file, by what is there."""
+    if os.path.isdir(path) or path.endswith(".safetensors"):
+        return SafetensorsSource(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file or directory")
+    return TorchFileSource(path)
+
+
+# ---------------------------------------------------------------------------
+# Sink: sharded safetensors + index (transformers layout)
+# ---------------------------------------------------------------------------
+def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Group names, in order, into shards of at most max_shard_bytes (a bigger tensor alone)."""
+    shards, current, used = [], [], 0
+    for name, size in sizes:
+        if current and used + size > max_shard_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_sharded(directory: str, shards: list[dict[str, torch.Tensor]] | Iterator, num_shards: int,
+                  total_bytes: int, prefix: str = "model") -> dict:
+    """Write `num_shards` shard dicts as prefix-0000i-of-0000n.safetensors plus the index."""
+    weight_map, written = {}, 0
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="write", leave=False)
+    for i, shard in enumerate(shards, start=1):
+        name = f"{prefix}.safetensors" if num_shards == 1 else f"{prefix}-{i:05d}-of-{num_shards:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, os.path.join(directory, name), metadata={"format": "pt"})
+        size = sum(v.numel() * v.element_size() for v in shard.values())
+        written += size
+        bar.update(size)
+        weight_map.update({k: name for k in shard})
+    bar.close()
+    index = {"metadata": {"total_size": written}, "weight_map": weight_map}
+    with open(os.path.join(directory, f"{prefix}.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return index

@@ -1,0 +1,229 @@
+"""Conversion: logit parity with transformers LlamaForCausalLM (export and import), a
+bit-identical round trip, the EVA-CLIP and Emu v1 layouts, and bad inputs."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from megatron_emu.config import get_preset
+from megatron_emu.convert.export import export_hf, load_emu_from_hf
+from megatron_emu.convert.imports import import_checkpoint
+from megatron_emu.convert.keys import ours_to_eva
+from megatron_emu.convert.streams import DCPSource
+from megatron_emu.data.tokenizer import build_tiny_tokenizer
+from megatron_emu.model.emu import build_emu
+
+transformers = pytest.importorskip("transformers")
+CONFIG = get_preset("tiny")
+
+
+def llm_logits(model, tokens):  # (B, S) -> (B, S, V)
+    llm = model.llm
+    return llm.output(llm.norm(llm.forward_layers(llm.tok_embeddings(tokens))))
+
+
+def read_model(checkpoint: str) -> dict[str, torch.Tensor]:
+    source = DCPSource(checkpoint)
+    return source.read(list(source.entries))
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    """A random tiny Emu saved as our checkpoint (import with no inputs = fresh init)."""
+    root = tmp_path_factory.mktemp("ours") / "ckpt"
+    import_checkpoint([], CONFIG, str(root), seed=0)
+    return str(root), build_emu(CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def exported(ours, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "emu-hf"
+    export_hf(ours[0], str(out), build_tiny_tokenizer(), max_shard_bytes=400_000)  # several shards
+    return str(out)
+
+
+def test_export_loads_in_transformers_with_logit_parity(ours, exported):
+    _, model = ours
+    assert os.path.exists(os.path.join(exported, "model.safetensors.index.json"))
+    assert len([f for f in os.listdir(exported) if f.endswith(".safetensors")]) > 1
+    hf = transformers.LlamaForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    tokens = torch.randint(0, CONFIG.llm.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(tokens).logits - llm_logits(model, tokens)).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_exported_tokenizer_has_the_added_tokens_at_the_spec_ids(exported):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    ids = tokenizer.convert_tokens_to_ids(["[PAD]", "[IMG]", "[/IMG]", "<image>"])
+    assert ids == [CONFIG.special_tokens.pad, CONFIG.special_tokens.img_start, CONFIG.special_tokens.img_end, CONFIG.special_tokens.image]
+    from megatron_emu.data.tokenizer import EmuTokenizer
+
+    text = "a red square on the left of a blue circle"
+    assert tokenizer(text).input_ids == EmuTokenizer(build_tiny_tokenizer()).encode(text, bos=True)
+
+
+def test_round_trip_ours_hf_ours_is_bit_identical(ours, exported, tmp_path):
+    back = tmp_path / "back"
+    import_checkpoint([("hf-emu", exported)], CONFIG, str(back), seed=99)
+    original, restored = ours[0], str(back)
+    a, b = read_model(original), read_model(restored)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    reloaded = load_emu_from_hf(exported)  # the inference path: whole Emu from the export
+    assert all(torch.equal(p, a[n]) for n, p in reloaded.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """A random transformers LLaMA with the base vocabulary (as released), saved as safetensors."""
+    llm = CONFIG.llm
+    config = transformers.LlamaConfig(
+        vocab_size=llm.base_vocab_size, hidden_size=llm.hidden, intermediate_size=llm.ffn_dim,
+        num_hidden_layers=llm.layers, num_attention_heads=llm.heads, num_key_value_heads=llm.heads,
+        max_position_embeddings=llm.max_positions, rms_norm_eps=llm.norm_eps, rope_theta=llm.rope_theta,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("llama") / "llama"
+    model.save_pretrained(str(path), max_shard_size="300KB")
+    return str(path), model
+
+
+def test_import_hf_llama_logit_parity_and_mean_initialised_rows(hf_llama, tmp_path):
+    path, hf = hf_llama
+    out = tmp_path / "imported"
+    import_checkpoint([("hf-llama", path)], CONFIG, str(out), seed=0)
+    model = build_emu(CONFIG, seed=5)
+    model.load_state_dict(read_model(str(out)))
+    tokens = torch.randint(0, CONFIG.llm.base_vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours_logits = llm_logits(model, tokens)
+        diff = (hf(tokens).logits - ours_logits[..., : CONFIG.llm.base_vocab_size]).abs().max().item()
+    assert diff < 1e-4
+    old = hf.model.embed_tokens.weight
+    new_rows = model.llm.tok_embeddings.weight[CONFIG.llm.base_vocab_size:]
+    assert torch.allclose(new_rows, old.mean(0).expand_as(new_rows))
+    assert torch.allclose(model.llm.output.weight[CONFIG.llm.base_vocab_size:], hf.lm_head.weight.mean(0).expand_as(new_rows))
+
+
+def _emu_v1_state(model) -> dict[str, torch.Tensor]:
+    """Our tiny model written in the Emu v1 release's key layout (models/modeling_emu.py,
+    causal_former.py: a transformers T5 decoder stack; decoder.lm: LlamaForCausalLM)."""
+    sd = model.state_dict()
+    out = {f"visual.{k}": v for k, v in ours_to_eva(sd).items()}
+    out.update({k: v for k, v in sd.items() if k.startswith("ln_visual.")})
+    out["cformer.causal_tokens"] = sd["causal_former.query_embeds"]
+    out["cformer.projection.weight"] = sd["causal_former.proj.weight"]
+    out["cformer.projection.bias"] = sd["causal_former.proj.bias"]
+    out["cformer.cformer.final_layer_norm.weight"] = sd["causal_former.norm.weight"]
+    out["cformer.cformer.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = sd["causal_former.relative_attention_bias.weight"]
+    out["cformer.cformer.embed_tokens.weight"] = torch.zeros(8, CONFIG.causal_former.d_model)  # unused by Emu
+    for i in range(CONFIG.causal_former.layers):
+        b, t = f"causal_former.blocks.{i}.", f"cformer.cformer.block.{i}.layer."
+        for p in "qkvo":
+            out[f"{t}0.SelfAttention.{p}.weight"] = sd[f"{b}self_attn.{p}.weight"]
+            out[f"{t}1.EncDecAttention.{p}.weight"] = sd[f"{b}cross_attn.{p}.weight"]
+        out[f"{t}0.layer_norm.weight"] = sd[f"{b}self_attn_norm.weight"]
+        out[f"{t}1.layer_norm.weight"] = sd[f"{b}cross_attn_norm.weight"]
+        out[f"{t}2.layer_norm.weight"] = sd[f"{b}ffn_norm.weight"]
+        out[f"{t}2.DenseReluDense.wi.weight"] = sd[f"{b}ffn.wi.weight"]
+        out[f"{t}2.DenseReluDense.wo.weight"] = sd[f"{b}ffn.wo.weight"]
+    from megatron_emu.convert.keys import llama_to_hf
+
+    out.update({f"decoder.lm.{llama_to_hf(k)}": v for k, v in sd.items() if llama_to_hf(k)})
+    out["decoder.lm.stu_regress_head.weight"] = sd["regression_head.weight"]
+    return out
+
+
+def test_import_emu_v1_and_eva_clip_layouts(tmp_path):
+    model = build_emu(CONFIG, seed=3)
+    v1 = tmp_path / "emu-v1.pt"
+    torch.save({"module": _emu_v1_state(model)}, v1)
+    import_checkpoint([("emu-v1", str(v1))], CONFIG, str(tmp_path / "from-v1"), seed=0)
+    got = read_model(str(tmp_path / "from-v1"))
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+
+    eva = {**ours_to_eva(model.state_dict()), "norm.weight": torch.ones(1), "head.weight": torch.ones(1)}  # unused by Emu
+    from safetensors.torch import save_file
+
+    save_file(eva, str(tmp_path / "eva.safetensors"))
+    import_checkpoint([("eva-clip", str(tmp_path / "eva.safetensors"))], CONFIG, str(tmp_path / "from-eva"), seed=11)
+    got = read_model(str(tmp_path / "from-eva"))
+    fresh = build_emu(CONFIG, seed=11).state_dict()
+    for k, v in model.state_dict().items():  # visual from EVA, the rest freshly initialised
+        assert torch.equal(got[k], v if k.startswith("visual.") else fresh[k]), k
+
+
+def _break_config(path, tmp_path, **changes):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(path):
+        os.symlink(os.path.join(path, name), broken / name)
+    config = json.load(open(os.path.join(path, "config.json")))
+    config.update(changes)
+    os.remove(broken / "config.json")
+    json.dump(config, open(broken / "config.json", "w"))
+    return str(broken)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "truncated"),
+    ("other size", r"a different model size: hidden_size: checkpoint 64 vs model 128"),
+    ("vocab", r"vocab_size: checkpoint 600 vs model 512"),
+])
+def test_bad_input_is_refused_and_nothing_is_written(hf_llama, tmp_path, case, message):
+    path, _ = hf_llama
+    if case == "truncated":
+        broken = tmp_path / "truncated"
+        broken.mkdir()
+        shards = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        for name in os.listdir(path):
+            data = open(os.path.join(path, name), "rb").read()
+            if name == shards[-1]:  # a copy cut short
+                data = data[: len(data) // 2]
+            open(broken / name, "wb").write(data)
+        path = str(broken)
+    elif case == "other size":
+        path = _break_config(path, tmp_path, hidden_size=64)
+    else:
+        path = _break_config(path, tmp_path, vocab_size=600)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        import_checkpoint([("hf-llama", path)], CONFIG, str(out), seed=0)
+    assert not out.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".out")]  # no partial temp dir either
+
+
+def test_export_refuses_a_tokenizer_of_another_vocab(ours, tmp_path):
+    import sentencepiece as spm
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"word{i} other{i * 7} thing{i % 13}" for i in range(400)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=90, minloglevel=2)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="vocab mismatch: 90 pieces, the model expects 512"):
+        export_hf(ours[0], str(out), str(tmp_path / "sp.model"))
+    assert not out.exists()
+
+
+def test_vit_parity_against_timm_eva():
+    timm = pytest.importorskip(
+        "timm", reason="timm is not installed: it pulls torchvision, which would replace the CPU torch here "
+        "with a multi-GB CUDA build, so it stays out of the test dependencies")
+    v = CONFIG.vision
+    reference = timm.models.eva.Eva(
+        img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.layers, num_heads=v.heads,
+        mlp_ratio=v.mlp_dim / v.width, qkv_bias=True, use_rot_pos_emb=False, num_classes=0, global_pool="",
+        norm_layer=lambda d: torch.nn.LayerNorm(d, eps=v.norm_eps),
+    ).eval()
+    model = build_emu(CONFIG, seed=4)
+    missing, unexpected = reference.load_state_dict(ours_to_eva(model.state_dict()), strict=False)
+    assert not unexpected and all(k.startswith(("norm.", "head", "fc_norm")) for k in missing)
+    reference.norm = torch.nn.Identity()  # Emu reads the last block, before EVA's final norm
+    pixels = torch.randn(2, 3, v.image_size, v.image_size)
+    with torch.no_grad():
+        assert (reference.forward_features(pixels) - model.visual(pixels)).abs().max().item() < 1e-4

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Convert checkpoints between megatron_emu (DCP) and public formats.
+
+Export (any TP/PP/DP layout):
+  python tools/convert_checkpoint.py --to hf --input CKPT --output OUT [--tokenizer-model SP] [--dtype bf16]
+      OUT: transformers LlamaForCausalLM dir (config.json, sharded safetensors + index, tokenizer
+      with [PAD] [IMG] [/IMG] <image> at the spec ids) + OUT/visual/ (ViT, ln_visual, Causal
+      Former, regression head; reload the whole Emu with megatron_emu.convert.export.load_emu_from_hf).
+  python tools/convert_checkpoint.py --to diffusers --input DECODER_SAVE --unet-config SD_UNET_DIR --output OUT
+      the decoder's newest UNet (EMA weights if present) as a diffusers UNet2DConditionModel.
+Import (our checkpoint at iteration 0; train with --load OUT --finetune):
+  python tools/convert_checkpoint.py --from hf-llama eva-clip --input LLAMA_DIR EVA.pt --preset emu-14b --output OUT
+  python tools/convert_checkpoint.py --from emu-v1 --input Emu-pretrain.pt --preset emu-14b --output OUT
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_emu.config import PRESETS, get_preset  # noqa: E402
+from megatron_emu.convert.imports import KINDS  # noqa: E402
+from megatron_emu.convert.streams import parse_dtype  # noqa: E402
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+    for unit, scale in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=["hf", "diffusers"])
+    direction.add_argument("--from", dest="source", nargs="+", choices=KINDS, help="one kind per --input")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--output", required=True, help="must not exist (or be empty); written atomically")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size to import into")
+    p.add_argument("--tokenizer-model", default="", help="sentencepiece .model (default: the tiny tokenizer)")
+    p.add_argument("--max-shard-size", default="5GB", type=parse_size)
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="cast floats (default: keep)")
+    p.add_argument("--seed", type=int, default=1234, help="init of modules no input provides")
+    p.add_argument("--unet-config", default="", help="--to diffusers: a diffusers UNet dir whose config to use")
+    return p
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    if args.to == "hf":
+        from megatron_emu.convert.export import export_hf
+        from megatron_emu.data.tokenizer import build_tiny_tokenizer
+
+        tokenizer = args.tokenizer_model or build_tiny_tokenizer()
+        export_hf(args.input[0], args.output, tokenizer, args.max_shard_size, parse_dtype(args.dtype))
+    elif args.to == "diffusers":
+        from megatron_emu.convert.diffusers_export import export_unet
+
+        export_unet(args.input[0], args.output, args.unet_config)
+    else:
+        from megatron_emu.convert.imports import import_checkpoint
+
+        if len(args.source) != len(args.input):
+            raise SystemExit(f"--from names {len(args.source)} kinds but --input gives {len(args.input)} paths")
+        import_checkpoint(list(zip(args.source, args.input)), get_preset(args.preset), args.output,
+                          preset=args.preset, seed=args.seed, dtype=parse_dtype(args.dtype))
+    seconds = time.perf_counter() - start
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.output) for f in files)
+    print(json.dumps({"output": args.output, "bytes": size, "seconds": round(seconds, 2),
+                      "GB_per_s": round(size / seconds / 1e9, 3)}))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
