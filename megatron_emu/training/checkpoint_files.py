@@ -112,6 +112,7 @@ def check_state_keys(directory: str, metadata, state: dict, saved_layout: dict, 
     where = f"saved at TP{saved_layout.get('tp', '?')} PP{saved_layout.get('pp', '?')} DP{saved_layout.get('dp', '?')}, loading at TP{layout.tp} PP{layout.pp} DP{layout.dp}"
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ValueError(f"{directory}: cannot load ({where}): the checkpoint lacks {shown}")
+        hint = " (it holds no optimizer state: pass --no-load-optim or --finetune)" if all(m.startswith("optim.") for m in missing) else ""
+        raise ValueError(f"{directory}: cannot load ({where}): the checkpoint lacks {shown}{hint}")
     if mismatched:
         raise ValueError(f"{directory}: cannot load ({where}): shapes differ: {'; '.join(mismatched[:3])}")
