@@ -1,0 +1,428 @@
+"""Cluster planner: memory per rank and estimated throughput of each TP x PP x DP layout.
+
+Memory per rank = weights + gradients + optimizer states (from parameter counts of the
+rank's pipeline stage, / TP, / DP when FSDP shards them) + activations of the
+micro-batches in flight + transient buffers. Activations are not guessed from a
+formula: each block type (LLaMA layer, EVA block, Causal Former block, heads) runs once
+at the planned per-rank shapes on fake tensors (no memory, no compute, any model
+size), and the tensors autograd saves for backward are summed by storage. The code
+that trains is the code that is measured, so a model change updates the plan.
+
+Precision: fp32 keeps 4-byte everything. bf16 keeps fp32 master weights, fp32
+gradients and Adam states (16 bytes / parameter); with FSDP the blocks compute on
+bf16 gathered parameters (MixedPrecisionPolicy), otherwise autocast keeps a bf16
+copy of every weight per micro-batch for backward (counted by the fake run).
+
+Throughput: the busiest pipeline stage's FLOPs (metrics.py formula) at an assumed
+efficiency of the device peak, plus the 1F1B bubble, tensor-parallel all-reduces on
+the intra-node links and data-parallel traffic on the inter-node links (the part that
+does not overlap backward). The ranking is a model; measured figures come from
+tools/benchmark_throughput.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from megatron_emu.config import DataConfig, ModelConfig, ParallelConfig
+from megatron_emu.parallel.mesh import ParallelDims
+from megatron_emu.training import metrics
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    memory_gib: float
+    peak_tflops: float  # dense bf16
+    intra_node_gbs: float  # per GPU, GB/s (NVLink)
+    inter_node_gbs: float  # per GPU, GB/s (InfiniBand)
+    gpus_per_node: int = 8
+    efficiency: float = 0.5  # fraction of peak reached by large matmul-bound blocks
+
+
+HARDWARE = {
+    "a100-80g": Hardware("A100-SXM4-80GB", 80, 312, 240, 25),
+    "h100-80g": Hardware("H100-SXM5-80GB", 80, 989, 360, 50),
+    "h200": Hardware("H200-SXM-141GB", 141, 989, 360, 50),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    micro_batch_size: int
+    global_batch_size: int
+    seq_length: int
+    images_per_sample: int = 1
+    dtype: str = "bfloat16"  # float32 | bfloat16
+    recompute: str | None = None  # None | selective | full
+    recompute_num_layers: int | None = None
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on the busiest rank."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    transient: int
+    in_flight: int  # micro-batches whose activations are held at once
+    grads_with_activations: bool  # False: one micro-batch, gradients appear as activations go
+
+    @property
+    def total(self) -> int:
+        peak_work = self.activations + self.transient
+        if self.grads_with_activations:
+            peak_work += self.grads
+        return self.weights + self.optimizer + max(peak_work, self.grads)
+
+    def row(self) -> dict:
+        gib = lambda b: round(b / GiB, 2)  # noqa: E731
+        return dict(weights=gib(self.weights), grads=gib(self.grads), optimizer=gib(self.optimizer),
+                    activations=gib(self.activations), transient=gib(self.transient), total=gib(self.total),
+                    in_flight=self.in_flight)
+
+
+def _cached(fn):
+    """Memoise on the arguments' repr (configs are mutable dataclasses, not hashable)."""
+    cache: dict[str, object] = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        key = repr(args)
+        if key not in cache:
+            cache[key] = fn(*args)
+        return cache[key]
+
+    return wrapper
+
+
+# -- activations, measured on fake tensors ------------------------------------------
+@dataclass(frozen=True)
+class BlockActivations:
+    saved: int  # bytes saved for backward, no recompute
+    inputs: int  # the block's inputs (all a fully recomputed block keeps)
+    matmul_outputs: int  # outputs of mm / addmm / conv (what selective recompute keeps)
+
+
+class _MatmulOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.convolution.default}
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.OPS:
+            self.bytes += out.untyped_storage().nbytes()
+        return out
+
+
+def measure_saved(module: nn.Module, inputs: tuple, dtype: torch.dtype, shared: tuple = ()) -> BlockActivations:
+    """Run `module(*inputs)` (fake tensors) and sum the storages autograd saves, minus the
+    weights and `shared` tensors (held once for all blocks, e.g. the visual tokens).
+    inputs[0] is the residual stream: what a fully recomputed block keeps."""
+    weights = {t.untyped_storage()._cdata for t in (*module.parameters(), *shared)}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    matmuls = _MatmulOutputs()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), matmuls:
+            module(*inputs)
+    in_bytes = inputs[0].untyped_storage().nbytes() if inputs[0].is_floating_point() else 0
+    return BlockActivations(sum(saved.values()), in_bytes, matmuls.bytes + in_bytes)
+
+
+def shard_for_tp(module: nn.Module, tp: int) -> None:
+    """Narrow each block's linears to one TP rank's shard (column / row parallel)."""
+    if tp == 1:
+        return
+    column = ("wq", "wk", "wv", "w1", "w3", "q_proj", "k_proj", "v_proj", "fc1", "q", "k", "v", "wi")
+    row = ("wo", "w2", "proj", "fc2", "o")
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if name in column:
+                setattr(parent, name, nn.Linear(child.in_features, child.out_features // tp, bias=child.bias is not None))
+            elif name in row:
+                setattr(parent, name, nn.Linear(child.in_features // tp, child.out_features, bias=child.bias is not None))
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """Per micro-batch bytes: blocks per image (vision, Causal Former) or per micro-batch (LLaMA)."""
+
+    llm_layer: BlockActivations
+    vision_block: BlockActivations
+    causal_former_block: BlockActivations
+    encoder_rest: int  # per image: pixels, patch embedding, ln_visual, Causal Former head
+    llm_head: int  # per micro-batch: final norm, LM head, regression head, loss buffers
+
+
+@_cached
+def activation_profile(config: ModelConfig, micro_batch_size: int, seq_length: int, tp: int, dtype: str,
+                       bf16_weights: bool) -> ActivationProfile:
+    from megatron_emu.model.emu import Emu
+    from megatron_emu.model.llama import rotary_tables
+
+    compute = getattr(torch, dtype)
+    weight_dtype = compute if bf16_weights else torch.float32
+    b, s, v, c = micro_batch_size, seq_length, config.vision, config.causal_former
+    with FakeTensorMode(), _default_dtype(weight_dtype):
+        emu = Emu(config)
+        for block in (emu.llm.layers["0"], emu.visual.blocks[0], emu.causal_former.blocks[0]):
+            shard_for_tp(block, tp)
+        hidden = lambda *shape: torch.randn(*shape, dtype=weight_dtype, requires_grad=True)  # noqa: E731
+        rope = rotary_tables(config.llm.head_dim, s, config.llm.rope_theta)
+        llm = measure_saved(emu.llm.layers["0"], (hidden(b, s, config.llm.hidden), rope), compute)
+        vis = measure_saved(emu.visual.blocks[0], (hidden(1, v.num_tokens, v.width),), compute)
+        visual = hidden(1, v.num_tokens, v.width)
+        bias = torch.randn(1, c.heads // tp, c.num_query_tokens, c.num_query_tokens, dtype=weight_dtype)
+        cf = measure_saved(emu.causal_former.blocks[0], (hidden(1, c.num_query_tokens, c.d_model), visual, bias), compute,
+                           shared=(visual,))
+        # The whole encoder of one image with 0 blocks = everything around the blocks.
+        bare = dataclasses.replace(config, vision=dataclasses.replace(v, layers=0),
+                                   causal_former=dataclasses.replace(c, layers=0))
+        encoder = Emu(bare)
+        pixels = torch.zeros(1, 3, v.image_size, v.image_size, dtype=torch.uint8)
+        rest = measure_saved(_Encoder(encoder), (pixels,), compute).saved
+        rest += visual.untyped_storage().nbytes() if c.layers else 0  # shared by the Causal Former blocks
+        head = measure_saved(_Head(encoder), (hidden(b, s, config.llm.hidden),), compute).saved
+    # Cross-entropy keeps fp32 log-probabilities of (B, S-1, V / TP) (loss.py casts to fp32).
+    loss = 4 * b * (s - 1) * config.llm.vocab_size // tp
+    return ActivationProfile(llm, vis, cf, rest, head + loss)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build modules directly in `dtype` (fake parameters cannot be converted afterwards)."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, emu):
+        super().__init__()
+        self.emu = emu
+
+    def forward(self, images):
+        return self.emu.encode_images(images)
+
+
+class _Head(nn.Module):
+    def __init__(self, emu):
+        super().__init__()
+        self.emu = emu
+
+    def forward(self, hidden):
+        h = self.emu.llm.norm(hidden)
+        return self.emu.llm.output(h), self.emu.regression_head(h)
+
+
+def block_bytes(block: BlockActivations, recompute: str | None, recomputed: bool) -> int:
+    if not recomputed or recompute is None:
+        return block.saved
+    return block.inputs if recompute == "full" else min(block.matmul_outputs, block.saved)
+
+
+# -- parameters per pipeline rank --------------------------------------------------------
+@_cached
+def parameter_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameters of the encoder (ViT + ln_visual + Causal Former), the token embedding,
+    one LLaMA layer, and the head (final norm, LM head, regression head)."""
+    from megatron_emu.model.emu import build_emu
+
+    emu = build_emu(config, device="meta")
+    count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+    return dict(encoder=count(emu.visual, emu.ln_visual, emu.causal_former), embed=count(emu.llm.tok_embeddings),
+                layer=count(emu.llm.layers["0"]), head=count(emu.llm.norm, emu.llm.output, emu.regression_head))
+
+
+def rank_stages(dims: ParallelDims, pp_rank: int) -> list[int]:
+    """Pipeline stages (indices) held by one PP rank: stage s lives on rank s % pp."""
+    return [s for s in range(dims.num_stages) if s % dims.pp == pp_rank]
+
+
+def stage_layers(dims: ParallelDims, model: ModelConfig) -> tuple[int, ...]:
+    return dims.stage_layers if dims.pp > 1 else (model.llm.layers,)
+
+
+# -- memory -----------------------------------------------------------------------------
+def estimate_memory(model: ModelConfig, work: Workload, dims: ParallelDims, pp_rank: int = 0) -> MemoryEstimate:
+    """Peak bytes of one rank of PP rank `pp_rank` (every TP/DP rank of it is alike)."""
+    counts, layers = parameter_counts(model), stage_layers(dims, model)
+    stages = rank_stages(dims, pp_rank)
+    last = len(layers) - 1
+    params = sum(layers[s] * counts["layer"] + (s == 0) * (counts["encoder"] + counts["embed"])
+                 + (s == last) * counts["head"] for s in stages) // dims.tp
+    fsdp = dims.sharding in ("fsdp", "hsdp")
+    bf16_weights = fsdp and work.dtype != "float32"  # FSDP2 MixedPrecisionPolicy gathers bf16
+    n_micro = work.global_batch_size // (work.micro_batch_size * dims.dp)
+    shard = dims.dp_shard if fsdp else 1
+    weights, optimizer = 4 * params // shard, 8 * params // shard
+    # FSDP2 keeps unsharded gradients while sync is off (gradient accumulation).
+    grads = 4 * params // (shard if n_micro == 1 else 1)
+
+    prof = activation_profile(model, work.micro_batch_size, work.seq_length, dims.tp, work.dtype, bf16_weights)
+    per_micro, workspace = 0, 0
+    for s in stages:
+        per_micro += stack_bytes(prof.llm_layer, layers[s], work)
+        workspace = max(workspace, prof.llm_layer.saved if work.recompute else 0)
+        if s == 0:
+            images = work.micro_batch_size * work.images_per_sample
+            per_micro += images * (stack_bytes(prof.vision_block, model.vision.layers, work)
+                                   + stack_bytes(prof.causal_former_block, model.causal_former.layers, work)
+                                   + prof.encoder_rest)
+        if s == last:
+            per_micro += prof.llm_head
+    in_flight = in_flight_microbatches(dims, pp_rank, n_micro)
+    compute_bytes = 2 if work.dtype != "float32" else 4
+    transient = workspace
+    if last in stages:  # backward starts with fp32 gradients of the logits (two alive at once)
+        transient += 2 * 4 * work.micro_batch_size * work.seq_length * model.llm.vocab_size // dims.tp
+    if fsdp and shard > 1:  # gathered parameters: two blocks at a time, or the whole stage under PP
+        gathered = params if dims.pp > 1 else 2 * counts["layer"] // dims.tp
+        transient += gathered * (compute_bytes if bf16_weights else 4)
+    return MemoryEstimate(weights, grads, optimizer, in_flight * per_micro, transient, in_flight,
+                          grads_with_activations=n_micro > 1 or dims.pp > 1)
+
+
+def stack_bytes(block: BlockActivations, layers: int, work: Workload) -> int:
+    recomputed = layers if work.recompute != "full" or work.recompute_num_layers is None else min(
+        layers, work.recompute_num_layers)
+    return recomputed * block_bytes(block, work.recompute, True) + (layers - recomputed) * block.saved
+
+
+def in_flight_microbatches(dims: ParallelDims, pp_rank: int, n_micro: int) -> int:
+    """Micro-batches whose activations a PP rank holds at its peak: 1F1B warms up with
+    pp - rank forwards; interleaving adds (pp - 1) / (pp * v) more (Megatron-LM paper)."""
+    if dims.pp == 1:
+        return 1
+    held = min(dims.pp - pp_rank, n_micro)
+    if dims.virtual_stages > 1:
+        held = -(-held * (dims.pp * dims.virtual_stages + dims.pp - 1) // (dims.pp * dims.virtual_stages))
+    return held
+
+
+# -- throughput model -------------------------------------------------------------------
+def stage_flops(model: ModelConfig, work: Workload, layers: int, first: bool, last: bool) -> float:
+    """Forward + backward (+ recompute) FLOPs of one micro-batch through one stage."""
+    b, s = work.micro_batch_size, work.seq_length
+    images = b * work.images_per_sample
+    stacks = [(metrics.llm_block_flops(model, s), layers, b)]
+    flops = 0.0
+    if first:
+        stacks += [(metrics.vision_block_flops(model), model.vision.layers, images),
+                   (metrics.causal_former_block_flops(model), model.causal_former.layers, images)]
+        flops += 3 * images * (metrics.patch_embed_flops(model) + metrics.causal_former_proj_flops(model))
+    if last:
+        flops += 3 * b * metrics.heads_flops(model, s)
+    for block, count, runs in stacks:
+        recomputed = count if work.recompute_num_layers is None else min(count, work.recompute_num_layers)
+        extra = {None: 0, "selective": count * block.core, "full": recomputed * (block.total - block.last)}
+        flops += runs * (3 * count * block.total + extra[work.recompute])
+    return flops
+
+
+def allreduce_seconds(nbytes: float, ranks: int, gbs: float) -> float:
+    return 2 * (ranks - 1) / ranks * nbytes / (gbs * 1e9) if ranks > 1 else 0.0
+
+
+def estimate_step_time(model: ModelConfig, work: Workload, dims: ParallelDims, hw: Hardware) -> dict:
+    """Seconds per optimizer step on the slowest PP rank, and its parts."""
+    layers, counts = stage_layers(dims, model), parameter_counts(model)
+    n_micro = work.global_batch_size // (work.micro_batch_size * dims.dp)
+    act_bytes = 2 if work.dtype != "float32" else 4
+    # TP: two all-reduces of (B, S, H) per LLaMA layer forward, two backward (+2 when recomputed).
+    per_layer = 4 + (2 if work.recompute == "full" else 0)
+    tp_bytes = per_layer * work.micro_batch_size * work.seq_length * model.llm.hidden * act_bytes
+    rank_mb = []
+    for r in range(dims.pp):
+        stages = rank_stages(dims, r)
+        flops = sum(stage_flops(model, work, layers[s], s == 0, s == len(layers) - 1) for s in stages) / dims.tp
+        compute = flops / (hw.peak_tflops * 1e12 * hw.efficiency)
+        tp = sum(layers[s] for s in stages) * allreduce_seconds(tp_bytes, dims.tp, hw.intra_node_gbs)
+        rank_mb.append(compute + tp)
+    t_mb = max(rank_mb)
+    bubble = (dims.pp - 1) / max(dims.virtual_stages, 1) if dims.pp > 1 else 0
+    pipeline = (n_micro + bubble) * t_mb
+    # DP: gradients (fp32) all-reduced (DDP) or parameters gathered + gradients reduce-scattered (FSDP).
+    params = max(sum(layers[s] * counts["layer"] for s in rank_stages(dims, r)) for r in range(dims.pp))
+    params = (params + counts["encoder"] + counts["embed"] + counts["head"] / dims.pp) / dims.tp
+    bw = hw.intra_node_gbs if dims.tp * dims.dp <= hw.gpus_per_node else hw.inter_node_gbs
+    if dims.sharding == "ddp":
+        dp_time, overlap = allreduce_seconds(4 * params, dims.dp, bw), t_mb * 2 / 3
+    else:
+        gathers = 2 * (n_micro if dims.pp == 1 else 1) * act_bytes * params
+        dp_time, overlap = allreduce_seconds(gathers + 4 * params, dims.dp, bw) / 2, pipeline
+    exposed = max(0.0, dp_time - overlap)
+    step = pipeline + exposed
+    flops = metrics.training_flops(model, work.global_batch_size, work.seq_length,
+                                   work.global_batch_size * work.images_per_sample)
+    return dict(seconds=step, bubble_s=bubble * t_mb, dp_exposed_s=exposed,
+                tokens_per_s=work.global_batch_size * work.seq_length / step,
+                mfu=flops / step / (dims.world_size * hw.peak_tflops * 1e12))
+
+
+# -- the search ---------------------------------------------------------------------------
+@dataclass
+class PlanRow:
+    dims: ParallelDims
+    recompute: str | None
+    memory: MemoryEstimate
+    time: dict
+    fits: bool
+
+
+def candidate_dims(model: ModelConfig, data: DataConfig, gpus: int, shardings=("ddp", "fsdp")):
+    """Every layout the trainer accepts (ParallelDims.validate) for `gpus` ranks."""
+    divisors = [d for d in range(1, gpus + 1) if gpus % d == 0]
+    for tp in (d for d in divisors if d <= 8):
+        for pp in (d for d in divisors if tp * d <= gpus and d <= model.llm.layers):
+            for sharding in shardings:
+                for schedule in ("1f1b", "interleaved") if pp > 1 else ("1f1b",):
+                    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                              sequence_parallel=False, pipeline_schedule=schedule,
+                                              data_parallel_sharding=sharding)
+                    try:
+                        dims = ParallelDims.from_config(parallel, gpus, model)
+                        dims.validate(model, data)
+                    except ValueError:
+                        continue
+                    yield dims
+
+
+def plan(model: ModelConfig, work: Workload, gpus: int, hw: Hardware, headroom: float = 0.9) -> list[PlanRow]:
+    """Every valid layout x recompute choice, those that fit first, fastest first."""
+    data = DataConfig(seq_length=work.seq_length, micro_batch_size=work.micro_batch_size,
+                      global_batch_size=work.global_batch_size)
+    rows = []
+    for dims in candidate_dims(model, data, gpus):
+        for recompute in (None, "selective", "full"):
+            w = dataclasses.replace(work, recompute=recompute, recompute_num_layers=None)
+            memory = max((estimate_memory(model, w, dims, r) for r in range(dims.pp)), key=lambda m: m.total)
+            rows.append(PlanRow(dims, recompute, memory, estimate_step_time(model, w, dims, hw),
+                                memory.total <= headroom * hw.memory_gib * GiB))
+    return sorted(rows, key=lambda row: (not row.fits, -row.time["tokens_per_s"]))

@@ -1,0 +1,102 @@
+"""Plan a cluster layout: memory per rank and estimated throughput of every TP x PP x DP
+layout (with and without activation recompute) the trainer accepts; prints the
+recommended one as pretrain_emu.py flags.
+
+    python tools/plan.py --preset emu-14b --gpus 128 --gpu a100-80g
+    python tools/plan.py --preset 1b --gpus 8 --gpu h100-80g --micro-batch-size 4 --top 20 --json
+
+The model behind the numbers: megatron_emu/training/planner.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_emu.config import PRESETS, RECIPES, get_preset  # noqa: E402
+from megatron_emu.training.planner import HARDWARE, Workload, plan  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="emu-14b", choices=sorted(PRESETS))
+    p.add_argument("--gpus", type=int, default=128)
+    p.add_argument("--gpu", default="a100-80g", choices=sorted(HARDWARE))
+    p.add_argument("--gpu-memory-gib", type=float, default=None, help="override the GPU's memory")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="default: the preset's recipe")
+    p.add_argument("--global-batch-size", type=int, default=None)
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--images-per-sample", type=int, default=2)
+    p.add_argument("--fp32", action="store_true", help="plan fp32 training (default: bf16)")
+    p.add_argument("--top", type=int, default=12, help="rows to print")
+    p.add_argument("--json", action="store_true", help="also print every row as JSON lines")
+    return p.parse_args(argv)
+
+
+def flags(row) -> str:
+    d = row.dims
+    text = (f"--tensor-model-parallel-size {d.tp} --pipeline-model-parallel-size {d.pp} "
+            f"--data-parallel-sharding {d.sharding}")
+    if d.pp > 1:
+        text += f" --pipeline-schedule {d.schedule}"
+    if row.recompute == "selective":
+        text += " --recompute-activations"
+    elif row.recompute == "full":
+        text += " --recompute-granularity full"
+    return text
+
+
+def table(rows, top: int) -> str:
+    head = f"{'layout':<58} {'recompute':<9} {'weights+grads+opt':>17} {'activ.':>7} {'transient':>9} {'total GiB':>9} {'fits':>4} {'tokens/s':>9} {'MFU':>5}"
+    lines = [head, "-" * len(head)]
+    for row in rows[:top]:
+        m = row.memory.row()
+        static = m["weights"] + m["grads"] + m["optimizer"]
+        lines.append(f"{row.dims.describe()[:58]:<58} {str(row.recompute or '-'):<9} {static:>17.2f} "
+                     f"{m['activations']:>7.2f} {m['transient']:>9.2f} {m['total']:>9.2f} {'yes' if row.fits else 'no':>4} "
+                     f"{row.time['tokens_per_s']:>9,.0f} {row.time['mfu']:>5.1%}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    recipe = RECIPES[args.preset]
+    work = Workload(
+        micro_batch_size=args.micro_batch_size or recipe["micro_batch_size"],
+        global_batch_size=args.global_batch_size or recipe["global_batch_size"],
+        seq_length=args.seq_length or recipe["seq_length"],
+        images_per_sample=args.images_per_sample,
+        dtype="float32" if args.fp32 else "bfloat16",
+    )
+    hw = HARDWARE[args.gpu]
+    hw = dataclasses.replace(hw, memory_gib=args.gpu_memory_gib or hw.memory_gib,
+                             peak_tflops=args.peak_tflops or hw.peak_tflops)
+    rows = plan(get_preset(args.preset), work, args.gpus, hw)
+    if not rows:
+        raise ValueError(f"tools/plan.py: no TP x PP x DP layout of {args.gpus} GPUs accepts global batch "
+                         f"{work.global_batch_size} / micro-batch {work.micro_batch_size} for {args.preset}")
+    print(f"{args.preset} on {args.gpus} x {hw.name} ({hw.memory_gib:g} GiB, {hw.peak_tflops:g} TFLOP/s bf16, "
+          f"assumed {hw.efficiency:.0%} matmul efficiency); {work}")
+    print(table(rows, args.top))
+    best = rows[0]
+    if best.fits:
+        print(f"\nrecommended: {best.dims.describe()}, recompute {best.recompute or 'off'}: "
+              f"{best.memory.row()['total']} GiB per GPU, ~{best.time['tokens_per_s']:,.0f} tokens/s\n"
+              f"  pretrain_emu.py --preset {args.preset} {flags(best)}{' --bf16' if not args.fp32 else ''}")
+    else:
+        print("\nno layout fits in memory: add GPUs, lower --micro-batch-size or --seq-length")
+    if args.json:
+        for row in rows:
+            print(json.dumps(dict(layout=row.dims.describe(), recompute=row.recompute, fits=row.fits,
+                                  memory_gib=row.memory.row(), **row.time)))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
