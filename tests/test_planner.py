@@ -1,0 +1,98 @@
+"""Planner: predicted peak memory vs measured (tiny, CPU), and the emu-14b plan."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_emu.arguments import parse_args
+from megatron_emu.config import ParallelConfig, get_preset
+from megatron_emu.model.emu import build_emu
+from megatron_emu.parallel.mesh import ParallelDims
+from megatron_emu.training import train
+from megatron_emu.training.metrics import CPUPeakMemory
+from megatron_emu.training.planner import HARDWARE, Workload, estimate_memory, parameter_counts, plan
+from megatron_emu.training.precision import Precision
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measured_peak(config, images_per_sample: int) -> int:
+    """Peak live tensor bytes over one steady-state training step (the second)."""
+    synthetic_batch = load_tool("benchmark_throughput").synthetic_batch
+    d = config.data
+    pmodel = train.build_model(config, None, d.global_batch_size // d.micro_batch_size, torch.device("cpu"))
+    optimizer = train.build_adamw(pmodel.parts[0], config.optimizer, "cpu", config.performance.fused_kernels)
+    micro = [synthetic_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample, seed=i)
+             for i in range(d.global_batch_size // d.micro_batch_size)]
+    precision = Precision(config.performance, "cpu")
+    train.train_step(pmodel, optimizer, micro, config, precision)  # creates the Adam states
+    tracker = CPUPeakMemory()
+    with tracker:
+        params = list(pmodel.parts[0].parameters())
+        tracker.track(params, [p.grad for p in params if p.grad is not None], optimizer.state_dict()["state"], micro)
+        train.train_step(pmodel, optimizer, micro, config, precision)
+    return tracker.peak
+
+
+@pytest.mark.parametrize("flags", [
+    [],
+    ["--recompute-granularity", "full"],
+    ["--bf16", "--recompute-activations", "--global-batch-size", "8"],
+], ids=["fp32", "full-recompute", "bf16-selective-2-microbatches"])
+def test_predicted_peak_memory_within_10_percent(flags):
+    config = parse_args(["--preset", "tiny", "--micro-batch-size", "4", "--global-batch-size", "4",
+                         "--seq-length", "128", *flags])
+    d, perf = config.data, config.performance
+    work = Workload(d.micro_batch_size, d.global_batch_size, d.seq_length, 1, perf.compute_dtype,
+                    perf.recompute_granularity, perf.recompute_num_layers)
+    dims = ParallelDims.from_config(config.parallel, 1, config.model)
+    predicted = estimate_memory(config.model, work, dims).total
+    measured = measured_peak(config, images_per_sample=1)
+    assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
+
+
+def test_parameter_counts_cover_the_model():
+    config = get_preset("tiny")
+    counts = parameter_counts(config)
+    total = sum(p.numel() for p in build_emu(config, device="meta").parameters())
+    assert counts["encoder"] + counts["embed"] + config.llm.layers * counts["layer"] + counts["head"] == total
+
+
+def test_recompute_and_sharding_reduce_memory():
+    config = get_preset("emu-14b")
+    dims = {s: ParallelDims.from_config(ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                                                       data_parallel_sharding=s), 128, config)
+            for s in ("ddp", "fsdp")}
+    base = Workload(1, 352, 1024, 2)
+    mem = {r: estimate_memory(config, Workload(1, 352, 1024, 2, recompute=r), dims["fsdp"]) for r in (None, "selective", "full")}
+    assert mem["full"].activations < mem["selective"].activations < mem[None].activations
+    assert estimate_memory(config, base, dims["fsdp"]).optimizer * 32 == estimate_memory(config, base, dims["ddp"]).optimizer
+
+
+def test_emu_14b_on_128_a100_recommends_a_fitting_layout(capsys):
+    rows = load_tool("plan").main(["--preset", "emu-14b", "--gpus", "128", "--gpu", "a100-80g", "--top", "5"])
+    best = rows[0]
+    assert best.fits and best.memory.total < 0.9 * 80 * 2**30
+    assert best.dims.world_size == 128 and 352 % best.dims.dp == 0
+    assert any(not row.fits for row in rows)  # some layouts (e.g. TP1 PP4 DDP) do not fit
+    assert "recommended: " in capsys.readouterr().out
+
+
+def test_no_valid_layout_raises():
+    with pytest.raises(ValueError, match="no TP x PP x DP layout"):
+        load_tool("plan").main(["--preset", "tiny", "--gpus", "7", "--global-batch-size", "4", "--micro-batch-size", "4"])
+
+
+def test_plan_orders_fitting_rows_by_throughput():
+    rows = plan(get_preset("1b"), Workload(4, 64, 1024, 1), 8, HARDWARE["h100-80g"])
+    fitting = [r.time["tokens_per_s"] for r in rows if r.fits]
+    assert fitting == sorted(fitting, reverse=True) and fitting
