@@ -1,0 +1,69 @@
+"""tools/benchmark_throughput.py: one small run end to end, and its pieces."""
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_emu.config import get_preset
+from megatron_emu.model.emu import build_emu
+from megatron_emu.training.metrics import training_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("benchmark_throughput", ROOT / "tools" / "benchmark_throughput.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+SMALL = ["--preset", "tiny", "--micro-batch-size", "2", "--global-batch-size", "2", "--seq-length", "96",
+         "--warmup-iters", "1", "--timed-iters", "1", "--peak-tflops", "2.0"]
+
+
+def test_synthetic_batch_is_well_formed():
+    config = get_preset("tiny")
+    batch = bench.synthetic_batch(config, batch_size=3, seq_length=120, images_per_sample=2, seed=0)
+    assert batch["tokens"].shape == (3, 120) and batch["images"].shape == (6, 3, 224, 224)
+    assert int((batch["tokens"] == config.special_tokens.image).sum()) == 6 * 32
+    out = build_emu(config, seed=0)(batch["tokens"], batch["images"])  # the model accepts it
+    assert out.logits.shape == (3, 120, config.llm.vocab_size)
+    with pytest.raises(ValueError, match="cannot hold 3 images"):
+        bench.synthetic_batch(config, 1, 64, 3, seed=0)
+
+
+def test_benchmark_reports_consistent_figures(capsys):
+    row = bench.main(SMALL + ["--compare", "hf", "--recompute-activations"])
+    lines = capsys.readouterr().out.splitlines()
+    assert json.loads(lines[-1].removeprefix("BENCHMARK_JSON ")) == json.loads(json.dumps(row))
+    seconds = row["step_ms"] / 1000
+    assert row["tokens_per_s"] == pytest.approx(2 * 96 / seconds)
+    assert row["samples_per_s"] == pytest.approx(2 / seconds)
+    flops = training_flops(get_preset("tiny"), 2, 96, 2, "selective")
+    assert row["tflops_per_device"] == pytest.approx(flops / seconds / 1e12)
+    assert row["mfu"] == pytest.approx(row["tflops_per_device"] / 2.0)
+    assert row["peak_source"] == "--peak-tflops" and row["recompute"] == "selective"
+    # Weights + grads + Adam alone are ~22 MB for tiny; the tracked peak must exceed them.
+    assert row["peak_memory_mib_per_rank"][0] > 20
+    assert row["ratio_vs_hf"] == pytest.approx(row["text_only_tokens_per_s"] / row["hf_tokens_per_s"])
+
+
+def test_data_only_delegates_to_the_data_benchmark(monkeypatch):
+    seen = []
+    fake = types.ModuleType("benchmark_data")
+    fake.run_data_benchmark = lambda args: seen.append(args) or {"loader": []}
+    monkeypatch.setitem(sys.modules, "benchmark_data", fake)
+    assert bench.main(["--data-only", "--some-data-flag", "3"]) == {"loader": []}
+    assert seen == [["--some-data-flag", "3"]]
+
+
+def test_unknown_flag_is_rejected():
+    with pytest.raises(SystemExit):
+        bench.main(SMALL + ["--no-such-flag"])
+
+
+def test_device_peak_sources():
+    peak, source = bench.device_peak_tflops(torch.device("cpu"), torch.float32)
+    assert peak > 0 and source.startswith("measured CPU matmul peak")
+    assert bench.device_peak_tflops(torch.device("cpu"), torch.float32, 123.0) == (123.0, "--peak-tflops")
