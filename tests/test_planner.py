@@ -8,6 +8,7 @@ import torch
 
 from megatron_emu.arguments import parse_args
 from megatron_emu.config import ParallelConfig, get_preset
+from megatron_emu.kernels import build_adamw
 from megatron_emu.model.emu import build_emu
 from megatron_emu.parallel.mesh import ParallelDims
 from megatron_emu.training import train
@@ -30,7 +31,7 @@ def measured_peak(config, images_per_sample: int) -> int:
     synthetic_batch = load_tool("benchmark_throughput").synthetic_batch
     d = config.data
     pmodel = train.build_model(config, None, d.global_batch_size // d.micro_batch_size, torch.device("cpu"))
-    optimizer = train.build_adamw(pmodel.parts[0], config.optimizer, "cpu", config.performance.fused_kernels)
+    optimizer = build_adamw(pmodel.parts[0], config.optimizer, "cpu", config.performance.fused_kernels)
     micro = [synthetic_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample, seed=i)
              for i in range(d.global_batch_size // d.micro_batch_size)]
     precision = Precision(config.performance, "cpu")

@@ -32,6 +32,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megatron_emu.arguments import build_parser, to_config  # noqa: E402
 from megatron_emu.config import ModelConfig, TrainConfig  # noqa: E402
+from megatron_emu.kernels import build_adamw  # noqa: E402
 from megatron_emu.model.attention import configure_attention  # noqa: E402
 from megatron_emu.training.metrics import CPUPeakMemory, device_peak_tflops, mfu, training_flops  # noqa: E402
 from megatron_emu.training.precision import Precision  # noqa: E402
@@ -120,7 +121,7 @@ def run_emu(config: TrainConfig, args, images_per_sample: int) -> dict:
     precision = Precision(perf, device.type)
     torch.manual_seed(config.seed)
     pmodel = train.build_model(config, pmesh, n_micro, device)
-    optimizer = (train.build_adamw(pmodel.parts[0], config.optimizer, device.type, perf.fused_kernels)
+    optimizer = (build_adamw(pmodel.parts[0], config.optimizer, device.type, perf.fused_kernels)
                  if pmesh is None else train.build_parallel_optimizer(pmodel, config.optimizer))
     dp_rank = pmesh.dp_rank if pmesh is not None else 0
     d = config.data
