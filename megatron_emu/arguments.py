@@ -58,9 +58,21 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g = parser.add_argument_group("parallelism", "data-parallel size = world size / (TP x PP)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: split heads/FFN/vocab over ranks")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP: split LLaMA layers into stages")
+    g.add_argument("--sequence-parallel", action="store_true", help="shard LLaMA norms/residuals along the sequence (TP > 1)")
+    g.add_argument("--pipeline-schedule", default="1f1b", choices=["1f1b", "interleaved", "zero-bubble"])
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved schedule: LLaMA layers per virtual stage")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="LLaMA layers on the first stage (which also holds the ViT and Causal Former)")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, help="LLaMA layers on the last stage")
+    g.add_argument("--data-parallel-sharding", default=None, choices=["ddp", "fsdp", "hsdp"],
+                   help="ddp: replicas; fsdp: FSDP2 ZeRO-3; hsdp: shard within groups, replicate across (default ddp)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="Megatron's sharded optimizer; here = --data-parallel-sharding fsdp")
+    g.add_argument("--num-distributed-optimizer-instances", type=int, default=1, help="hsdp: number of replicas")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -175,10 +187,7 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
             freeze_causal_former=args.freeze_causal_former,
             freeze_llm=args.freeze_llm,
         ),
-        parallel=ParallelConfig(
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        ),
+        parallel=parallel_config(args),
         checkpoint=checkpoint_config(args),
         performance=performance_config(args),
         train_iters=args.train_iters,
@@ -202,6 +211,25 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
         keep_last=args.keep_last,
         async_save=args.async_save,
         save_threads=args.ckpt_save_threads,
+    )
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    sharding = args.data_parallel_sharding
+    if args.use_distributed_optimizer:
+        if sharding not in (None, "fsdp"):
+            raise ValueError(f"--use-distributed-optimizer means fsdp sharding, but --data-parallel-sharding {sharding} was given")
+        sharding = "fsdp"
+    return ParallelConfig(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        pipeline_schedule=args.pipeline_schedule,
+        num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+        decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
+        data_parallel_sharding=sharding or "ddp",
+        num_distributed_optimizer_instances=args.num_distributed_optimizer_instances,
     )
 
 

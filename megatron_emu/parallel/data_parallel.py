@@ -49,6 +49,33 @@ def gradient_sync(parts: list[nn.Module], enabled: bool) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
+@torch.no_grad()
+def reduce_partial_grads(parts: list[nn.Module], pmesh: ParallelMesh | None) -> None:
+    """Sum the sequence-parallel norms' weight gradients over TP (each TP rank saw S/TP tokens).
+
+    Plain TP leaves them as Partial DTensors: redistribute to the parameter's placement.
+    FSDP2 reduce-scatters the local partial sums over DP but labels the result
+    Replicate on TP; reduce-scatter is linear, so an all-reduce over TP afterwards
+    completes the sum.
+    """
+    if pmesh is None or not pmesh.dims.sequence_parallel:
+        return
+    for part in parts:
+        for name, p in part.named_parameters():
+            g = p.grad
+            if not isinstance(g, DTensor) or not is_sequence_parallel_norm(name):
+                continue
+            if any(pl.is_partial() for pl in g.placements):
+                p.grad = g.redistribute(g.device_mesh, p.placements)
+            else:
+                dist.all_reduce(g.to_local(), group=pmesh.tp_mesh.get_group())
+
+
+def is_sequence_parallel_norm(name: str) -> bool:
+    """The norms tensor_parallel.py runs as SequenceParallel (LLaMA's, on S/TP tokens)."""
+    return name.startswith("llm.") and name.endswith(("attention_norm.weight", "ffn_norm.weight", "llm.norm.weight"))
+
+
 def replication_factor(param: torch.Tensor, pmesh: ParallelMesh) -> int:
     """On how many ranks of one pipeline stage (DP x TP of them) this tensor's values repeat."""
     group_size = pmesh.dims.dp * pmesh.dims.tp
@@ -68,10 +95,11 @@ def clip_grad_norm_global(parts: list[nn.Module], max_norm: float, pmesh: Parall
     Each rank sums the squares of its local shards, divided by how often those values
     repeat (replicas over DP/TP), and one all-reduce over the world adds the stages.
     """
-    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
-    if pmesh is None:
-        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
+    params = [p for part in parts for p in part.parameters() if p.grad is not None]
+    if pmesh is None:  # clip_grad_norm_ takes the parameters, not their gradients
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         return float(norm)
+    grads = [p.grad for p in params]
     local = torch.zeros((), dtype=torch.float64, device=pmesh.device)
     for g in grads:
         shard = g.to_local() if isinstance(g, DTensor) else g

@@ -31,6 +31,7 @@ class ParallelModel:
     feed: MicrobatchFeed | None = None
     # (lm, l2) of each micro-batch whose loss this rank computed, for logging.
     losses: list[tuple[float, float]] = field(default_factory=list)
+    shapes_inferred: bool = False  # the pipeline's first (shape-inferring) step has run
 
     @property
     def computes_loss(self) -> bool:

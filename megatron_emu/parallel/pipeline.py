@@ -66,6 +66,10 @@ class EmuStage(nn.Module):
             targets = hidden.detach()  # (B, S, H): l2 targets, no gradient
         else:
             hidden, tokens, targets = args
+            # On its first step torch.distributed.pipelining infers shapes by running each
+            # stage on uninitialised buffers; clamping keeps those token ids indexable.
+            # Real ids were validated on stage 0, so this changes nothing for them.
+            tokens = tokens.clamp(0, self.config.llm.vocab_size - 1)
         hidden = self.llm.forward_layers(hidden)  # (B, S, H)
         if not self.is_last:
             return hidden, tokens, targets

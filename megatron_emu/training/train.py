@@ -1,26 +1,42 @@
 """The pretraining loop: build, then iterate over global batches, read top to bottom.
 
-One optimizer step = one global batch = `num_microbatches` micro-batches per
-data-parallel rank; gradients accumulate over the micro-batches (loss / n each).
+One optimizer step = one global batch = n micro-batches per data-parallel rank;
+gradients accumulate over the micro-batches (loss / n each) and data-parallel ranks
+reduce them once, after the last. With pipeline parallelism a schedule
+(parallel/pipeline.py) runs the micro-batches instead of the plain loop.
+The same code runs single-process, under torchrun and under srun.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor.parallel import loss_parallel
 from tqdm import tqdm
 
-from megatron_emu.config import TrainConfig
+from megatron_emu.config import OptimizerConfig, TrainConfig
 from megatron_emu.data.loader import build_pretrain_loader
 from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
-from megatron_emu.model.emu import Emu, build_emu
-from megatron_emu.model.loss import emu_loss
+from megatron_emu.kernels import apply_fused_norms, build_adamw
+from megatron_emu.model.attention import configure_attention
+from megatron_emu.model.emu import build_emu
+from megatron_emu.parallel.data_parallel import clip_grad_norm_global, gradient_sync, reduce_partial_grads
+from megatron_emu.parallel.loss import mixed_loss
+from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh, build_mesh, init_distributed
+from megatron_emu.parallel.parallelize import ParallelModel, parallelize_emu
+from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_compile
+from megatron_emu.parallel.pipeline import run_schedule
+from megatron_emu.training.checkpoint import Checkpointer, Layout
+from megatron_emu.training.evaluate import image_grounding
 from megatron_emu.training.metrics import IterationStats, training_flops
-from megatron_emu.training.optim import LRScheduler, apply_freezing, build_optimizer
+from megatron_emu.training.optim import LRScheduler, apply_freezing, param_groups
+from megatron_emu.training.precision import Precision
 
 log = logging.getLogger("megatron_emu")
 
@@ -38,34 +54,20 @@ class TrainSummary:
     """What a run reports at the end; `history` holds (iteration, lm, l2) per step."""
 
     history: list[tuple[int, float, float]] = field(default_factory=list)
+    grounding: tuple[float, float] | None = None  # text CE with true / shuffled images
 
     def format(self, window: int = 10) -> str:
         first, last = self.history[:window], self.history[-window:]
         mean = lambda rows, i: sum(r[i] for r in rows) / len(rows)  # noqa: E731
-        return (
+        text = (
             f"summary: {len(self.history)} iterations | "
             f"lm loss {mean(first, 1):.4f} -> {mean(last, 1):.4f} | "
             f"l2 loss {mean(first, 2):.4f} -> {mean(last, 2):.4f} "
             f"(means of the first and last {min(window, len(self.history))} iterations)"
         )
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but no CUDA device is available")
-    return torch.device(name)
-
-
-def num_microbatches(config: TrainConfig, dp_size: int = 1) -> int:
-    d = config.data
-    if d.global_batch_size % (d.micro_batch_size * dp_size):
-        raise ValueError(
-            f"--global-batch-size {d.global_batch_size} is not divisible by "
-            f"--micro-batch-size {d.micro_batch_size} x data-parallel size {dp_size}"
-        )
-    return d.global_batch_size // (d.micro_batch_size * dp_size)
+        if self.grounding:
+            text += f"\nheld-out text CE: {self.grounding[0]:.4f} with the true images, {self.grounding[1]:.4f} with shuffled images"
+        return text
 
 
 def load_tokenizer(config: TrainConfig) -> EmuTokenizer:
@@ -84,52 +86,159 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_step(model: Emu, optimizer, microbatches: list[dict], config: TrainConfig) -> StepResult:
-    """Forward/backward every micro-batch, clip by global norm, one optimizer step."""
+# ---------------------------------------------------------------------------
+# Building: the model parts this rank trains, and their optimizer
+# ---------------------------------------------------------------------------
+def build_model(config: TrainConfig, pmesh: ParallelMesh | None, n_micro: int, device: torch.device) -> ParallelModel:
+    """Single process: the whole Emu. Distributed: built on the meta device, then split
+    into pipeline stages, materialised, tensor- and data-parallelised (parallel/)."""
+    if pmesh is None:
+        model = build_emu(config.model, device=device, seed=config.seed)
+        apply_freezing(model, config.optimizer)
+        if config.performance.fused_kernels:
+            apply_fused_norms(model, device.type)
+        apply_recompute_and_compile(model, config.performance)
+        return ParallelModel([model])
+    full = build_emu(config.model, device="meta")
+    apply_freezing(full, config.optimizer)
+    losses: list = []  # the pipeline's loss_fn records each micro-batch's (lm, l2) here
+    pmodel = parallelize_emu(full, pmesh, n_micro, pipeline_loss_fn(losses, config), config.seed)
+    pmodel.losses = losses
+    return pmodel
+
+
+def build_parallel_optimizer(pmodel: ParallelModel, config: OptimizerConfig) -> torch.optim.AdamW:
+    """One AdamW over every part; groups per part keep Emu's names (module_family)."""
+    groups = [group for part in pmodel.parts for group in param_groups(part, config)]
+    return torch.optim.AdamW(
+        groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+        # DTensors on different meshes (TP-split vs replicated) cannot share foreach kernels.
+        foreach=pmodel.pmesh is None,
+    )
+
+
+# ---------------------------------------------------------------------------
+# One optimizer step
+# ---------------------------------------------------------------------------
+def pipeline_loss_fn(losses: list, config: TrainConfig):
+    """The last stage's loss: the schedule calls it per micro-batch with the stage outputs."""
     special = config.model.special_tokens
+
+    def loss_fn(outputs, _index):
+        logits, regression, targets, tokens = outputs
+        loss = mixed_loss(logits, regression, targets, tokens, special, config.l2_loss_weight)
+        losses.append((loss.lm.detach(), loss.l2.detach()))
+        return loss.total
+
+    return loss_fn
+
+
+def forward_backward(pmodel: ParallelModel, microbatches: list[dict], config: TrainConfig, precision: Precision) -> None:
+    """Gradients of the mean loss over the micro-batches, accumulated in .grad."""
+    if pmodel.schedule is not None:
+        if not pmodel.shapes_inferred:
+            # The schedule's first step infers stage shapes by running forward and backward
+            # on uninitialised buffers, whose gradients FSDP would keep: run it once, drop them.
+            with precision.autocast():
+                run_schedule(pmodel.schedule, pmodel.feed, microbatches)
+            for part in pmodel.parts:
+                part.zero_grad(set_to_none=True)
+            pmodel.losses.clear()
+            pmodel.shapes_inferred = True
+        with precision.autocast():
+            run_schedule(pmodel.schedule, pmodel.feed, microbatches)  # grads scaled by 1/n inside
+        return
+    special, n = config.model.special_tokens, len(microbatches)
+    for i, batch in enumerate(microbatches):
+        gradient_sync(pmodel.parts, enabled=i == n - 1)  # DP reduces once, on the last one
+        with precision.autocast():
+            out = pmodel.parts[0](batch["tokens"], batch["images"])
+            loss = mixed_loss(*out, batch["tokens"], special, config.l2_loss_weight)
+        precision.backward(loss.total / n)
+        pmodel.losses.append((loss.lm.detach(), loss.l2.detach()))
+
+
+def train_step(pmodel: ParallelModel, optimizer, microbatches: list[dict], config: TrainConfig,
+               precision: Precision | None = None) -> StepResult:
+    """Forward/backward every micro-batch, clip by the global norm, one optimizer step."""
+    precision = precision or Precision(config.performance, microbatches[0]["tokens"].device.type)
     optimizer.zero_grad(set_to_none=True)
-    lm_sum = l2_sum = 0.0
-    images = 0
-    for batch in microbatches:
-        out = model(batch["tokens"], batch["images"])
-        loss = emu_loss(*out, batch["tokens"], special, config.l2_loss_weight)
-        (loss.total / len(microbatches)).backward()
-        lm_sum += loss.lm.item()
-        l2_sum += loss.l2.item()
-        images += batch["images"].shape[0]
-    params = [p for p in model.parameters() if p.grad is not None]
-    max_norm = config.optimizer.clip_grad if config.optimizer.clip_grad > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    optimizer.step()
-    n = len(microbatches)
-    return StepResult(lm_sum / n, l2_sum / n, grad_norm, images)
+    pmodel.losses.clear()
+    tp = pmodel.pmesh.dims.tp if pmodel.pmesh is not None else 1
+    # Vocab-parallel cross-entropy: forward and backward both run under loss_parallel.
+    with loss_parallel() if tp > 1 else contextlib.nullcontext():
+        forward_backward(pmodel, microbatches, config, precision)
+    reduce_partial_grads(pmodel.parts, pmodel.pmesh)
+    precision.unscale_(optimizer)  # fp16: true gradients before clipping
+    grad_norm = clip_grad_norm_global(pmodel.parts, config.optimizer.clip_grad, pmodel.pmesh)
+    precision.step(optimizer)  # fp16: skipped when gradients overflowed
+    images = sum(batch["images"].shape[0] for batch in microbatches)
+    lm, l2, images = reduce_step_stats(pmodel, len(microbatches), images)
+    return StepResult(lm, l2, grad_norm, images)
 
 
+def reduce_step_stats(pmodel: ParallelModel, n_micro: int, images: int) -> tuple[float, float, int]:
+    """Mean lm / l2 over the global batch and its image count, identical on every rank.
+
+    Each value is counted once: losses on the loss-computing ranks of TP rank 0,
+    images on TP rank 0 of the first pipeline rank; one all-reduce sums the DP ranks.
+    """
+    # The last n: on the first step the pipeline's shape inference also calls the loss.
+    recorded = pmodel.losses[-n_micro:]
+    lm = sum(float(l) for l, _ in recorded)
+    l2 = sum(float(r) for _, r in recorded)
+    pmesh = pmodel.pmesh
+    if pmesh is None:
+        return lm / n_micro, l2 / n_micro, images
+    tp0 = pmesh.tp_rank == 0
+    counts = pmodel.computes_loss and tp0, pmesh.pp_rank == 0 and tp0
+    stats = torch.tensor([lm * counts[0], l2 * counts[0], images * counts[1]], dtype=torch.float64, device=pmesh.device)
+    dist.all_reduce(stats)
+    total = n_micro * pmesh.dims.dp
+    return float(stats[0]) / total, float(stats[1]) / total, int(stats[2])
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
 def pretrain(config: TrainConfig) -> TrainSummary:
-    device = pick_device(config.device)
+    world_size, device = init_distributed(config.device)
+    dims = ParallelDims.from_config(config.parallel, world_size, config.model)
+    n_micro = dims.validate(config.model, config.data)  # all sizes checked before any work
+    pmesh = build_mesh(dims, device) if world_size > 1 else None
+    if config.performance.fp16 and dims.pp > 1:
+        raise ValueError("--fp16 loss scaling is not supported with pipeline parallelism; use --bf16")
+    configure_attention(config.performance.attention_backend, device.type, config.performance.use_flash_attn)
+    precision = Precision(config.performance, device.type)
+    dp_rank = pmesh.dp_rank if pmesh is not None else 0
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config)
-    model = build_emu(config.model, device=device, seed=config.seed)
-    apply_freezing(model, config.optimizer)
-    optimizer = build_optimizer(model, config.optimizer)
+    pmodel = build_model(config, pmesh, n_micro, device)
+    optimizer = (build_adamw(pmodel.parts[0], config.optimizer, device.type, config.performance.fused_kernels)
+                 if pmesh is None else build_parallel_optimizer(pmodel, config.optimizer))
     scheduler = LRScheduler(optimizer, config.optimizer, config.train_iters)
-    n_micro = num_microbatches(config)
-    loader = iter(
-        build_pretrain_loader(
-            config.data, tokenizer, dp_rank=0, dp_size=1, seed=config.seed, tokens_per_image=config.model.tokens_per_image
-        )
+    build_loader = lambda consumed: build_pretrain_loader(  # noqa: E731
+        config.data, tokenizer, dp_rank=dp_rank, dp_size=dims.dp, seed=config.seed,
+        tokens_per_image=config.model.tokens_per_image, consumed_samples=consumed,
     )
-    log.info("model %s: %.1fM parameters on %s; %d micro-batches of %d per step",
-             config.preset, sum(p.numel() for p in model.parameters()) / 1e6, device, n_micro,
-             config.data.micro_batch_size)
+    loader = build_loader(0)
+    checkpointer = Checkpointer(config.checkpoint, config, Layout.from_mesh(pmesh))
+    resumed = checkpointer.load(pmodel.parts, optimizer, scheduler, loader)
+    if resumed.consumed_samples != loader.consumed_samples:  # saved at another DP size
+        loader = build_loader(resumed.consumed_samples)
+    start_iteration = resumed.iteration
+    params = sum(p.numel() for _, p in pmodel.named_parameters())  # DTensor numel is the global size
+    log.info("model %s: %.1fM parameters on this rank's stages, %s; %d micro-batches of %d per step per DP rank",
+             config.preset, params / 1e6, device, n_micro, config.data.micro_batch_size)
 
+    is_logger = world_size == 1 or dist.get_rank() == world_size - 1  # a last-stage rank
     summary = TrainSummary()
-    bar = tqdm(total=config.train_iters, desc="pretrain", unit="it", disable=not sys.stderr.isatty())
+    bar = tqdm(total=config.train_iters, desc="pretrain", unit="it", disable=not (sys.stderr.isatty() and is_logger))
     last_log = time.perf_counter()
-    for iteration in range(config.train_iters):
+    for iteration in range(start_iteration, config.train_iters):
         microbatches = [move_batch(next(loader), device) for _ in range(n_micro)]
         lr = optimizer.param_groups[0]["lr"]
-        result = train_step(model, optimizer, microbatches, config)
+        result = train_step(pmodel, optimizer, microbatches, config, precision)
         scheduler.step(iteration + 1)
         summary.history.append((iteration + 1, result.lm_loss, result.l2_loss))
         bar.update(1)
@@ -138,17 +247,30 @@ def pretrain(config: TrainConfig) -> TrainSummary:
             steps = 1 if iteration == 0 else config.log_interval
             elapsed = (now - last_log) / steps
             last_log = now
-            stats = iteration_stats(config, iteration + 1, elapsed, lr, result)
-            tqdm.write(stats.format(), file=sys.stdout)
+            stats = iteration_stats(config, iteration + 1, elapsed, lr, result, world_size)
+            if is_logger:
+                tqdm.write(stats.format(), file=sys.stdout)
+        if checkpointer.should_save(iteration + 1):
+            checkpointer.save(iteration + 1, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
+        checkpointer.poll()
     bar.close()
-    print(summary.format(), flush=True)
+    if config.checkpoint.save and start_iteration < config.train_iters and not checkpointer.should_save(config.train_iters):
+        checkpointer.save(config.train_iters, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
+    checkpointer.wait()
+    if dims.pp == 1 and dims.tp == 1:
+        held_out = [move_batch(next(loader), device) for _ in range(4)]  # never trained on
+        summary.grounding = image_grounding(pmodel.parts[0], held_out, config.model.special_tokens)
+    if is_logger:
+        print(summary.format(), flush=True)
     return summary
 
 
-def iteration_stats(config: TrainConfig, iteration: int, seconds: float, lr: float, result: StepResult) -> IterationStats:
+def iteration_stats(config: TrainConfig, iteration: int, seconds: float, lr: float, result: StepResult, devices: int = 1) -> IterationStats:
     d = config.data
     tokens = d.global_batch_size * d.seq_length
-    flops = training_flops(config.model, d.global_batch_size, d.seq_length, result.images)
+    perf = config.performance
+    flops = training_flops(config.model, d.global_batch_size, d.seq_length, result.images,
+                           perf.recompute_granularity, perf.recompute_num_layers)
     return IterationStats(
         iteration=iteration,
         train_iters=config.train_iters,
@@ -160,5 +282,5 @@ def iteration_stats(config: TrainConfig, iteration: int, seconds: float, lr: flo
         l2_loss=result.l2_loss,
         grad_norm=result.grad_norm,
         tokens_per_s=tokens / seconds,
-        tflops_per_device=flops / seconds / 1e12,
+        tflops_per_device=flops / seconds / 1e12 / devices,
     )
