@@ -121,7 +121,7 @@ def pipeline_layout(parallel: ParallelConfig, num_layers: int) -> tuple[int, tup
         # zero-bubble runs the V schedule: two stages per rank.
         stages = 2 * pp if parallel.pipeline_schedule in ("interleaved", "zero-bubble") else pp
         middle = stages - len(ends)
-        if middle < 1 or rest % middle:
+        if (middle < 1 and rest) or (middle and rest % middle):
             raise ValueError(f"{rest} LLaMA layers cannot be split evenly over {middle} pipeline stages")
     total = middle + len(ends)
     if total % pp:
