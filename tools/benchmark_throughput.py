@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import logging
 import sys
 import time
@@ -80,18 +81,25 @@ def synchronize(device: torch.device) -> None:
         dist.barrier()
 
 
-def time_steps(step, warmup: int, timed: int, device: torch.device) -> float:
-    """Mean seconds per step over `timed` steps after `warmup` untimed ones."""
+def time_steps(steps: list, warmup: int, timed: int, device: torch.device) -> list[float]:
+    """Median seconds per step of each callable, after `warmup` untimed rounds.
+
+    Compared steps run interleaved (ours, theirs, ours, ...) so both see the same
+    machine load; the median discards steps hit by a neighbour's burst."""
     for _ in range(warmup):
-        step()
+        for step in steps:
+            step()
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    times = [[] for _ in steps]
     for _ in range(timed):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) / timed
+        for step, samples in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def peak_memory(step, state_tensors, device: torch.device, skip_cpu: bool) -> int | None:
@@ -108,7 +116,8 @@ def peak_memory(step, state_tensors, device: torch.device, skip_cpu: bool) -> in
 
 
 # -- our step -----------------------------------------------------------------------
-def run_emu(config: TrainConfig, args, images_per_sample: int) -> dict:
+def prepare_emu(config: TrainConfig, images_per_sample: int) -> dict:
+    """Build this rank's model, optimizer and micro-batches; returns the step to time."""
     from megatron_emu.parallel.mesh import ParallelDims, build_mesh, init_distributed
     from megatron_emu.training import train
 
@@ -127,27 +136,23 @@ def run_emu(config: TrainConfig, args, images_per_sample: int) -> dict:
     d = config.data
     micro = [train.move_batch(synthetic_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample,
                                               seed=dp_rank * 1000 + i), device) for i in range(n_micro)]
-    result = {}
-
     def step():
-        result["step"] = train.train_step(pmodel, optimizer, micro, config, precision)
+        train.train_step(pmodel, optimizer, micro, config, precision)
 
     def state():
         params = [p for part in pmodel.parts for p in part.parameters()]
         return params, [p.grad for p in params if p.grad is not None], optimizer.state_dict()["state"], micro
 
-    seconds = time_steps(step, args.warmup_iters, args.timed_iters, device)
-    memory = peak_memory(step, state, device, args.no_memory)
     images = d.global_batch_size * images_per_sample
     flops = training_flops(config.model, d.global_batch_size, d.seq_length, images,
                            perf.recompute_granularity, perf.recompute_num_layers)
-    return dict(seconds=seconds, flops=flops, memory=memory, device=device, world_size=world_size,
-                layout=dims.describe(), attention=backend, lm_loss=result["step"].lm_loss)
+    return dict(step=step, state=state, flops=flops, device=device, world_size=world_size,
+                layout=dims.describe(), attention=backend)
 
 
 # -- transformers baseline ------------------------------------------------------------
-def run_hf_llama(config: TrainConfig, args, device: torch.device) -> float:
-    """Seconds per step of LlamaForCausalLM with our LLaMA's shape, same batch and precision."""
+def prepare_hf_llama(config: TrainConfig, device: torch.device):
+    """A training step of LlamaForCausalLM with our LLaMA's shape, same batch and precision."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m, d, perf = config.model.llm, config.data, config.performance
@@ -178,7 +183,7 @@ def run_hf_llama(config: TrainConfig, args, device: torch.device) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.clip_grad)
         precision.step(optimizer)
 
-    return time_steps(step, args.warmup_iters, args.timed_iters, device)
+    return step
 
 
 # -- report -------------------------------------------------------------------------
@@ -188,7 +193,7 @@ def versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
 
 
-def report(config: TrainConfig, args, ours: dict, peak: tuple[float, str], text_only: dict | None, hf_seconds) -> dict:
+def report(config: TrainConfig, args, ours: dict, peak: tuple[float, str], text_only_seconds, hf_seconds) -> dict:
     d, ws = config.data, ours["world_size"]
     tflops = ours["flops"] / ours["seconds"] / 1e12 / ws
     memories = [ours["memory"]]
@@ -207,8 +212,8 @@ def report(config: TrainConfig, args, ours: dict, peak: tuple[float, str], text_
         "peak_memory_mib_per_rank": [None if m is None else round(m / 2**20, 1) for m in memories],
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "versions": versions(),
     }
-    if text_only is not None:
-        ours_text = d.global_batch_size * d.seq_length / text_only["seconds"]
+    if hf_seconds is not None:
+        ours_text = d.global_batch_size * d.seq_length / text_only_seconds
         hf_text = d.global_batch_size * d.seq_length / hf_seconds
         row.update(text_only_tokens_per_s=ours_text, hf_tokens_per_s=hf_text, ratio_vs_hf=ours_text / hf_text)
     return row
@@ -246,15 +251,17 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     config = to_config(args)
-    ours = run_emu(config, args, args.images_per_sample)
-    peak = device_peak_tflops(ours["device"], getattr(torch, config.performance.compute_dtype), args.peak_tflops)
-    text_only = hf_seconds = None
+    ours = prepare_emu(config, args.images_per_sample)
+    device = ours["device"]
+    steps = [ours["step"]]
     if args.compare == "hf":
         if ours["world_size"] != 1:
             raise ValueError("--compare hf runs on a single process")
-        text_only = run_emu(config, argparse.Namespace(**{**vars(args), "no_memory": True}), 0)
-        hf_seconds = run_hf_llama(config, args, ours["device"])
-    row = report(config, args, ours, peak, text_only, hf_seconds)
+        steps += [prepare_emu(config, 0)["step"], prepare_hf_llama(config, device)]  # text-only, both
+    seconds = time_steps(steps, args.warmup_iters, args.timed_iters, device)
+    ours.update(seconds=seconds[0], memory=peak_memory(ours["step"], ours["state"], device, args.no_memory))
+    peak = device_peak_tflops(device, getattr(torch, config.performance.compute_dtype), args.peak_tflops)
+    row = report(config, args, ours, peak, *(seconds[1:] if len(seconds) == 3 else (None, None)))
     if not dist.is_initialized() or dist.get_rank() == 0:
         print_table(row)
     return row

@@ -130,8 +130,9 @@ def training_flops(config: ModelConfig, sequences: int, seq_length: int, images:
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
 
 
-def measure_cpu_matmul_tflops(size: int = 1024, iters: int = 8, dtype=torch.float32) -> float:
-    """Best-of-`iters` square matmul rate on this CPU: the MFU denominator on CPU."""
+def measure_cpu_matmul_tflops(size: int = 1024, iters: int = 30, dtype=torch.float32) -> float:
+    """Best-of-`iters` square matmul rate on this CPU: the MFU denominator on CPU (best,
+    not mean, so that other processes on the machine lower it as little as possible)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.matmul(a, b)  # warm up threads and caches
     best = float("inf")
