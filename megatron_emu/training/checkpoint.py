@@ -129,6 +129,11 @@ def _ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         p.grad = grad
 
 
+# How the optimizer runs on this layout, not what it learned: foreach kernels are off
+# with DTensors (TP, FSDP2) and on without, so they must never travel with a checkpoint.
+_IMPLEMENTATION_KEYS = ("params", "foreach", "fused", "capturable", "differentiable")
+
+
 def optimizer_state(models, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """One optimizer over all of this rank's model parts, keyed by parameter name:
     `state.<fqn>.exp_avg` (the live tensors, so DCP loads in place) and
@@ -137,7 +142,7 @@ def optimizer_state(models, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     _ensure_optimizer_state(optimizer)
     state: dict[str, Any] = {}
     for group in optimizer.param_groups:
-        hyper = {k: v for k, v in group.items() if k != "params"}
+        hyper = {k: v for k, v in group.items() if k not in _IMPLEMENTATION_KEYS}
         for p in group["params"]:
             fqn = names[id(p)]
             for key, value in optimizer.state[p].items():
@@ -152,7 +157,7 @@ def set_optimizer_hyperparameters(models, optimizer: torch.optim.Optimizer, stat
     names = {id(p): _clean_name(n) for model in _as_list(models) for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         first = names[id(group["params"][0])]
-        for key in [k for k in group if k != "params"]:
+        for key in [k for k in group if k not in _IMPLEMENTATION_KEYS]:
             group[key] = state[f"param_groups.{first}.{key}"]
 
 
