@@ -50,6 +50,7 @@ class Summary:
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     dropped: int = 0
     samples: int = 0
+    unet: torch.nn.Module | None = None  # the trained UNet (for callers that keep going in-process)
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -208,6 +209,7 @@ def finetune(config: DecoderConfig) -> Summary:
             log.info("decoder written to %s", out)
     if world > 1:
         dist.barrier()
+    summary.unet = unet
     return summary
 
 
