@@ -6,8 +6,9 @@ Export (any TP/PP/DP layout):
       OUT: transformers LlamaForCausalLM dir (config.json, sharded safetensors + index, tokenizer
       with [PAD] [IMG] [/IMG] <image> at the spec ids) + OUT/visual/ (ViT, ln_visual, Causal
       Former, regression head; reload the whole Emu with megatron_emu.convert.export.load_emu_from_hf).
-  python tools/convert_checkpoint.py --to diffusers --input DECODER_SAVE --unet-config SD_UNET_DIR --output OUT
-      the decoder's newest UNet (EMA weights if present) as a diffusers UNet2DConditionModel.
+  python tools/convert_checkpoint.py --to diffusers --input DECODER_SAVE --output OUT
+      the decoder's newest UNet (EMA weights if present) as a diffusers UNet2DConditionModel
+      (--unet-config SD_UNET_DIR only for decoder checkpoints that do not store the UNet config).
 Import (our checkpoint at iteration 0; train with --load OUT --finetune):
   python tools/convert_checkpoint.py --from hf-llama eva-clip --input LLAMA_DIR EVA.pt --preset emu-14b --output OUT
   python tools/convert_checkpoint.py --from emu-v1 --input Emu-pretrain.pt --preset emu-14b --output OUT
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", type=parse_size)
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="cast floats (default: keep)")
     p.add_argument("--seed", type=int, default=1234, help="init of modules no input provides")
-    p.add_argument("--unet-config", default="", help="--to diffusers: a diffusers UNet dir whose config to use")
+    p.add_argument("--unet-config", default="", help="--to diffusers: a diffusers UNet dir whose config to use "
+                   "(default: the config stored in the decoder checkpoint)")
     return p
 
 

@@ -240,6 +240,7 @@ def save_on_rank0(save: str, step: int, unet, optimizer, ema, gens, rank: int, w
             "step": step, "unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "generators": generators,
             "cross_attention_dim": unet.config.cross_attention_dim,
+            "unet_config": dict(unet.config),  # lets --to diffusers rebuild the UNet without --unet-config
         })
     if world > 1:
         dist.barrier()
