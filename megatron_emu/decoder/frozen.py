@@ -1,8 +1,8 @@
 """The frozen parts of the decoder setup: Emu (weights from `--emu-load`) and the VAE.
 
 `--emu-load` takes one of
-- a pretraining checkpoint directory of ours (DCP, through
-  megatron_emu.training.checkpoint.load_model_weights when that module is present),
+- a pretraining checkpoint directory of ours (DCP: the root with `latest`, or an
+  iter_N/ directory), read single-process whatever TP/PP/DP layout saved it,
 - a single state-dict file of Emu (.safetensors, or .pt/.bin as saved by torch.save,
   optionally wrapped as {"model": state_dict}).
 """
@@ -35,15 +35,11 @@ def load_emu(config: ModelConfig, path: str, device: torch.device | str = "cpu")
 
 
 def read_emu_state(path: str) -> dict[str, torch.Tensor]:
-    if os.path.isdir(path):
-        try:
-            from megatron_emu.training.checkpoint import load_model_weights
-        except ImportError:
-            raise ValueError(
-                f"{path}: is a directory, but this build cannot read DCP checkpoints "
-                "(megatron_emu.training.checkpoint.load_model_weights missing); pass a state-dict file"
-            ) from None
-        return load_model_weights(path)
+    if os.path.isdir(path):  # one of our DCP checkpoints (root with `latest`, or iter_N/)
+        from megatron_emu.convert.streams import DCPSource
+
+        source = DCPSource(path)
+        return source.read(list(source.entries))
     if not os.path.isfile(path):
         raise ValueError(f"{path}: --emu-load does not exist")
     try:
