@@ -28,8 +28,9 @@ setup(
         "video": ["av>=12.0"],  # decoding video files in tools/preprocess_data.py
         "parquet": ["pyarrow>=15.0"],  # parquet inputs in tools/preprocess_data.py
         # pytest plus what the tests import: transformers + protobuf (HF parity and
-        # conversion), diffusers (decoder).
-        "test": ["pytest>=8.0", "transformers>=4.45", "protobuf>=4.0", "diffusers>=0.30"],
+        # conversion), diffusers (decoder),
+        # av / pyarrow: the video-file and parquet readers of tools/preprocess_data.py.
+        "test": ["pytest>=8.0", "transformers>=4.45", "protobuf>=4.0", "diffusers>=0.30", "av>=12.0", "pyarrow>=15.0"],
         # CUDA-only kernels. NVIDIA apex comes with the NGC PyTorch container; the
         # registry's package named `apex` is unrelated and must never be installed.
         "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]>=1.9"],
