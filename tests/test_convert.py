@@ -9,7 +9,7 @@ import torch
 
 from megatron_emu.config import get_preset
 from megatron_emu.convert.export import export_hf, load_emu_from_hf
-from megatron_emu.convert.imports import import_checkpoint
+from megatron_emu.convert.imports import fresh_parameters, import_checkpoint
 from megatron_emu.convert.keys import ours_to_eva
 from megatron_emu.convert.streams import DCPSource
 from megatron_emu.data.tokenizer import build_tiny_tokenizer
@@ -34,7 +34,9 @@ def ours(tmp_path_factory):
     """A random tiny Emu saved as our checkpoint (import with no inputs = fresh init)."""
     root = tmp_path_factory.mktemp("ours") / "ckpt"
     import_checkpoint([], CONFIG, str(root), seed=0)
-    return str(root), build_emu(CONFIG, seed=0)
+    model = build_emu(CONFIG, seed=1)
+    model.load_state_dict(read_model(str(root)))
+    return str(root), model
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +69,10 @@ def test_exported_tokenizer_has_the_added_tokens_at_the_spec_ids(exported):
 
 def test_round_trip_ours_hf_ours_is_bit_identical(ours, exported, tmp_path):
     back = tmp_path / "back"
-    import_checkpoint([("hf-emu", exported)], CONFIG, str(back), seed=99)
+    import_checkpoint([("hf-emu", exported)], CONFIG, str(back), seed=99, max_shard_bytes=300_000)
     original, restored = ours[0], str(back)
+    files = [n for n in os.listdir(os.path.join(restored, "iter_0000000")) if n.endswith(".distcp")]
+    assert len(files) > 3  # streamed: written in groups of ~300 kB, never the whole model at once
     a, b = read_model(original), read_model(restored)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -153,9 +157,12 @@ def test_import_emu_v1_and_eva_clip_layouts(tmp_path):
     save_file(eva, str(tmp_path / "eva.safetensors"))
     import_checkpoint([("eva-clip", str(tmp_path / "eva.safetensors"))], CONFIG, str(tmp_path / "from-eva"), seed=11)
     got = read_model(str(tmp_path / "from-eva"))
-    fresh = build_emu(CONFIG, seed=11).state_dict()
+    others = [k for k in got if not k.startswith("visual.")]
+    fresh = {k: v for family in fresh_parameters(build_emu(CONFIG, device="meta"), others, seed=11) for k, v in family.items()}
     for k, v in model.state_dict().items():  # visual from EVA, the rest freshly initialised
         assert torch.equal(got[k], v if k.startswith("visual.") else fresh[k]), k
+    assert torch.equal(got["llm.norm.weight"], torch.ones(CONFIG.llm.hidden))  # Emu's init, not zeros or garbage
+    assert abs(got["llm.layers.0.attention.wq.weight"].std().item() - CONFIG.init_std) < 0.1 * CONFIG.init_std
 
 
 def _break_config(path, tmp_path, **changes):

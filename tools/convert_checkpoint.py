@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="must not exist (or be empty); written atomically")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size to import into")
     p.add_argument("--tokenizer-model", default="", help="sentencepiece .model (default: the tiny tokenizer)")
-    p.add_argument("--max-shard-size", default="5GB", type=parse_size)
+    p.add_argument("--max-shard-size", default="5GB", type=parse_size,
+                   help="export: safetensors shard size; import: tensors held before each write (peak memory)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="cast floats (default: keep)")
     p.add_argument("--seed", type=int, default=1234, help="init of modules no input provides")
     p.add_argument("--unet-config", default="", help="--to diffusers: a diffusers UNet dir whose config to use "
@@ -73,7 +74,8 @@ def main(argv=None) -> None:
         if len(args.source) != len(args.input):
             raise SystemExit(f"--from names {len(args.source)} kinds but --input gives {len(args.input)} paths")
         import_checkpoint(list(zip(args.source, args.input)), get_preset(args.preset), args.output,
-                          preset=args.preset, seed=args.seed, dtype=parse_dtype(args.dtype))
+                          preset=args.preset, seed=args.seed, dtype=parse_dtype(args.dtype),
+                          max_shard_bytes=args.max_shard_size)
     seconds = time.perf_counter() - start
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.output) for f in files)
     print(json.dumps({"output": args.output, "bytes": size, "seconds": round(seconds, 2),

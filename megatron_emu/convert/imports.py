@@ -3,8 +3,9 @@
 Kinds: hf-llama (transformers LLaMA dir: the LLM; embedding and LM head grown for the
 added tokens, new rows = mean of the old ones), eva-clip (the ViT, fused qkv split),
 emu-v1 (the official Emu v1 release, whole model), hf-emu (our own export_hf output).
-Modules no source provides keep a fresh initialisation (seeded). The model is held once
-in memory; source tensors stream in one at a time.
+Modules no source provides get a fresh initialisation (seeded, family by family).
+Streaming: the model is never held whole; source tensors go out in groups of about
+--max-shard-size (convert/dcp_writer.py).
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import dataclasses
 import json
 import os
 import pickle
-import warnings
 
 import torch
-import torch.distributed.checkpoint as dcp
 from tqdm import tqdm
 
 from megatron_emu.config import ModelConfig
 from megatron_emu.convert.export import hf_emu_tensors, read_visual_config
+from megatron_emu.convert.dcp_writer import GroupedDCPWriter
 from megatron_emu.convert.keys import emu_v1_to_ours, eva_to_ours, hf_to_llama
 from megatron_emu.convert.streams import SafetensorsSource, atomic_output_dir, open_source
 from megatron_emu.data.tokenizer import resize_token_embeddings
@@ -72,15 +72,9 @@ def assign_all(model, tensors, source: str, required: tuple[str, ...]) -> set[st
     params = dict(model.named_parameters())
     filled = set()
     for name, tensor in tqdm(tensors, desc=f"read {os.path.basename(source.rstrip('/'))}", unit="tensor", leave=False):
-        if name not in params:
-            raise ValueError(f"{source}: tensor {name} has no place in this model")
-        target = params[name]
-        tensor = _fit_vocab(name, tensor, target, source, model.config.llm)
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model needs {tuple(target.shape)} "
-                             "(a checkpoint of another model size?)")
+        tensor = _checked(name, tensor, params, source, model.config.llm)
         with torch.no_grad():
-            target.copy_(tensor)
+            params[name].copy_(tensor)
         filled.add(name)
     missing = [n for n in params if n.startswith(required) and n not in filled]
     if missing:
@@ -127,21 +121,93 @@ def source_tensors(kind: str, path: str, config: ModelConfig):
     raise ValueError(f"unknown --from {kind!r}; choose from {KINDS}")
 
 
+def _checked(name: str, tensor: torch.Tensor, targets: dict, source: str, llm) -> torch.Tensor:
+    """The tensor as our parameter `name` needs it (vocab grown), or one clear error."""
+    if name not in targets:
+        raise ValueError(f"{source}: tensor {name} has no place in this model")
+    target = targets[name]
+    tensor = _fit_vocab(name, tensor, target, source, llm)
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model needs {tuple(target.shape)} "
+                         "(a checkpoint of another model size?)")
+    return tensor
+
+
+_FAMILIES = ("visual", "ln_visual", "causal_former", "llm", "regression_head")  # Emu's children
+
+
+@torch.no_grad()
+def fresh_parameters(model, names: list[str], seed: int):
+    """Yield {name: tensor} per top-level module (family) holding some of `names`, each
+    initialised alone (torch.manual_seed(seed + family index), then Emu's init for it), so
+    only the families no input provides are ever allocated. Not the same numbers as
+    build_emu(config, seed), whose single random stream runs over the whole model."""
+    std = model.config.init_std
+    for index, family in enumerate(_FAMILIES):
+        wanted = [n for n in names if n.split(".", 1)[0] == family]
+        if not wanted:
+            continue
+        module = getattr(model, family)
+        module.to_empty(device="cpu")
+        torch.manual_seed(seed + index)
+        for m in module.modules():  # as Emu.init_weights, for this family only
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)):
+                torch.nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    torch.nn.init.zeros_(m.bias)
+            elif isinstance(m, torch.nn.LayerNorm):
+                torch.nn.init.ones_(m.weight)
+                torch.nn.init.zeros_(m.bias)
+            elif m.__class__.__name__ == "RMSNorm":
+                torch.nn.init.ones_(m.weight)
+        if hasattr(module, "init_weights"):
+            module.init_weights(std)
+        params = dict(model.named_parameters())
+        yield {n: params[n].detach() for n in wanted}
+        module.to("meta")  # free it before the next family
+
+
 def import_checkpoint(inputs: list[tuple[str, str]], config: ModelConfig, output: str, preset: str = "",
-                      seed: int = 1234, dtype: torch.dtype | None = None) -> None:
-    """Build our model from `inputs` [(kind, path)] and save it as iteration 0 of `output`."""
-    model = build_emu(config, seed=seed)
-    for kind, path in inputs:
-        assign_all(model, source_tensors(kind, path, config), path, _REQUIRED.get(kind, ("",)))
-    if dtype is not None:
-        model.to(dtype)
+                      seed: int = 1234, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**30) -> None:
+    """Build our checkpoint from `inputs` [(kind, path)] as iteration 0 of `output`.
+
+    Streaming: source tensors are checked, converted and collected into groups of about
+    `max_shard_bytes`, each written (GroupedDCPWriter) and freed before the next is read;
+    then the modules no input provides are initialised family by family. Peak memory:
+    one group plus the largest fresh family, never the whole model.
+    """
+    targets = dict(build_emu(config, device="meta").named_parameters())  # shapes only
+    sources = [(kind, path, source_tensors(kind, path, config)) for kind, path in inputs]  # validated up front
     with atomic_output_dir(output) as tmp:
         directory = iteration_dir(tmp, 0)
+        writer = GroupedDCPWriter(directory)
+        group, used, filled = {}, 0, set()
+        for kind, path, tensors in sources:
+            mine = set()
+            for name, tensor in tqdm(tensors, desc=f"read {os.path.basename(path.rstrip('/'))}", unit="tensor", leave=False):
+                tensor = _checked(name, tensor, targets, path, config.llm)
+                if name in filled:
+                    raise ValueError(f"{path}: {name} was already given by an earlier input")
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                group[name], used = tensor, used + tensor.numel() * tensor.element_size()
+                filled.add(name)
+                mine.add(name)
+                if used >= max_shard_bytes:
+                    writer.write({"model": group})
+                    group, used = {}, 0
+            required = _REQUIRED.get(kind, ("",))
+            missing = [n for n in targets if n.startswith(required) and n not in mine]
+            if missing:
+                raise ValueError(f"{path}: lacks {len(missing)} tensors the model needs, e.g. {', '.join(missing[:3])}")
+        if group:
+            writer.write({"model": group})
+        fresh = [n for n in targets if n not in filled]
+        for family in fresh_parameters(build_emu(config, device="meta"), fresh, seed):
+            writer.write({"model": {n: t.to(dtype) if dtype is not None else t for n, t in family.items()}})
         common = {"iteration": 0, "consumed_samples": 0, "scheduler": None, "layout": {}}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-            dcp.save({"model": model.state_dict(), "common": pickle.dumps(common)},
-                     storage_writer=dcp.FileSystemWriter(directory), no_dist=True)
+        writer.write({"common": pickle.dumps(common)})
+        writer.finish()
         record = {"iteration": 0, "consumed_samples": 0, "layout": {"tp": 1, "pp": 1, "dp": 1},
                   "torch_version": torch.__version__, "imported_from": [list(i) for i in inputs],
                   "config": {"preset": preset, "model": dataclasses.asdict(config)}}
