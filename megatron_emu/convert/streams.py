@@ -15,6 +15,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -192,18 +193,34 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
     return shards
 
 
+def write_shard(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file (safetensors >= 0.6 writes straight from the tensors' memory)."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
 def write_sharded(directory: str, shards: list[dict[str, torch.Tensor]] | Iterator, num_shards: int,
                   total_bytes: int, prefix: str = "model") -> dict:
-    """Write `num_shards` shard dicts as prefix-0000i-of-0000n.safetensors plus the index."""
+    """Write `num_shards` shard dicts as prefix-0000i-of-0000n.safetensors plus the index.
+
+    Shard i is written by a background thread while shard i+1 is being produced (read
+    from DCP, cast), so reading and writing overlap; at most two shards are in memory.
+    """
     weight_map, written = {}, 0
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="write", leave=False)
-    for i, shard in enumerate(shards, start=1):
-        name = f"{prefix}.safetensors" if num_shards == 1 else f"{prefix}-{i:05d}-of-{num_shards:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in shard.items()}, os.path.join(directory, name), metadata={"format": "pt"})
-        size = sum(v.numel() * v.element_size() for v in shard.values())
-        written += size
-        bar.update(size)
-        weight_map.update({k: name for k in shard})
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for i, shard in enumerate(shards, start=1):
+            name = f"{prefix}.safetensors" if num_shards == 1 else f"{prefix}-{i:05d}-of-{num_shards:05d}.safetensors"
+            if pending is not None:
+                pending.result()  # raises the writer's error here; frees the previous shard
+            pending = pool.submit(write_shard, os.path.join(directory, name), shard)
+            size = sum(v.numel() * v.element_size() for v in shard.values())
+            written += size
+            bar.update(size)
+            weight_map.update({k: name for k in shard})
+            del shard
+        if pending is not None:
+            pending.result()
     bar.close()
     index = {"metadata": {"total_size": written}, "weight_map": weight_map}
     with open(os.path.join(directory, f"{prefix}.safetensors.index.json"), "w") as f:

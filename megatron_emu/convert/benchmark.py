@@ -1,0 +1,167 @@
+"""Conversion throughput vs this machine's raw disk speed, with peak memory per phase.
+
+    python -m megatron_emu.convert.benchmark --preset 1b --workdir /tmp/convbench [--keep]
+
+Phases, each in its own child process (peak RSS from wait4, time inside the child):
+  make      a random Emu of the preset saved as our DCP checkpoint (import with no inputs)
+  export    DCP -> HF directory (tools/convert_checkpoint.py --to hf), split into fixed costs
+            (transformers import, tokenizer conversion), DCP reads and shard writes
+  import    HF directory -> DCP (--from hf-emu)
+  raw       the same number of bytes written / read with numpy alone (tofile + fsync,
+            fromfile) and with safetensors alone: the disk's speed, the ceiling
+Prints one JSON object; docs/BENCHMARKS_convert.md records a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+GiB = 2**30
+
+
+def _timed(registry: dict, key: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            registry[key] = registry.get(key, 0.0) + time.perf_counter() - start
+    return wrapper
+
+
+def child_export(ckpt: str, out: str, shard: int) -> dict:
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    import transformers  # noqa: F401  (a fixed cost of every export)
+
+    times["import transformers"] = time.perf_counter() - start
+    from megatron_emu.convert import export, streams
+    from megatron_emu.data.tokenizer import build_tiny_tokenizer
+
+    export.export_tokenizer = _timed(times, "tokenizer", export.export_tokenizer)
+    streams.DCPSource.read = _timed(times, "read DCP", streams.DCPSource.read)
+    streams.write_shard = _timed(times, "write safetensors", streams.write_shard)
+    tokenizer = build_tiny_tokenizer()
+    begin = time.perf_counter()
+    export.export_hf(ckpt, out, tokenizer, max_shard_bytes=shard)
+    times["export_hf total"] = time.perf_counter() - begin
+    return times
+
+
+def child_import(hf: str, out: str, preset: str, shard: int) -> dict:
+    from megatron_emu.config import get_preset
+    from megatron_emu.convert import dcp_writer
+    from megatron_emu.convert.imports import import_checkpoint
+
+    times: dict[str, float] = {}
+    dcp_writer.GroupedDCPWriter.write = _timed(times, "write DCP", dcp_writer.GroupedDCPWriter.write)
+    begin = time.perf_counter()
+    import_checkpoint([("hf-emu", hf)], get_preset(preset), out, preset=preset, max_shard_bytes=shard)
+    times["import total"] = time.perf_counter() - begin
+    return times
+
+
+def child_make(out: str, preset: str) -> dict:
+    from megatron_emu.config import get_preset
+    from megatron_emu.convert.imports import import_checkpoint
+
+    begin = time.perf_counter()
+    import_checkpoint([], get_preset(preset), out, preset=preset, seed=0)
+    return {"make total": time.perf_counter() - begin}
+
+
+def child_raw(directory: str, total: int, shard: int) -> dict:
+    """Write and read `total` bytes in `shard`-sized files: numpy alone, then safetensors alone."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(directory)
+    block = np.random.default_rng(0).standard_normal(shard // 4, dtype=np.float32)
+    n = max(1, total // shard)
+    times = {}
+    start = time.perf_counter()
+    for i in range(n):
+        with open(os.path.join(directory, f"raw{i}.bin"), "wb") as f:
+            block.tofile(f)
+            f.flush()
+            os.fsync(f.fileno())  # DCP fsyncs too: count the disk, not the page cache
+    times["numpy write+fsync"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(n):
+        np.fromfile(os.path.join(directory, f"raw{i}.bin"), dtype=np.float32)
+    times["numpy read"] = time.perf_counter() - start
+    tensor = torch.from_numpy(block)
+    start = time.perf_counter()
+    for i in range(n):
+        save_file({"w": tensor}, os.path.join(directory, f"st{i}.safetensors"))
+    times["safetensors write"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(n):
+        load_file(os.path.join(directory, f"st{i}.safetensors"))
+    times["safetensors read"] = time.perf_counter() - start
+    times["bytes"] = n * block.nbytes
+    return times
+
+
+def directory_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def run_child(*args: str) -> dict:
+    """Run one phase in a fresh interpreter; its JSON result plus wall seconds and peak RSS."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_emu.convert.benchmark", "--child", *args],
+                            stdout=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"phase {args[0]} failed (status {status})")
+    result = json.loads(output.decode().strip().splitlines()[-1])
+    result["wall s (process)"] = time.perf_counter() - start
+    result["peak RSS GB"] = usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+    return result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="1b")
+    p.add_argument("--workdir", default="/tmp/convert-benchmark")
+    p.add_argument("--shard", default=1, type=float, help="GiB per shard / import group")
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--child", nargs="+")
+    args = p.parse_args(argv)
+    shard = int(args.shard * GiB)
+    if args.child:
+        kind, *rest = args.child
+        fn = {"export": lambda: child_export(rest[0], rest[1], shard), "import": lambda: child_import(rest[0], rest[1], args.preset, shard),
+              "make": lambda: child_make(rest[0], args.preset), "raw": lambda: child_raw(rest[0], int(rest[1]), shard)}[kind]
+        print(json.dumps(fn()))
+        return
+    w = args.workdir
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(w)
+    os.makedirs(w)
+    paths = {k: os.path.join(w, k) for k in ("ckpt", "hf", "back", "raw")}
+    report = {"preset": args.preset, "shard GiB": args.shard}
+    report["make"] = run_child("make", paths["ckpt"])
+    report["checkpoint bytes"] = directory_bytes(paths["ckpt"])
+    report["export"] = run_child("export", paths["ckpt"], paths["hf"])
+    report["export"]["bytes"] = directory_bytes(paths["hf"])
+    report["import"] = run_child("import", paths["hf"], paths["back"])
+    report["import"]["bytes"] = directory_bytes(paths["back"])
+    report["raw"] = run_child("raw", paths["raw"], str(report["checkpoint bytes"]))
+    print(json.dumps(report, indent=1))
+    if not args.keep:
+        shutil.rmtree(w)
+
+
+if __name__ == "__main__":
+    main()
