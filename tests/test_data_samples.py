@@ -78,6 +78,42 @@ def test_interleaved_chunks_respect_length_and_five_images(tok, tmp_path):
         assert seen == [d * 20 + k for d in range(6) for k in range(12)]  # every image once, in order
 
 
+def test_long_text_items_continue_in_the_next_interleaved_sequence(tok, tmp_path):
+    long_text = text(3 * 64 + 5)  # one MMC4 text item longer than three sequences
+    docs = [[(MODE_TEXT, text(7)), (MODE_IMAGE, image(1)), (MODE_TEXT, long_text), (MODE_IMAGE, image(2)),
+             (MODE_TEXT, text(20, start=100))],
+            [(MODE_TEXT, text(64, start=200))]]  # exactly seq_length: still split, BOS/EOS take room
+    data = write(tmp_path, tok, "interleaved", docs)
+    spec = SeqSpec.from_tokenizer(tok, 64)
+    view = InterleavedView(data, spec)
+    samples = [view.build(i, ()) for i in range(len(view))]
+    layout = {tok.bos_id, tok.eos_id, spec.img_start_id, spec.img_end_id, spec.image_id}
+    stream = [t for s in samples for t in s.tokens if t not in layout]
+    expected = [t for d in docs for m, v in d if m == MODE_TEXT for t in v.tolist()]
+    assert stream == expected  # every text token once, in order: nothing cut
+    assert all(len(s.tokens) <= 64 and s.tokens[0] == tok.bos_id and s.tokens[-1] == tok.eos_id for s in samples)
+    assert sum(s.truncated_tokens + s.dropped_images for s in samples) == 0
+    assert [image_values(s) for s in samples if s.images] == [[1], [2]]
+    # doc 0: text 7 + image + 21 | 62 | 62 | 52 (image 2 does not fit) | image + 20; doc 1: 62 | 2
+    assert len(samples) == 7
+    assert collate(samples, spec)["truncated_tokens"] == 0
+
+
+def test_truncation_is_counted_where_a_view_has_no_next_sequence(tok, tmp_path):
+    pairs = write(tmp_path, tok, "pairs", [[(MODE_TEXT, text(100)), (MODE_IMAGE, image(1))]])
+    spec = SeqSpec.from_tokenizer(tok, 64)
+    s = PairView(pairs, spec).build(0, (0, 0, 0))
+    assert s.truncated_tokens == 100 - (64 - 1 - 34) and len(s.tokens) == 64
+    items = [(MODE_TEXT, text(3))]
+    for k in range(5):
+        items += [(MODE_IMAGE, image(k)), (MODE_TEXT, text(200))]
+    spec_1024 = SeqSpec.from_tokenizer(tok, 1024)
+    window = PairsWindowView(write(tmp_path, tok, "interleaved", [items]), spec_1024).build(0, ())
+    kept = len(window.tokens) - 1 - 34 * len(window.images)
+    assert window.truncated_tokens == 5 * 200 - kept and window.truncated_tokens > 0
+    assert collate([s, window], spec_1024)["truncated_tokens"] == s.truncated_tokens + window.truncated_tokens
+
+
 def test_five_pair_view_is_capped_at_512_tokens(tok, tmp_path):
     items = [(MODE_TEXT, text(3))]
     for k in range(11):

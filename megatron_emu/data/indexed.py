@@ -131,15 +131,17 @@ class MultimodalIndexed:
     def item_range(self, doc: int) -> range:
         return range(int(self.doc_index[doc]), int(self.doc_index[doc + 1]))
 
-    def read_item(self, item: int, max_tokens: int | None = None) -> tuple[int, np.ndarray]:
-        """(MODE_TEXT, int64 ids) or (MODE_IMAGE, uint8 (3, S, S)); text optionally truncated."""
+    def read_item(self, item: int, max_tokens: int | None = None, offset: int = 0) -> tuple[int, np.ndarray]:
+        """(MODE_TEXT, int64 ids) or (MODE_IMAGE, uint8 (3, S, S)); text optionally a slice
+        of at most max_tokens ids from `offset`."""
         mode = int(self.modes[item])
         if mode == MODE_IMAGE:
             raw = self.ds.get(item)[0]
             # Copied: a view would outlive megatron-core's mmap, which closes with the dataset.
             return mode, raw.view(np.uint8).reshape(3, self.image_size, self.image_size).copy()
-        length = None if max_tokens is None else min(max_tokens, int(self.lengths[item]))
-        return mode, self.ds.get(item, 0, length)[0].astype(np.int64)
+        rest = int(self.lengths[item]) - offset
+        length = rest if max_tokens is None else min(max_tokens, rest)
+        return mode, self.ds.get(item, offset, length)[0].astype(np.int64)
 
     def read_document(self, doc: int) -> list[tuple[int, np.ndarray]]:
         return [self.read_item(i) for i in self.item_range(doc)]

@@ -1,13 +1,17 @@
 """Sample builders: stored documents -> token sequences with images (spec sections 3, 5).
 
 An image in the stream is [IMG] + <image> x num_query + [/IMG] (tokens_per_image in all)
-and is never cut: an image that does not fit is dropped whole and counted. Text is
-truncated instead. Sequences start with BOS and end with EOS when it fits.
+and is never cut: an image that does not fit is dropped whole and counted. Interleaved
+documents lose nothing: text that overflows a sequence continues in the next one. Where a
+view has no next sequence (a pair's caption, a 5-pair window, a video), text is truncated
+and the cut tokens are counted (`truncated_tokens` in each batch). Sequences start with
+BOS and end with EOS when it fits.
 
 Views (what one sample is):
 - PairView:        a pair document; image before or after the caption at random (seeded);
 - InterleavedView: a chunk of an interleaved document, up to seq_length tokens and at most
                    5 images (paper: MMC4 sequences up to 1024 tokens with <= 5 images);
+                   a long text item is split over consecutive chunks;
 - PairsWindowView: 5 consecutive (image, text) pairs of an interleaved document, up to
                    512 tokens (the paper's second MMC4 view);
 - VideoView:       8 frames interleaved with subtitles by timestamp (stored in that order).
@@ -33,6 +37,7 @@ class Sample:
     images: list[np.ndarray]  # uint8 (3, S, S) each, in order of appearance
     kind: str
     dropped_images: int = 0
+    truncated_tokens: int = 0  # text tokens cut because the sequence was full
 
 
 @dataclass
@@ -59,9 +64,10 @@ class SeqSpec:
 
 
 def assemble(items, spec: SeqSpec, kind: str, max_images: int | None = None, seq_length: int | None = None) -> Sample:
-    """Greedy left-to-right layout of (mode, array) items; text truncated, images all-or-nothing."""
+    """Greedy left-to-right layout of (mode, array) items; text truncated (and counted),
+    images all-or-nothing."""
     limit = seq_length or spec.seq_length
-    tokens, images, dropped = [spec.bos_id], [], 0
+    tokens, images, dropped, truncated = [spec.bos_id], [], 0, 0
     for mode, value in items:
         room = limit - len(tokens)
         if mode == MODE_IMAGE:
@@ -70,11 +76,13 @@ def assemble(items, spec: SeqSpec, kind: str, max_images: int | None = None, seq
                 images.append(value)
             else:
                 dropped += 1
-        elif room > 0:
-            tokens.extend(value[:room].tolist())
+        else:
+            kept = value[: max(room, 0)]
+            tokens.extend(kept.tolist())
+            truncated += len(value) - len(kept)
     if len(tokens) < limit:
         tokens.append(spec.eos_id)
-    return Sample(tokens, images, kind, dropped)
+    return Sample(tokens, images, kind, dropped, truncated)
 
 
 class PairView:
@@ -93,41 +101,50 @@ class PairView:
         text = [v for m, v in items if m == MODE_TEXT][0]
         image = [v for m, v in items if m == MODE_IMAGE][0]
         # Keep room for the image: the caption is what gets truncated.
-        text = text[: max(0, self.spec.seq_length - 1 - self.spec.tokens_per_image)]
+        kept = text[: max(0, self.spec.seq_length - 1 - self.spec.tokens_per_image)]
         image_first = bool(np.random.default_rng(key).integers(2))
-        ordered = [(MODE_IMAGE, image), (MODE_TEXT, text)] if image_first else [(MODE_TEXT, text), (MODE_IMAGE, image)]
-        return assemble(ordered, self.spec, self.kind)
+        ordered = [(MODE_IMAGE, image), (MODE_TEXT, kept)] if image_first else [(MODE_TEXT, kept), (MODE_IMAGE, image)]
+        sample = assemble(ordered, self.spec, self.kind)
+        sample.truncated_tokens += len(text) - len(kept)
+        return sample
 
 
-def plan_chunks(data: MultimodalIndexed, spec: SeqSpec, max_images: int) -> list[tuple[int, int]]:
-    """Interleaved documents -> (first_item, stop_item) chunks, computed from the .idx alone.
+def plan_chunks(data: MultimodalIndexed, spec: SeqSpec, max_images: int) -> np.ndarray:
+    """Interleaved documents -> chunks, computed from the .idx alone.
 
-    A chunk holds whole images (at most max_images) and text; a text item that overflows
-    is truncated and ends the chunk. (seq_length >= tokens_per_image + 2 is checked by
-    the loader, so every image fits in an empty chunk.)
+    Row (first_item, first_offset, last_item, last_stop): items first..last, the first one
+    read from token first_offset, the last one up to token last_stop (images: offsets 0).
+    A chunk holds whole images (at most max_images) and text up to seq_length tokens with
+    BOS + EOS; text that does not fit continues in the next chunk, so no token is lost.
+    (seq_length >= tokens_per_image + 2 is checked by the loader, so every image fits in
+    an empty chunk.)
     """
     lengths, modes, tpi, limit = data.lengths, data.modes, spec.tokens_per_image, spec.seq_length
     chunks = []
     for doc in range(len(data)):
-        start, used, n_img = None, 0, 0
+        cur = None  # [first_item, first_offset, last_item, last_stop, used, images]
         for item in data.item_range(doc):
             if modes[item] == MODE_IMAGE:
-                if start is not None and (n_img == max_images or used + tpi > limit):
-                    chunks.append((start, item))  # the image opens the next chunk
-                    start = None
-                if start is None:
-                    start, used, n_img = item, 2, 0  # BOS + EOS
-                used, n_img = used + tpi, n_img + 1
-            else:
-                if start is None:
-                    start, used, n_img = item, 2, 0
-                used += int(lengths[item])
-                if used >= limit:  # truncated text ends the chunk
-                    chunks.append((start, item + 1))
-                    start = None
-        if start is not None:
-            chunks.append((start, data.item_range(doc).stop))
-    return chunks
+                if cur is not None and (cur[5] == max_images or cur[4] + tpi > limit):
+                    chunks.append(cur[:4])  # the image opens the next chunk
+                    cur = None
+                if cur is None:
+                    cur = [item, 0, item, 0, 2, 0]  # used = BOS + EOS
+                cur[2:] = [item, 0, cur[4] + tpi, cur[5] + 1]
+                continue
+            n, pos = int(lengths[item]), 0
+            while pos < n:
+                if cur is None:
+                    cur = [item, pos, item, pos, 2, 0]
+                take = min(limit - cur[4], n - pos)  # >= 1: a full chunk is closed at once
+                pos += take
+                cur[2:] = [item, pos, cur[4] + take, cur[5]]
+                if cur[4] >= limit:
+                    chunks.append(cur[:4])
+                    cur = None
+        if cur is not None:
+            chunks.append(cur[:4])
+    return np.asarray(chunks, dtype=np.int64).reshape(-1, 4)
 
 
 class InterleavedView:
@@ -135,14 +152,18 @@ class InterleavedView:
 
     def __init__(self, data: MultimodalIndexed, spec: SeqSpec, max_images: int = MAX_IMAGES_PER_CHUNK):
         self.data, self.spec, self.max_images = data, spec, max_images
-        self.chunks = plan_chunks(data, spec, max_images)
+        self.chunks = plan_chunks(data, spec, max_images)  # (num_chunks, 4)
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def build(self, index: int, key: tuple) -> Sample:
-        first, stop = self.chunks[index]
-        items = [self.data.read_item(i, self.spec.seq_length) for i in range(first, stop)]
+        first, offset, last, stop = (int(x) for x in self.chunks[index])
+        items = []
+        for i in range(first, last + 1):
+            lo = offset if i == first else 0
+            hi = stop if i == last else int(self.data.lengths[i])
+            items.append(self.data.read_item(i, hi - lo, lo))
         return assemble(items, self.spec, self.kind, self.max_images)
 
 
@@ -173,7 +194,7 @@ class PairsWindowView:
         items = []
         for image_item in self.windows[index]:
             items.append(self.data.read_item(image_item))
-            items.append(self.data.read_item(image_item + 1, self.seq_length))
+            items.append(self.data.read_item(image_item + 1))  # full: assemble counts what is cut
         return assemble(items, self.spec, self.kind, seq_length=self.seq_length)
 
 
@@ -219,4 +240,5 @@ def collate(samples: list[Sample], spec: SeqSpec, image_size: int = 224) -> dict
         "loss_mask": (~torch.isin(tokens, ignored)).float(),  # (B, L)
         "num_samples_by_kind": kinds,
         "dropped_images": sum(s.dropped_images for s in samples),
+        "truncated_tokens": sum(s.truncated_tokens for s in samples),
     }
