@@ -83,7 +83,11 @@ def replication_factor(param: torch.Tensor, pmesh: ParallelMesh) -> int:
         return group_size
     distinct = 1
     for size, placement in zip(param.device_mesh.shape, param.placements):
-        if placement.is_shard():
+        if placement.is_partial():
+            raise RuntimeError(f"gradient still Partial on {param.device_mesh}: reduce it before its norm")
+        # Every non-Replicate placement splits the values, including the _StridedShard
+        # FSDP2 puts on a TP-column-sharded dim (whose is_shard() is False).
+        if not placement.is_replicate():
             distinct *= size
     return group_size // distinct
 

@@ -15,7 +15,7 @@ from torch import nn
 from megatron_emu.model.emu import Emu
 from megatron_emu.parallel.data_parallel import apply_data_parallel
 from megatron_emu.parallel.mesh import ParallelMesh
-from megatron_emu.parallel.pipeline import MicrobatchFeed, build_schedule, split_stage, stage_indices
+from megatron_emu.parallel.pipeline import EmuPipeline, MicrobatchFeed, split_stage, stage_indices
 from megatron_emu.parallel.tensor_parallel import apply_tensor_parallel
 
 log = logging.getLogger("megatron_emu")
@@ -27,11 +27,10 @@ class ParallelModel:
 
     parts: list[nn.Module]
     pmesh: ParallelMesh | None = None
-    schedule: object | None = None  # a torch.distributed.pipelining schedule with PP
+    schedule: EmuPipeline | None = None  # this rank's pipeline stages and schedule, with PP
     feed: MicrobatchFeed | None = None
     # (lm, l2) of each micro-batch whose loss this rank computed, for logging.
     losses: list[tuple[float, float]] = field(default_factory=list)
-    shapes_inferred: bool = False  # the pipeline's first (shape-inferring) step has run
 
     @property
     def computes_loss(self) -> bool:
@@ -59,7 +58,7 @@ def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, loss_fn, seed:
         if dims.tp > 1:
             apply_tensor_parallel(part, pmesh.tp_mesh, full.config, dims.sequence_parallel)
         apply_data_parallel(part, pmesh)
-    schedule = build_schedule(parts, stages, pmesh, n_micro, loss_fn) if dims.pp > 1 else None
+    schedule = EmuPipeline(parts, stages, pmesh, n_micro, loss_fn, feed) if dims.pp > 1 else None
     log.info("rank %d: %s; stages %s", torch.distributed.get_rank(), dims.describe(), stages)
     return ParallelModel(parts, pmesh, schedule, feed)
 

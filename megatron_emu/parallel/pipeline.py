@@ -12,6 +12,15 @@ and the detached input embeddings (the l2 targets) travel with the hidden states
 Micro-batches hold a variable number of images, which the schedules cannot chunk;
 stage 0 therefore receives only the micro-batch index and reads the micro-batch from
 a MicrobatchFeed filled before each step.
+
+Stages send and receive plain full tensors only: with tensor/sequence parallelism every
+stage starts from a replicated input and gathers its output back (tensor_parallel.py),
+and the last stage hands its vocab-/hidden-sharded head outputs to the loss as local
+shards, re-wrapped as DTensors there. The stage metadata (shapes, dtypes) is declared
+from the micro-batch shape (static mode): torch.distributed.pipelining would otherwise
+infer it by running every stage forward and backward on uninitialised receive buffers,
+and the loss's data-dependent branches (images present? text present?) then take
+different paths on different TP ranks: mismatched TP collectives and wrong gradients.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -29,6 +39,10 @@ from torch.distributed.pipelining import (
 
 from megatron_emu.model.emu import Emu
 from megatron_emu.parallel.mesh import ParallelMesh
+
+# What stages send each other: the residual stream (and the l2 targets) in fp32, the
+# dtype it has under autocast too (fp32 embedding + bf16 block outputs).
+IO_DTYPE = torch.float32
 
 
 class MicrobatchFeed:
@@ -62,19 +76,30 @@ class EmuStage(nn.Module):
             (index,) = args  # (1,) micro-batch index
             batch = self.feed[int(index[0])]
             tokens = batch["tokens"]  # (B, S)
-            hidden = self.embed(tokens, batch["images"])  # (B, S, H)
+            hidden = self.embed(tokens, batch["images"]).to(IO_DTYPE)  # (B, S, H)
             targets = hidden.detach()  # (B, S, H): l2 targets, no gradient
+            if not hidden.requires_grad:  # everything up to here frozen: the schedule
+                hidden.requires_grad_()  # still runs (and sends) this stage's backward
         else:
             hidden, tokens, targets = args
-            # On its first step torch.distributed.pipelining infers shapes by running each
-            # stage on uninitialised buffers; clamping keeps those token ids indexable.
-            # Real ids were validated on stage 0, so this changes nothing for them.
-            tokens = tokens.clamp(0, self.config.llm.vocab_size - 1)
         hidden = self.llm.forward_layers(hidden)  # (B, S, H)
         if not self.is_last:
-            return hidden, tokens, targets
+            return hidden.to(IO_DTYPE), tokens, targets
         hidden = self.llm.norm(hidden)
-        return self.llm.output(hidden), self.regression_head(hidden), targets, tokens
+        # Local shards (B, S, V/TP) and (B, S, H/TP): see sharded_loss.
+        return local(self.llm.output(hidden)), local(self.regression_head(hidden)), targets, tokens
+
+    def io_metas(self, batch: int, seq: int, tp: int) -> tuple[tuple, tuple]:
+        """(inputs, outputs) of this stage as meta tensors, for micro-batches of (batch, seq) tokens."""
+        hidden = self.config.llm.hidden
+        carried = (meta(batch, seq, hidden, grad=True), meta(batch, seq, dtype=torch.long), meta(batch, seq, hidden))
+        inputs = (meta(1, dtype=torch.long),) if self.is_first else carried  # stage 0: the micro-batch index
+        if not self.is_last:
+            return inputs, carried
+        _, tokens, targets = carried
+        logits = meta(batch, seq, self.config.llm.vocab_size // tp, grad=True)  # local shards
+        regression = meta(batch, seq, hidden // tp, grad=True)
+        return inputs, (logits, regression, targets, tokens)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -121,24 +146,68 @@ def split_stage(full: Emu, stage: int, stage_layers: tuple[int, ...], feed: Micr
     return EmuStage(pruned, feed, first, last)
 
 
-def build_schedule(parts: list[nn.Module], stages: list[int], pmesh: ParallelMesh, n_micro: int, loss_fn):
-    """The torch.distributed.pipelining schedule over this rank's stages."""
-    dims = pmesh.dims
-    group = pmesh.pp_mesh.get_group()
-    pipe_stages = [PipelineStage(part, index, dims.num_stages, pmesh.device, group=group)
-                   for part, index in zip(parts, stages)]
-    if dims.schedule == "1f1b":
-        return Schedule1F1B(pipe_stages[0], n_micro, loss_fn=loss_fn)
-    if dims.schedule == "interleaved":
-        return ScheduleInterleaved1F1B(pipe_stages, n_micro, loss_fn=loss_fn)
-    return ScheduleZBVZeroBubble(pipe_stages, n_micro, loss_fn=loss_fn)
+def meta(*shape: int, dtype: torch.dtype = IO_DTYPE, grad: bool = False) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad)
 
 
-def run_schedule(schedule, feed: MicrobatchFeed, microbatches: list[dict]) -> None:
-    """One forward/backward over all micro-batches; grads end scaled by 1/len(microbatches)."""
-    feed.microbatches = microbatches
-    # Kept on the CPU: only stage 0 reads it (no device sync), and it is never sent.
-    index = torch.arange(len(microbatches))  # chunked into (1,) per micro-batch
-    # Ranks without the first (last) stage ignore the inputs (targets).
-    schedule.step(index, target=index)
-    feed.microbatches = []
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def sharded_loss(loss_fn, pmesh: ParallelMesh):
+    """The last stage's outputs carry the heads' local shards; under TP the loss gets them
+    back as DTensors sharded on the last dim (vocab / hidden), the heads' placement."""
+    if pmesh.dims.tp == 1:
+        return loss_fn
+    mesh = pmesh.tp_mesh
+
+    def wrapped(outputs, target):
+        logits, regression, targets, tokens = outputs
+        logits = DTensor.from_local(logits, mesh, [Shard(-1)], run_check=False)
+        regression = DTensor.from_local(regression, mesh, [Shard(-1)], run_check=False)
+        return loss_fn((logits, regression, targets, tokens), target)
+
+    return wrapped
+
+
+class EmuPipeline:
+    """This rank's stages and their schedule, built on the first step from the micro-batch
+    shape (static stage metadata, see the module docstring) and rebuilt if it changes."""
+
+    def __init__(self, parts: list[EmuStage], stages: list[int], pmesh: ParallelMesh, n_micro: int, loss_fn,
+                 feed: MicrobatchFeed):
+        self.parts, self.stages, self.pmesh, self.n_micro = parts, stages, pmesh, n_micro
+        self.loss_fn, self.feed = loss_fn, feed
+        self.schedule, self.shape = None, None
+
+    def build(self, shape: tuple[int, int]):
+        dims, group = self.pmesh.dims, self.pmesh.pp_mesh.get_group()
+        pipe_stages = []
+        for part, index in zip(self.parts, self.stages):
+            inputs, outputs = part.io_metas(*shape, tp=dims.tp)
+            pipe_stages.append(PipelineStage(part, index, dims.num_stages, self.pmesh.device,
+                                             input_args=inputs, output_args=outputs, group=group))
+        loss_fn = sharded_loss(self.loss_fn, self.pmesh) if self.loss_fn is not None else None
+        if dims.schedule == "1f1b":
+            return Schedule1F1B(pipe_stages[0], self.n_micro, loss_fn=loss_fn)
+        if dims.schedule == "interleaved":
+            return ScheduleInterleaved1F1B(pipe_stages, self.n_micro, loss_fn=loss_fn)
+        return ScheduleZBVZeroBubble(pipe_stages, self.n_micro, loss_fn=loss_fn)
+
+    def step(self, microbatches: list[dict]) -> None:
+        """One forward/backward over all micro-batches; grads end scaled by 1/len(microbatches)."""
+        shapes = {tuple(b["tokens"].shape) for b in microbatches}
+        if len(shapes) != 1 or len(microbatches) != self.n_micro:
+            raise ValueError(f"pipeline step: expected {self.n_micro} micro-batches of one token shape, "
+                             f"got {len(microbatches)} with shapes {sorted(shapes)}")
+        (shape,) = shapes
+        if shape != self.shape:
+            self.schedule, self.shape = self.build(shape), shape
+        self.feed.microbatches = microbatches
+        # Kept on the CPU: only stage 0 reads it (no device sync), and it is never sent.
+        index = torch.arange(len(microbatches))  # chunked into (1,) per micro-batch
+        try:
+            # Ranks without the first (last) stage ignore the inputs (targets).
+            self.schedule.step(index, target=index)
+        finally:
+            self.feed.microbatches = []

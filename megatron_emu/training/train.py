@@ -31,7 +31,6 @@ from megatron_emu.parallel.loss import mixed_loss
 from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh, build_mesh, init_distributed
 from megatron_emu.parallel.parallelize import ParallelModel, parallelize_emu
 from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_compile
-from megatron_emu.parallel.pipeline import run_schedule
 from megatron_emu.training.checkpoint import Checkpointer, Layout
 from megatron_emu.training.evaluate import image_grounding
 from megatron_emu.training.metrics import IterationStats, training_flops
@@ -136,17 +135,8 @@ def pipeline_loss_fn(losses: list, config: TrainConfig):
 def forward_backward(pmodel: ParallelModel, microbatches: list[dict], config: TrainConfig, precision: Precision) -> None:
     """Gradients of the mean loss over the micro-batches, accumulated in .grad."""
     if pmodel.schedule is not None:
-        if not pmodel.shapes_inferred:
-            # The schedule's first step infers stage shapes by running forward and backward
-            # on uninitialised buffers, whose gradients FSDP would keep: run it once, drop them.
-            with precision.autocast():
-                run_schedule(pmodel.schedule, pmodel.feed, microbatches)
-            for part in pmodel.parts:
-                part.zero_grad(set_to_none=True)
-            pmodel.losses.clear()
-            pmodel.shapes_inferred = True
         with precision.autocast():
-            run_schedule(pmodel.schedule, pmodel.feed, microbatches)  # grads scaled by 1/n inside
+            pmodel.schedule.step(microbatches)  # grads scaled by 1/n inside
         return
     special, n = config.model.special_tokens, len(microbatches)
     for i, batch in enumerate(microbatches):
@@ -183,7 +173,6 @@ def reduce_step_stats(pmodel: ParallelModel, n_micro: int, images: int) -> tuple
     Each value is counted once: losses on the loss-computing ranks of TP rank 0,
     images on TP rank 0 of the first pipeline rank; one all-reduce sums the DP ranks.
     """
-    # The last n: on the first step the pipeline's shape inference also calls the loss.
     recorded = pmodel.losses[-n_micro:]
     lm = sum(float(l) for l, _ in recorded)
     l2 = sum(float(r) for _, r in recorded)
