@@ -24,6 +24,8 @@ from megatron_emu.data.indexed import MODE_IMAGE, MODE_TEXT, DocumentWriter, _ch
 from megatron_emu.data.synthetic import RawDocument
 
 MAX_NAMED_SKIPS = 10000  # the report names every skipped input, up to this many
+PROGRESS_EVERY_DOCS = 64  # a worker reports its document count this often ...
+PROGRESS_EVERY_S = 0.5  # ... or after this long, whichever comes first
 
 
 class SkipItem(Exception):
@@ -136,31 +138,70 @@ def iter_shard_documents(shard: Shard):
         yield from iter_source(shard.source, shard.spec)
 
 
-def process_shard(job: tuple) -> dict:
-    """Write one shard's partial dataset; its .json (written last) marks it complete."""
+class _Ticker:
+    """Counts documents and hands them to `report(n)` every PROGRESS_EVERY_DOCS documents or
+    PROGRESS_EVERY_S seconds, so the bar moves per document at the cost of one queue put per
+    batch of documents, not one per document."""
+
+    def __init__(self, report):
+        self.report, self.pending, self.last = report, 0, time.monotonic()
+
+    def tick(self) -> None:
+        self.pending += 1
+        if self.report is not None and (self.pending >= PROGRESS_EVERY_DOCS
+                                        or time.monotonic() - self.last >= PROGRESS_EVERY_S):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.report is not None and self.pending:
+            self.report(self.pending)
+        self.pending, self.last = 0, time.monotonic()
+
+
+def process_shard(job: tuple, progress=None) -> dict:
+    """Write one shard's partial dataset; its .json (written last) marks it complete.
+
+    progress: None or a callable(number of documents read since the last call)."""
     shard, part_prefix, kind, tok_path, num_special, image_size = job
     tokenizer = _tokenizer(tok_path, num_special)
     skips, named = Counter(), []
     docs_in = docs_out = 0
+    ticker = _Ticker(progress)
     writer = DocumentWriter(part_prefix, tokenizer.vocab_size, image_size)
     try:
         for doc in iter_shard_documents(shard):
             if isinstance(doc, SkipItem):
                 _count(skips, named, doc.reason, doc.name)
-                docs_in += doc.reason != "unreadable_shard"
+                if doc.reason != "unreadable_shard":
+                    docs_in += 1
+                    ticker.tick()
                 continue
             docs_in += 1
+            ticker.tick()
             items = encode_document(doc, tokenizer, image_size, skips, named)
             if items is not None:
                 writer.add_document(items)
                 docs_out += 1
     except Exception as e:  # a source that dies mid-way: keep what was read, name the shard
         _count(skips, named, "unreadable_shard", f"{shard.name} ({e.__class__.__name__}: {e})")
+    ticker.flush()
     report = {"documents_in": docs_in, "documents_out": docs_out, "images_kept": writer.num_images,
               "skipped": dict(skips), "skipped_items": named}
     writer.finalize({"kind": kind, "image_size": image_size, "tokenizer": tokenizer.fingerprint,
                      "vocab_size": tokenizer.vocab_size, "shard": shard.name, "report": report})
     return report
+
+
+_PROGRESS_QUEUE = None  # set in each pool worker: document counts go to the parent's bar
+
+
+def _init_worker(queue) -> None:
+    global _PROGRESS_QUEUE
+    _PROGRESS_QUEUE = queue
+
+
+def _process_shard_in_worker(job: tuple) -> dict:
+    return process_shard(job, _PROGRESS_QUEUE.put if _PROGRESS_QUEUE is not None else None)
 
 
 def _part_done(part_prefix: str) -> dict | None:
@@ -189,16 +230,13 @@ def preprocess(shards: list[Shard], output_prefix: str, kind: str, tokenizer_pat
         else:
             jobs.append((shard, part, kind, tokenizer_path, num_special, image_size))
     resumed = len(reports)
-    bar = _progress_bar(progress, len(shards), resumed, output_prefix)
+    bar = _progress_bar(progress, shards, reports, output_prefix)
     if workers > 1 and len(jobs) > 1:
-        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-            for job, report in zip(jobs, pool.imap(process_shard, jobs)):
-                reports[job[0].index] = report
-                _advance(bar, report)
+        _run_pool(jobs, min(workers, len(jobs)), reports, bar)
     else:
         for job in jobs:
-            reports[job[0].index] = process_shard(job)
-            _advance(bar, reports[job[0].index])
+            reports[job[0].index] = process_shard(job, bar.documents if bar else None)
+            _shard_done(bar)
     if bar is not None:
         bar.close()
     return _merge(shards, parts_dir, output_prefix, kind, tokenizer_path, num_special, image_size,
@@ -235,20 +273,67 @@ def _merge(shards, parts_dir, output_prefix, kind, tokenizer_path, num_special, 
     return report
 
 
-def _progress_bar(enabled: bool, total: int, done: int, name: str):
+def _run_pool(jobs: list, workers: int, reports: dict, bar) -> None:
+    """Shards in worker processes; their per-document counts arrive through a queue."""
+    from megatron_emu.data.indexed import _mcore
+
+    _mcore()  # import megatron-core once here, not once per forked worker
+    ctx = mp.get_context("fork")
+    # SimpleQueue: put() writes to the pipe before the worker returns its result, so once
+    # every result is in, every count is too (mp.Queue's feeder thread could lag).
+    counts = ctx.SimpleQueue() if bar is not None else None
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(counts,)) as pool:
+        pending = {job[0].index: pool.apply_async(_process_shard_in_worker, (job,)) for job in jobs}
+        while pending:
+            _drain(counts, bar)
+            done = [i for i, r in pending.items() if r.ready()]
+            for index in done:
+                reports[index] = pending.pop(index).get()  # re-raises a worker's error
+                _shard_done(bar)
+            if pending and not done:
+                next(iter(pending.values())).wait(0.1)
+        _drain(counts, bar)
+
+
+def _drain(counts, bar) -> None:
+    while counts is not None and not counts.empty():
+        bar.documents(counts.get())
+
+
+class _Bar:
+    """tqdm in documents (items/s) with shards done as a postfix."""
+
+    def __init__(self, total_docs: int | None, done_docs: int, total_shards: int, done_shards: int, name: str):
+        from tqdm import tqdm
+
+        self.shards, self.total_shards = done_shards, total_shards
+        self.tqdm = tqdm(total=total_docs, initial=done_docs, desc=os.path.basename(name), unit="doc",
+                         dynamic_ncols=True, smoothing=0.1)
+        self.tqdm.set_postfix_str(f"shards {done_shards}/{total_shards}", refresh=False)
+
+    def documents(self, n: int) -> None:
+        self.tqdm.update(n)
+
+    def shard_done(self) -> None:
+        self.shards += 1
+        self.tqdm.set_postfix_str(f"shards {self.shards}/{self.total_shards}")
+
+    def close(self) -> None:
+        self.tqdm.close()
+
+
+def _progress_bar(enabled: bool, shards: list[Shard], resumed: dict, name: str) -> _Bar | None:
     if not enabled:
         return None
-    from tqdm import tqdm
+    # Synthetic shards know their size; file shards do not (the bar then shows count and rate).
+    sizes = [s.spec[3] - s.spec[2] if s.source == "synthetic" else None for s in shards]
+    total = None if None in sizes else sum(sizes)
+    return _Bar(total, sum(r["documents_in"] for r in resumed.values()), len(shards), len(resumed), name)
 
-    return tqdm(total=total, initial=done, desc=os.path.basename(name), unit="shard", dynamic_ncols=True)
 
-
-def _advance(bar, report: dict) -> None:
-    if bar is None:
-        return
-    bar.docs = getattr(bar, "docs", 0) + report["documents_in"]
-    bar.update(1)
-    bar.set_postfix(docs=bar.docs, docs_per_s=f"{bar.docs / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+def _shard_done(bar) -> None:
+    if bar is not None:
+        bar.shard_done()
 
 
 def synthetic_shards(kind: str, num_documents: int, seed: int, docs_per_shard: int = 250) -> list[Shard]:
