@@ -136,6 +136,7 @@ def prepare_emu(config: TrainConfig, images_per_sample: int) -> dict:
     d = config.data
     micro = [train.move_batch(synthetic_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample,
                                               seed=dp_rank * 1000 + i), device) for i in range(n_micro)]
+
     def step():
         train.train_step(pmodel, optimizer, micro, config, precision)
 

@@ -52,13 +52,18 @@ def flags(row) -> str:
     return text
 
 
+def short(dims) -> str:
+    text = f"TP={dims.tp} PP={dims.pp} DP={dims.dp} {dims.sharding}"
+    return text + (f" {dims.schedule} ({dims.num_stages} stages)" if dims.pp > 1 else "")
+
+
 def table(rows, top: int) -> str:
-    head = f"{'layout':<58} {'recompute':<9} {'weights+grads+opt':>17} {'activ.':>7} {'transient':>9} {'total GiB':>9} {'fits':>4} {'tokens/s':>9} {'MFU':>5}"
+    head = f"{'layout':<44} {'recompute':<9} {'weights+grads+opt':>17} {'activ.':>7} {'transient':>9} {'total GiB':>9} {'fits':>4} {'tokens/s':>9} {'MFU':>5}"
     lines = [head, "-" * len(head)]
     for row in rows[:top]:
         m = row.memory.row()
         static = m["weights"] + m["grads"] + m["optimizer"]
-        lines.append(f"{row.dims.describe()[:58]:<58} {str(row.recompute or '-'):<9} {static:>17.2f} "
+        lines.append(f"{short(row.dims):<44} {str(row.recompute or '-'):<9} {static:>17.2f} "
                      f"{m['activations']:>7.2f} {m['transient']:>9.2f} {m['total']:>9.2f} {'yes' if row.fits else 'no':>4} "
                      f"{row.time['tokens_per_s']:>9,.0f} {row.time['mfu']:>5.1%}")
     return "\n".join(lines)
