@@ -12,15 +12,17 @@ preprocess code path (the same one as tools/preprocess_data.py) and cached.
 
 from __future__ import annotations
 
-import fcntl
 import os
+import shutil
+import tempfile
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megatron_emu.config import DataConfig
 from megatron_emu.data.blend import BatchPlan, parse_data_path, sample_index
-from megatron_emu.data.indexed import MultimodalIndexed, read_meta
+from megatron_emu.data.indexed import MultimodalIndexed, _check_files, read_meta
+from megatron_emu.data.locks import file_lock, publish
 from megatron_emu.data.samples import SeqSpec, collate, make_view
 from megatron_emu.data.tokenizer import default_cache_dir
 
@@ -153,8 +155,12 @@ def _split_view(prefix: str) -> tuple[str, str]:
 
 def ensure_synthetic_corpus(cache_dir: str, tokenizer, seed: int = 0, sizes: dict | None = None,
                             workers: int = 1) -> list[str]:
-    """Build (once, under a file lock) and return the synthetic corpus as a data_path list."""
-    from megatron_emu.data.preprocess import preprocess, synthetic_shards
+    """Build (once) and return the synthetic corpus as a data_path list.
+
+    Safe when every rank calls it at once on an empty cache: one builds under a file lock
+    while the others wait; each dataset is built under a temporary name and moved into
+    place with its .json (the completion marker) last, so no reader sees a partial file.
+    """
     from megatron_emu.data.synthetic import DEFAULT_SIZES
 
     sizes = sizes or DEFAULT_SIZES
@@ -162,20 +168,32 @@ def ensure_synthetic_corpus(cache_dir: str, tokenizer, seed: int = 0, sizes: dic
     root = os.path.join(cache_dir or default_cache_dir(), f"synthetic-{tokenizer.fingerprint}-s{seed}-{tag}")
     os.makedirs(root, exist_ok=True)
     data_path = []
-    with open(os.path.join(root, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent ranks: one builds, the others wait
-        for kind, n in sizes.items():
-            prefix = os.path.join(root, kind)
-            if not _complete(prefix):
-                preprocess(synthetic_shards(kind, n, seed), prefix, kind, tokenizer.model_path,
-                           num_special=tokenizer.num_special_tokens, workers=workers, resume=True, progress=False)
-            data_path += [str(SYNTHETIC_WEIGHTS[kind]), prefix]
+    for kind, n in sizes.items():
+        prefix = os.path.join(root, kind)
+        if not _complete(prefix):
+            with file_lock(os.path.join(root, ".lock")):
+                if not _complete(prefix):  # another rank may have built it while we waited
+                    _build_synthetic(root, prefix, kind, n, seed, tokenizer, workers)
+        data_path += [str(SYNTHETIC_WEIGHTS[kind]), prefix]
     return data_path
+
+
+def _build_synthetic(root: str, prefix: str, kind: str, n: int, seed: int, tokenizer, workers: int) -> None:
+    from megatron_emu.data.preprocess import preprocess, synthetic_shards
+
+    tmp = tempfile.mkdtemp(dir=root, prefix=f".building-{kind}-")
+    try:
+        tmp_prefix = os.path.join(tmp, kind)
+        preprocess(synthetic_shards(kind, n, seed), tmp_prefix, kind, tokenizer.model_path,
+                   num_special=tokenizer.num_special_tokens, workers=workers, progress=False)
+        publish(tmp_prefix, prefix, (".bin", ".idx", ".report.json", ".json"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _complete(prefix: str) -> bool:
     try:
-        read_meta(prefix)
-        return os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx")
-    except ValueError:
+        _check_files(prefix, read_meta(prefix))  # sizes as recorded: not truncated, not mixed
+        return True
+    except (ValueError, KeyError):
         return False

@@ -91,14 +91,25 @@ def build_tiny_tokenizer(cache_dir: str = "") -> str:
     """Train (once, cached) the tiny preset's sentencepiece model; return its path.
 
     Deterministic: fixed corpus (synthetic text, seed 0), one thread, no sampling.
+    Safe when several processes call it at once on an empty cache.
     """
-    from megatron_emu.data.synthetic import corpus_text
+    from megatron_emu.data.locks import file_lock
 
     cache_dir = cache_dir or default_cache_dir()
     path = os.path.join(cache_dir, f"tiny_spm_{TINY_VOCAB_SIZE}.model")
     if os.path.exists(path):
         return path
-    os.makedirs(cache_dir, exist_ok=True)
+    # Concurrent first runs (several ranks): one trains, the others wait and reuse its file
+    # (the proto records its training paths, so two builds would differ in bytes).
+    with file_lock(path + ".lock"):
+        if not os.path.exists(path):
+            _train_tiny(cache_dir, path)
+    return path
+
+
+def _train_tiny(cache_dir: str, path: str) -> None:
+    from megatron_emu.data.synthetic import corpus_text
+
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         text_path = os.path.join(tmp, "corpus.txt")
         with open(text_path, "w") as f:
@@ -109,8 +120,7 @@ def build_tiny_tokenizer(cache_dir: str = "") -> str:
             bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, input_sentence_size=0,
             shuffle_input_sentence=False,
         )
-        os.replace(os.path.join(tmp, "tiny.model"), path)  # atomic: concurrent builders agree
-    return path
+        os.replace(os.path.join(tmp, "tiny.model"), path)  # atomic: never seen half-written
 
 
 # A little general English so that prompts outside the synthetic vocabulary still
