@@ -115,22 +115,30 @@ def _tar_caption(files: dict[str, bytes]) -> str:
 
 
 def _parquet(path: str):
+    """Streamed in record batches of the two needed columns: LAION parquet shards with
+    embedded image bytes are too big to load whole, and carry many other columns."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    table = pq.read_table(path)
-    cols = table.column_names
+    table = pq.ParquetFile(path)
+    cols = table.schema_arrow.names
     image_col = next((c for c in ("image", "image_path", "jpg", "png") if c in cols), None)
     text_col = next((c for c in ("caption", "text", "TEXT", "txt") if c in cols), None)
     if image_col is None or text_col is None:
         raise ValueError(f"{path}: parquet needs an image and a caption column, has {cols}")
-    for n, (image, caption) in enumerate(zip(table[image_col].to_pylist(), table[text_col].to_pylist())):
-        if isinstance(image, dict):  # HF datasets style {"bytes": ..., "path": ...}
-            image = image.get("bytes") or image.get("path")
-        if isinstance(image, str):
-            image = _resolve(path, image)
-        yield RawDocument("pairs", [("text", caption or ""), ("image", image)], f"{path}:row{n}")
+    n = 0
+    for batch in table.iter_batches(batch_size=256, columns=[image_col, text_col]):
+        for image, caption in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            if isinstance(image, dict):  # HF datasets style {"bytes": ..., "path": ...}
+                image = image.get("bytes") or image.get("path")
+            if isinstance(image, str):
+                image = _resolve(path, image)
+            if image is None:
+                yield SkipItem("missing_file", f"{path}:row{n} (no image)")
+            else:
+                yield RawDocument("pairs", [("text", caption or ""), ("image", image)], f"{path}:row{n}")
+            n += 1
 
 
 # --- interleaved documents (MMC4) -----------------------------------------------------------
@@ -204,13 +212,32 @@ def _decode_video(video: str):
         raise SkipItem("missing_decoder", f"{video} (install PyAV: pip install av)") from None
     try:
         with av.open(video) as container:
-            decoded = [(float(f.time or 0.0), f.to_image()) for f in container.decode(video=0)]
+            stated = container.streams.video[0].frames  # from the header; 0 when unknown
+            picked = _decode_picks(container, stated) if stated >= NUM_FRAMES else None
+        if picked is None:  # no (or a wrong) frame count in the header: keep every frame
+            with av.open(video) as container:
+                decoded = [(float(f.time or 0.0), f.to_image()) for f in container.decode(video=0)]
+            if len(decoded) < NUM_FRAMES:
+                raise SkipItem("too_few_frames", f"{video} ({len(decoded)} frames)")
+            picked = [decoded[i] for i in sample_positions(len(decoded))]
+    except SkipItem:
+        raise
     except Exception as e:  # PyAV raises its own error family for broken files
         raise SkipItem("corrupt_video", f"{video} ({e.__class__.__name__})") from None
-    if len(decoded) < NUM_FRAMES:
-        raise SkipItem("too_few_frames", f"{video} ({len(decoded)} frames)")
-    picks = sample_positions(len(decoded))
-    return [decoded[i][1] for i in picks], [decoded[i][0] for i in picks]
+    return [f for _, f in picked], [t for t, _ in picked]
+
+
+def _decode_picks(container, num_frames: int):
+    """Decode up to the last sampled frame, converting only the sampled ones to images
+    (a 30 s clip has hundreds of frames); None if the stream ends early."""
+    picks = sample_positions(num_frames)
+    out = []
+    for i, frame in enumerate(container.decode(video=0)):
+        if i == picks[len(out)]:
+            out.append((float(frame.time or 0.0), frame.to_image()))
+            if len(out) == len(picks):
+                return out
+    return None
 
 
 _TIME = r"(\d+):(\d\d):(\d\d)[,.](\d{3})"
