@@ -36,19 +36,37 @@ def _timed(registry: dict, key: str, fn):
     return wrapper
 
 
-def child_export(ckpt: str, out: str, shard: int) -> dict:
+def padded_tokenizer(vocab: int, path: str) -> str:
+    """The tiny sentencepiece model grown to `vocab` pieces (rare made-up words), so the
+    tokenizer conversion runs at the preset's real vocabulary size."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    from megatron_emu.data.tokenizer import build_tiny_tokenizer
+
+    model = sentencepiece_model_pb2.ModelProto()
+    with open(build_tiny_tokenizer(), "rb") as f:
+        model.ParseFromString(f.read())
+    lowest = min(p.score for p in model.pieces)
+    for i in range(vocab - len(model.pieces)):
+        model.pieces.add(piece=f"\u2581zq{i}", score=lowest - 1 - i * 1e-3)
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return path
+
+
+def child_export(ckpt: str, out: str, shard: int, preset: str) -> dict:
     times: dict[str, float] = {}
     start = time.perf_counter()
     import transformers  # noqa: F401  (a fixed cost of every export)
 
     times["import transformers"] = time.perf_counter() - start
+    from megatron_emu.config import get_preset
     from megatron_emu.convert import export, streams
-    from megatron_emu.data.tokenizer import build_tiny_tokenizer
 
     export.export_tokenizer = _timed(times, "tokenizer", export.export_tokenizer)
     streams.DCPSource.read = _timed(times, "read DCP", streams.DCPSource.read)
     streams.write_shard = _timed(times, "write safetensors", streams.write_shard)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = padded_tokenizer(get_preset(preset).llm.base_vocab_size, os.path.join(os.path.dirname(out), "sp.model"))
     begin = time.perf_counter()
     export.export_hf(ckpt, out, tokenizer, max_shard_bytes=shard)
     times["export_hf total"] = time.perf_counter() - begin
@@ -136,22 +154,26 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default="/tmp/convert-benchmark")
     p.add_argument("--shard", default=1, type=float, help="GiB per shard / import group")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="keep WORKDIR/ckpt from an earlier run (skip make)")
     p.add_argument("--child", nargs="+")
     args = p.parse_args(argv)
     shard = int(args.shard * GiB)
     if args.child:
         kind, *rest = args.child
-        fn = {"export": lambda: child_export(rest[0], rest[1], shard), "import": lambda: child_import(rest[0], rest[1], args.preset, shard),
+        fn = {"export": lambda: child_export(rest[0], rest[1], shard, args.preset), "import": lambda: child_import(rest[0], rest[1], args.preset, shard),
               "make": lambda: child_make(rest[0], args.preset), "raw": lambda: child_raw(rest[0], int(rest[1]), shard)}[kind]
         print(json.dumps(fn()))
         return
     w = args.workdir
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(w)
-    os.makedirs(w)
     paths = {k: os.path.join(w, k) for k in ("ckpt", "hf", "back", "raw")}
+    for key, path in paths.items():
+        if not (key == "ckpt" and args.reuse):
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(path)
+    os.makedirs(w, exist_ok=True)
     report = {"preset": args.preset, "shard GiB": args.shard}
-    report["make"] = run_child("make", paths["ckpt"])
+    if not args.reuse:
+        report["make"] = run_child("make", paths["ckpt"])
     report["checkpoint bytes"] = directory_bytes(paths["ckpt"])
     report["export"] = run_child("export", paths["ckpt"], paths["hf"])
     report["export"]["bytes"] = directory_bytes(paths["hf"])
