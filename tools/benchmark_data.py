@@ -1,20 +1,24 @@
 #!/usr/bin/env python
 """Data-only benchmark: loader samples/s and tokens/s per CPU core for each sample type,
-and preprocess documents/s. `tools/benchmark_throughput.py --data-only` calls
+and preprocess documents/s (synthetic pairs, and real JPEG input: a WebDataset tar of
+LAION-like JPEGs generated here). `tools/benchmark_throughput.py --data-only` calls
 run_data_benchmark().
 
 The loader runs in the main process (num_workers=0), so samples/s is per core; with
 N DataLoader workers the loader scales with the cores given to it.
 
   python tools/benchmark_data.py --seq-length 1024 --micro-batch-size 8 --num-batches 40
+  python tools/benchmark_data.py --jpeg-images 2000 --jpeg-size 500x400 --jpeg-only
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -32,6 +36,10 @@ def parse_args(argv):
     p.add_argument("--corpus-docs", type=int, default=400, help="synthetic documents per kind for the loader test")
     p.add_argument("--preprocess-docs", type=int, default=200, help="synthetic pair documents for preprocess timing")
     p.add_argument("--preprocess-workers", type=int, default=1)
+    p.add_argument("--jpeg-images", type=int, default=2000, help="JPEGs in the generated WebDataset tars (0: skip)")
+    p.add_argument("--jpeg-size", default="500x400", help="WxH of the generated JPEGs (LAION-like)")
+    p.add_argument("--jpeg-shards", type=int, default=4)
+    p.add_argument("--jpeg-only", action="store_true", help="only the JPEG preprocess measurement")
     p.add_argument("--json", default="", help="also write the results here")
     return p.parse_args(argv)
 
@@ -57,48 +65,106 @@ def _time_loader(data_path, tok, args, label):
             "images_per_s_per_core": round(images / dt, 1), "samples": samples}
 
 
+def make_jpeg_shards(out_dir: str, num_images: int, size: tuple[int, int], num_shards: int, seed: int = 0):
+    """WebDataset tars of photo-like JPEGs (smooth colour fields plus sensor-like noise, so
+    entropy decoding does real work) with .txt captions. Returns (paths, mean JPEG bytes)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    paths, total = [], 0
+    for s in range(num_shards):
+        path = os.path.join(out_dir, f"{s:05d}.tar")
+        with tarfile.open(path, "w") as tar:
+            for i in range(s, num_images, num_shards):
+                coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+                pixels = np.asarray(coarse, dtype=np.int16) + rng.normal(0, 6, (h, w, 3)).astype(np.int16)
+                buf = io.BytesIO()
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+                total += buf.tell()
+                caption = f"a photo number {i} of a colourful scene with soft light".encode()
+                for name, payload in ((f"{i:08d}.jpg", buf.getvalue()), (f"{i:08d}.txt", caption)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        paths.append(path)
+    return paths, total / max(num_images, 1)
+
+
+def _time_jpeg_preprocess(args, tok, tmp) -> dict:
+    from megatron_emu.data.indexed import _mcore
+    from megatron_emu.data.preprocess import Shard, preprocess
+
+    w, h = (int(x) for x in args.jpeg_size.lower().split("x"))
+    src = os.path.join(tmp, "jpeg_shards")
+    os.makedirs(src, exist_ok=True)
+    paths, mean_bytes = make_jpeg_shards(src, args.jpeg_images, (w, h), args.jpeg_shards)
+    shards = [Shard(i, "pairs", p, p) for i, p in enumerate(paths)]
+    _mcore()  # its import (seconds) is not preprocessing work
+    t0 = time.perf_counter()
+    report = preprocess(shards, os.path.join(tmp, "bench_jpeg"), "pairs", tok.model_path,
+                        workers=args.preprocess_workers, progress=False)
+    dt = time.perf_counter() - t0
+    if report["documents_out"] != args.jpeg_images:
+        raise RuntimeError(f"JPEG benchmark lost documents: {report['skipped']}")
+    per_s = report["documents_out"] / dt
+    return {"input": f"WebDataset tars of {w}x{h} JPEG (q90, mean {mean_bytes / 1024:.0f} KiB) + caption",
+            "documents": report["documents_out"], "workers": args.preprocess_workers, "shards": len(paths),
+            "documents_per_s": round(per_s, 1), "documents_per_s_per_core": round(per_s / args.preprocess_workers, 1)}
+
+
 def run_data_benchmark(args_list: list[str] | None = None) -> dict:
-    """Runs the benchmark; returns {"loader": [...], "preprocess": {...}, ...}."""
+    """Runs the benchmark; returns {"loader": [...], "preprocess": {...}, "preprocess_jpeg": {...}, ...}."""
     args = parse_args(args_list or [])
     import numpy
+    import PIL
     import torch
 
-    from megatron_emu.data.loader import ensure_synthetic_corpus
-    from megatron_emu.data.preprocess import preprocess, synthetic_shards
     from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
 
     torch.set_num_threads(1)
+    result = {"seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
+              "target_samples_per_s_per_core": TARGET_SAMPLES_PER_S_PER_CORE}
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or tmp
         tok = EmuTokenizer(build_tiny_tokenizer(cache))
-        n = args.corpus_docs
-        data_path = ensure_synthetic_corpus(cache, tok, sizes={"pairs": n, "interleaved": n // 4, "video": n // 4})
-        prefixes = dict(zip(["pairs", "interleaved", "video"], data_path[1::2]))
-        loader = [
-            _time_loader([prefixes["pairs"]], tok, args, "image-text pair"),
-            _time_loader([prefixes["interleaved"]], tok, args, "interleaved (<=5 images)"),
-            _time_loader([prefixes["interleaved"] + ":pairs"], tok, args, "interleaved 5-pair view"),
-            _time_loader([prefixes["video"]], tok, args, "video (8 frames)"),
-            _time_loader(data_path, tok, args, "mixed 8:2:1"),
-        ]
-        t0 = time.perf_counter()
-        report = preprocess(synthetic_shards("pairs", args.preprocess_docs, seed=1, docs_per_shard=50),
-                            os.path.join(tmp, "bench_pairs"), "pairs", tok.model_path,
-                            workers=args.preprocess_workers, progress=False)
-        dt = time.perf_counter() - t0
-    result = {
-        "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
-        "target_samples_per_s_per_core": TARGET_SAMPLES_PER_S_PER_CORE,
-        "loader": loader,
-        "preprocess": {"input": "synthetic pairs (render + tokenize + resize + write)", "documents": args.preprocess_docs,
-                       "workers": args.preprocess_workers, "documents_per_s": round(args.preprocess_docs / dt, 1)},
-        "versions": {"torch": torch.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0]},
-        "cpu": _cpu_name(), "date": time.strftime("%Y-%m-%d"),
-    }
+        if not args.jpeg_only:
+            result.update(_loader_and_synthetic_preprocess(args, tok, cache, tmp))
+        if args.jpeg_images:
+            result["preprocess_jpeg"] = _time_jpeg_preprocess(args, tok, tmp)
+    result["versions"] = {"torch": torch.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__,
+                          "python": sys.version.split()[0]}
+    result.update(cpu=_cpu_name(), date=time.strftime("%Y-%m-%d"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+def _loader_and_synthetic_preprocess(args, tok, cache, tmp) -> dict:
+    from megatron_emu.data.loader import ensure_synthetic_corpus
+    from megatron_emu.data.preprocess import preprocess, synthetic_shards
+
+    n = args.corpus_docs
+    data_path = ensure_synthetic_corpus(cache, tok, sizes={"pairs": n, "interleaved": n // 4, "video": n // 4})
+    prefixes = dict(zip(["pairs", "interleaved", "video"], data_path[1::2]))
+    loader = [
+        _time_loader([prefixes["pairs"]], tok, args, "image-text pair"),
+        _time_loader([prefixes["interleaved"]], tok, args, "interleaved (<=5 images)"),
+        _time_loader([prefixes["interleaved"] + ":pairs"], tok, args, "interleaved 5-pair view"),
+        _time_loader([prefixes["video"]], tok, args, "video (8 frames)"),
+        _time_loader(data_path, tok, args, "mixed 8:2:1"),
+    ]
+    t0 = time.perf_counter()
+    preprocess(synthetic_shards("pairs", args.preprocess_docs, seed=1, docs_per_shard=50),
+               os.path.join(tmp, "bench_pairs"), "pairs", tok.model_path,
+               workers=args.preprocess_workers, progress=False)
+    dt = time.perf_counter() - t0
+    return {"loader": loader,
+            "preprocess": {"input": "synthetic pairs (render + tokenize + resize + write)",
+                           "documents": args.preprocess_docs, "workers": args.preprocess_workers,
+                           "documents_per_s": round(args.preprocess_docs / dt, 1)}}
 
 
 def _cpu_name() -> str:
@@ -114,12 +180,17 @@ def _cpu_name() -> str:
 
 def main():
     result = run_data_benchmark(sys.argv[1:])
-    print(f"{'sample type':28s} {'samples/s/core':>15s} {'tokens/s/core':>14s} {'images/s/core':>14s}")
-    for r in result["loader"]:
-        print(f"{r['type']:28s} {r['samples_per_s_per_core']:15.1f} {r['tokens_per_s_per_core']:14d} "
-              f"{r['images_per_s_per_core']:14.1f}")
-    p = result["preprocess"]
-    print(f"preprocess: {p['documents_per_s']} documents/s ({p['input']}, {p['workers']} worker(s))")
+    if "loader" in result:
+        print(f"{'sample type':28s} {'samples/s/core':>15s} {'tokens/s/core':>14s} {'images/s/core':>14s}")
+        for r in result["loader"]:
+            print(f"{r['type']:28s} {r['samples_per_s_per_core']:15.1f} {r['tokens_per_s_per_core']:14d} "
+                  f"{r['images_per_s_per_core']:14.1f}")
+        p = result["preprocess"]
+        print(f"preprocess: {p['documents_per_s']} documents/s ({p['input']}, {p['workers']} worker(s))")
+    if "preprocess_jpeg" in result:
+        p = result["preprocess_jpeg"]
+        print(f"preprocess JPEG: {p['documents_per_s_per_core']} documents/s/core ({p['input']}, "
+              f"{p['workers']} worker(s))")
     print(json.dumps(result))
 
 
