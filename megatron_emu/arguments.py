@@ -4,10 +4,12 @@ Each concern adds its flags in its own function and reads them back in `to_confi
 """
 
 import argparse
+import dataclasses
 
 from megatron_emu.config import (
     CheckpointConfig,
     DataConfig,
+    ModelConfig,
     OptimizerConfig,
     ParallelConfig,
     PerformanceConfig,
@@ -22,6 +24,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (default: tiny)")
     g.add_argument("--l2-loss-weight", type=float, default=1.0, help="lambda in CE + lambda * l2")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                   help="pad the embedding/LM-head rows to a multiple of this (Megatron; e.g. 128 so TP=8 "
+                        "splits them); padded ids are never predicted (default: the preset's, 1 = unpadded)")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -159,7 +164,7 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
     fill_recipe_defaults(args)
     return TrainConfig(
         preset=args.preset,
-        model=get_preset(args.preset),
+        model=model_config(args),
         data=DataConfig(
             data_path=list(args.data_path),
             seq_length=args.seq_length,
@@ -196,6 +201,16 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
         log_interval=args.log_interval,
         device=args.device,
     )
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    model = get_preset(args.preset)
+    multiple = args.make_vocab_size_divisible_by
+    if multiple is None:
+        return model
+    if multiple < 1:
+        raise ValueError(f"--make-vocab-size-divisible-by must be >= 1, got {multiple}")
+    return dataclasses.replace(model, llm=dataclasses.replace(model.llm, make_vocab_size_divisible_by=multiple))
 
 
 def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:

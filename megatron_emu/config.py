@@ -107,10 +107,19 @@ class LLaMAConfig:
     max_positions: int = 2048
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    # Megatron's --make-vocab-size-divisible-by: the embedding and LM head get
+    # padded_vocab_size rows (so TP can split them evenly); padded ids are never
+    # predicted (the losses drop their logits). 1 = no padding, rows map 1:1 to HF.
+    make_vocab_size_divisible_by: int = 1
 
     @property
     def vocab_size(self) -> int:
         return self.base_vocab_size + self.num_special_tokens
+
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // multiple) * multiple
 
     @property
     def head_dim(self) -> int:

@@ -25,6 +25,7 @@ from megatron_emu.convert.streams import DCPSource, SafetensorsSource, atomic_ou
 
 VISUAL_DIR = "visual"
 VISUAL_FORMAT = "megatron_emu.emu-visual/1"
+VOCAB_ROWS = ("llm.tok_embeddings.weight", "llm.output.weight")  # our names
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
@@ -72,13 +73,16 @@ def export_tokenizer(sp_model: str, llm: LLaMAConfig, directory: str) -> dict[st
     return ids
 
 
-def _stream_shards(source: DCPSource, groups, rename, dtype):
+def _stream_shards(source: DCPSource, groups, rename, dtype, vocab: int | None = None):
     for group in groups:
         tensors = source.read(group)
+        if vocab is not None:  # drop the --make-vocab-size-divisible-by padding rows
+            tensors = {n: t[:vocab] if n in VOCAB_ROWS else t for n, t in tensors.items()}
         yield {rename(n): (t.to(dtype) if dtype is not None and t.is_floating_point() else t) for n, t in tensors.items()}
 
 
-def _export_group(source: DCPSource, names: list[str], rename, directory: str, max_shard_bytes: int, dtype) -> None:
+def _export_group(source: DCPSource, names: list[str], rename, directory: str, max_shard_bytes: int, dtype,
+                  vocab: int | None = None) -> None:
     scale = 1.0 if dtype is None else None
     sizes = []
     for n in names:
@@ -87,19 +91,22 @@ def _export_group(source: DCPSource, names: list[str], rename, directory: str, m
             size = size // source.entries[n].properties.dtype.itemsize * dtype.itemsize
         sizes.append((n, size))
     groups = plan_shards(sizes, max_shard_bytes)
-    write_sharded(directory, _stream_shards(source, groups, rename, dtype), len(groups), sum(s for _, s in sizes))
+    write_sharded(directory, _stream_shards(source, groups, rename, dtype, vocab), len(groups), sum(s for _, s in sizes))
 
 
 def export_hf(checkpoint: str, output: str, tokenizer_model: str, max_shard_bytes: int = 5 * 2**30, dtype=None) -> None:
     """Our DCP checkpoint (any layout) -> `output` (nothing is left there on failure)."""
     source = DCPSource(checkpoint)
     config = model_config_from_dict(source.record["config"]["model"])
+    padded = config.llm.padded_vocab_size != config.llm.vocab_size
+    # Hugging Face gets the real vocabulary only: padding rows are dropped on export.
+    config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, make_vocab_size_divisible_by=1))
     llm_names = [n for n in source.entries if llama_to_hf(n) is not None]
     visual_names = [n for n in source.entries if llama_to_hf(n) is None]
     with atomic_output_dir(output) as tmp:
         ids = export_tokenizer(tokenizer_model, config.llm, tmp)
         hf_llama_config(config.llm, ids).save_pretrained(tmp)
-        _export_group(source, llm_names, llama_to_hf, tmp, max_shard_bytes, dtype)
+        _export_group(source, llm_names, llama_to_hf, tmp, max_shard_bytes, dtype, config.llm.vocab_size if padded else None)
         os.makedirs(os.path.join(tmp, VISUAL_DIR))
         _export_group(source, visual_names, lambda n: n, os.path.join(tmp, VISUAL_DIR), max_shard_bytes, dtype)
         with open(os.path.join(tmp, VISUAL_DIR, "config.json"), "w") as f:

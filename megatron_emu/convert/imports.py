@@ -59,9 +59,10 @@ def check_hf_llama_config(path: str, config: ModelConfig) -> None:
 def _fit_vocab(name: str, tensor: torch.Tensor, target: torch.Tensor, source: str, llm) -> torch.Tensor:
     """Grow a base-vocabulary embedding / LM head by the added tokens (mean of old rows)."""
     if name in _VOCAB_ROWS and tensor.shape[0] != target.shape[0]:
-        if tensor.shape[0] != llm.base_vocab_size or tensor.shape[1:] != target.shape[1:]:
+        if tensor.shape[0] not in (llm.base_vocab_size, llm.vocab_size) or tensor.shape[1:] != target.shape[1:]:
             raise ValueError(f"{source}: vocab mismatch: {name} has {tensor.shape[0]} rows, the model has "
                              f"{llm.base_vocab_size} pieces + {llm.num_special_tokens} added tokens")
+        # Added tokens (and --make-vocab-size-divisible-by padding): mean of the old rows.
         return resize_token_embeddings(tensor, target.shape[0])
     return tensor
 

@@ -85,10 +85,11 @@ class LLaMA(nn.Module):
     def __init__(self, config: LLaMAConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden)
+        # padded_vocab_size rows: --make-vocab-size-divisible-by (== vocab_size by default).
+        self.tok_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(config) for i in range(config.layers)})
         self.norm = RMSNorm(config.hidden, config.norm_eps)
-        self.output = nn.Linear(config.hidden, config.vocab_size, bias=False)
+        self.output = nn.Linear(config.hidden, config.padded_vocab_size, bias=False)
         # Not persistent: recomputed on load and after meta-device materialisation.
         self.register_buffer("rope", self._rope_tables(), persistent=False)
 

@@ -32,9 +32,11 @@ def regression_mask(tokens: torch.Tensor, special: SpecialTokens) -> torch.Tenso
     return (current == special.img_start) | (current == special.image)
 
 
-def cross_entropy_loss(logits: torch.Tensor, tokens: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
+def cross_entropy_loss(logits: torch.Tensor, tokens: torch.Tensor, special: SpecialTokens,
+                       vocab_size: int | None = None) -> torch.Tensor:
+    """vocab_size: the real vocabulary; padded LM-head columns beyond it are dropped."""
     labels = text_labels(tokens, special)  # (B, S-1)
-    logits = logits[:, :-1].float()  # (B, S-1, V)
+    logits = logits[:, :-1, :vocab_size].float()  # (B, S-1, V)
     if not (labels != -100).any():
         return logits.sum() * 0.0  # keeps the graph; no text to train on
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -49,7 +51,8 @@ def l2_regression_loss(regression: torch.Tensor, inputs: torch.Tensor, tokens: t
     return F.mse_loss(predicted, target)
 
 
-def emu_loss(logits, regression, inputs, tokens, special: SpecialTokens, l2_weight: float = 1.0) -> EmuLoss:
-    lm = cross_entropy_loss(logits, tokens, special)
+def emu_loss(logits, regression, inputs, tokens, special: SpecialTokens, l2_weight: float = 1.0,
+             vocab_size: int | None = None) -> EmuLoss:
+    lm = cross_entropy_loss(logits, tokens, special, vocab_size)
     l2 = l2_regression_loss(regression, inputs, tokens, special)
     return EmuLoss(lm + l2_weight * l2, lm, l2)

@@ -53,22 +53,21 @@ def gradient_sync(parts: list[nn.Module], enabled: bool) -> contextlib.AbstractC
 def reduce_partial_grads(parts: list[nn.Module], pmesh: ParallelMesh | None) -> None:
     """Sum the sequence-parallel norms' weight gradients over TP (each TP rank saw S/TP tokens).
 
-    Plain TP leaves them as Partial DTensors: redistribute to the parameter's placement.
-    FSDP2 reduce-scatters the local partial sums over DP but labels the result
-    Replicate on TP; reduce-scatter is linear, so an all-reduce over TP afterwards
-    completes the sum.
+    Plain TP leaves them as Partial DTensors: redistribute to the parameter's placement
+    (one all-reduce over TP). Under FSDP2/DDP (fully_shard) nothing is left to do: FSDP2
+    redistributes a Partial gradient to the parameter's TP placement itself before its
+    reduce-scatter over DP, so reducing again here would double it (the parity tests
+    TP2+SP x DP2 FSDP2 and TP2+SP x PP2 x DP2 check this).
     """
     if pmesh is None or not pmesh.dims.sequence_parallel:
         return
     for part in parts:
         for name, p in part.named_parameters():
             g = p.grad
-            if not isinstance(g, DTensor) or not is_sequence_parallel_norm(name):
-                continue
-            if any(pl.is_partial() for pl in g.placements):
+            if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+                if not is_sequence_parallel_norm(name):
+                    raise RuntimeError(f"{name}: unexpected Partial gradient {g.placements}")
                 p.grad = g.redistribute(g.device_mesh, p.placements)
-            else:
-                dist.all_reduce(g.to_local(), group=pmesh.tp_mesh.get_group())
 
 
 def is_sequence_parallel_norm(name: str) -> bool:

@@ -6,25 +6,40 @@
 - l2: the regression output is sharded along the hidden dim. Each rank sums the
   squared error of its columns; the sum is a Partial DTensor reduced over TP, then
   divided by (positions x hidden), exactly F.mse_loss's mean.
-Without TP the tensors are plain and model/loss.py runs unchanged.
+- Padded vocabulary (--make-vocab-size-divisible-by): each rank sets the logits of
+  its padded columns to -inf (no communication), so they never take probability mass.
+Without TP the tensors are plain and model/loss.py runs unchanged (it slices them off).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor, Partial
+from torch.distributed.tensor import DTensor, Partial, Shard
 
 from megatron_emu.config import SpecialTokens
 from megatron_emu.model.loss import EmuLoss, cross_entropy_loss, emu_loss, regression_mask
 
 
-def mixed_loss(logits, regression, inputs, tokens, special: SpecialTokens, l2_weight: float = 1.0) -> EmuLoss:
+def mixed_loss(logits, regression, inputs, tokens, special: SpecialTokens, l2_weight: float = 1.0,
+               vocab_size: int | None = None) -> EmuLoss:
+    """vocab_size: the real vocabulary (logits may carry padded columns beyond it)."""
     if not isinstance(logits, DTensor):
-        return emu_loss(logits, regression, inputs, tokens, special, l2_weight)
+        return emu_loss(logits, regression, inputs, tokens, special, l2_weight, vocab_size)
+    if vocab_size is not None and logits.shape[-1] > vocab_size:
+        logits = mask_padded_vocab(logits, vocab_size)
     lm = cross_entropy_loss(logits, tokens, special)  # vocab-parallel under loss_parallel()
     lm = lm.full_tensor() if isinstance(lm, DTensor) else lm
     l2 = sharded_l2_loss(regression, inputs, tokens, special)
     return EmuLoss(lm + l2_weight * l2, lm, l2)
+
+
+def mask_padded_vocab(logits: DTensor, vocab_size: int) -> DTensor:
+    """logits: (B, S, V_padded) sharded on V over TP; columns >= vocab_size -> -inf, locally."""
+    local = logits.to_local()  # (B, S, V_padded/TP)
+    start = logits.device_mesh.get_local_rank() * local.shape[-1]  # even split: validated
+    padded = torch.arange(start, start + local.shape[-1], device=local.device) >= vocab_size  # (V_padded/TP,)
+    masked = local.masked_fill(padded, float("-inf"))
+    return DTensor.from_local(masked, logits.device_mesh, [Shard(-1)], run_check=False)
 
 
 def sharded_l2_loss(regression: DTensor, inputs: torch.Tensor, tokens: torch.Tensor, special: SpecialTokens) -> torch.Tensor:

@@ -76,9 +76,12 @@ class ParallelDims:
     def validate(self, model: ModelConfig, data: DataConfig) -> int:
         """Check heads, hidden sizes and batch against the layout; returns micro-batches per DP rank."""
         llm = model.llm
-        for name, value in (("LLaMA heads", llm.heads), ("vocabulary size", llm.vocab_size), ("LLaMA FFN", llm.ffn_dim)):
+        for name, value in (("LLaMA heads", llm.heads), ("LLaMA FFN", llm.ffn_dim)):
             if value % self.tp:
                 raise ValueError(f"{name} {value} is not divisible by --tensor-model-parallel-size {self.tp}")
+        if llm.padded_vocab_size % self.tp:
+            raise ValueError(f"vocabulary size {llm.padded_vocab_size} is not divisible by --tensor-model-parallel-size "
+                             f"{self.tp}: pad it with --make-vocab-size-divisible-by (e.g. 128)")
         if self.sequence_parallel and data.seq_length % self.tp:
             raise ValueError(f"--seq-length {data.seq_length} is not divisible by TP {self.tp} (--sequence-parallel)")
         g, m = data.global_batch_size, data.micro_batch_size

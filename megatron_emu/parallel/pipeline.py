@@ -97,7 +97,7 @@ class EmuStage(nn.Module):
         if not self.is_last:
             return inputs, carried
         _, tokens, targets = carried
-        logits = meta(batch, seq, self.config.llm.vocab_size // tp, grad=True)  # local shards
+        logits = meta(batch, seq, self.config.llm.padded_vocab_size // tp, grad=True)  # local shards
         regression = meta(batch, seq, hidden // tp, grad=True)
         return inputs, (logits, regression, targets, tokens)
 

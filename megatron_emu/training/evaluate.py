@@ -18,13 +18,14 @@ def image_grounding(model: Emu, batches: list[dict], special: SpecialTokens) -> 
     was_training = model.training
     model.eval()
     true_ce, shuffled_ce = [], []
+    vocab = model.config.llm.vocab_size  # padded LM-head rows are never predicted
     for batch in batches:
         tokens, images = batch["tokens"], batch["images"]
         if images.shape[0] < 2:
             continue
-        true_ce.append(cross_entropy_loss(model(tokens, images).logits, tokens, special))
+        true_ce.append(cross_entropy_loss(model(tokens, images).logits, tokens, special, vocab))
         shuffled = images.roll(1, dims=0)
-        shuffled_ce.append(cross_entropy_loss(model(tokens, shuffled).logits, tokens, special))
+        shuffled_ce.append(cross_entropy_loss(model(tokens, shuffled).logits, tokens, special, vocab))
     model.train(was_training)
     if not true_ce:
         raise ValueError("image_grounding needs micro-batches with at least two images")

@@ -121,11 +121,11 @@ def build_parallel_optimizer(pmodel: ParallelModel, config: OptimizerConfig) -> 
 # ---------------------------------------------------------------------------
 def pipeline_loss_fn(losses: list, config: TrainConfig):
     """The last stage's loss: the schedule calls it per micro-batch with the stage outputs."""
-    special = config.model.special_tokens
+    special, vocab = config.model.special_tokens, config.model.llm.vocab_size
 
     def loss_fn(outputs, _index):
         logits, regression, targets, tokens = outputs
-        loss = mixed_loss(logits, regression, targets, tokens, special, config.l2_loss_weight)
+        loss = mixed_loss(logits, regression, targets, tokens, special, config.l2_loss_weight, vocab)
         losses.append((loss.lm.detach(), loss.l2.detach()))
         return loss.total
 
@@ -138,12 +138,12 @@ def forward_backward(pmodel: ParallelModel, microbatches: list[dict], config: Tr
         with precision.autocast():
             pmodel.schedule.step(microbatches)  # grads scaled by 1/n inside
         return
-    special, n = config.model.special_tokens, len(microbatches)
+    special, n, vocab = config.model.special_tokens, len(microbatches), config.model.llm.vocab_size
     for i, batch in enumerate(microbatches):
         gradient_sync(pmodel.parts, enabled=i == n - 1)  # DP reduces once, on the last one
         with precision.autocast():
             out = pmodel.parts[0](batch["tokens"], batch["images"])
-            loss = mixed_loss(*out, batch["tokens"], special, config.l2_loss_weight)
+            loss = mixed_loss(*out, batch["tokens"], special, config.l2_loss_weight, vocab)
         precision.backward(loss.total / n)
         pmodel.losses.append((loss.lm.detach(), loss.l2.detach()))
 
