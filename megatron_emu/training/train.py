@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from tqdm import tqdm
 
 from megatron_emu.config import OptimizerConfig, TrainConfig
-from megatron_emu.data.loader import build_pretrain_loader
+from megatron_emu.data.loader import build_pretrain_loader, ensure_synthetic_corpus
 from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
 from megatron_emu.kernels import apply_fused_norms, build_adamw
 from megatron_emu.model.attention import configure_attention
@@ -79,6 +80,23 @@ def load_tokenizer(config: TrainConfig) -> EmuTokenizer:
             f"expects {expected}"
         )
     return tokenizer
+
+
+def prepare_caches(config: TrainConfig, world_size: int) -> EmuTokenizer:
+    """The tokenizer, after the first rank of each node built the caches a first run needs
+    (tiny tokenizer, synthetic corpus) while the node's other ranks wait on a barrier.
+
+    The builders also lock their files, but on a fresh cache N ranks would otherwise all
+    queue on the locks (and on filesystems without fcntl locks, race).
+    """
+    if world_size == 1:
+        return load_tokenizer(config)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        tokenizer = load_tokenizer(config)
+        if not config.data.data_path:
+            ensure_synthetic_corpus(config.data.cache_dir, tokenizer)
+    dist.barrier()
+    return load_tokenizer(config)
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
@@ -201,7 +219,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     precision = Precision(config.performance, device.type)
     dp_rank = pmesh.dp_rank if pmesh is not None else 0
     torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(config)
+    tokenizer = prepare_caches(config, world_size)
     pmodel = build_model(config, pmesh, n_micro, device)
     optimizer = (build_adamw(pmodel.parts[0], config.optimizer, device.type, config.performance.fused_kernels)
                  if pmesh is None else build_parallel_optimizer(pmodel, config.optimizer))
