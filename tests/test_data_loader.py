@@ -111,6 +111,20 @@ def test_resume_continues_the_stream_exactly(tok, data_path):
     assert ref.consumed_samples == 18
 
 
+def test_cut_data_is_totalled_and_kept_across_resume(tok, data_path):
+    # seq 192: a video's 8 frames (272 tokens) cannot all fit, so frames are dropped (counted)
+    cfg = config(data_path[4:], seq_length=192)  # the video dataset only
+    loader = build_pretrain_loader(cfg, tok, dp_rank=0, dp_size=1, seed=1)
+    batches = take(loader, 3)
+    for key in ("dropped_images", "truncated_tokens"):
+        assert loader.totals[key] == sum(b[key] for b in batches)
+    assert loader.totals["dropped_images"] > 0
+    resumed = build_pretrain_loader(cfg, tok, dp_rank=0, dp_size=1, seed=1)
+    resumed.load_state_dict(loader.state_dict())
+    after = next(resumed)
+    assert resumed.totals["dropped_images"] == loader.totals["dropped_images"] + after["dropped_images"]
+
+
 def test_weighted_blend_policy_runs(tok, data_path):
     loader = build_pretrain_loader(config(data_path, data_blend="weighted"), tok, dp_rank=0, dp_size=1, seed=0)
     kinds = {}

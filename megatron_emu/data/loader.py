@@ -75,6 +75,8 @@ class PretrainLoader:
     def __init__(self, dataset: MicroBatches, num_workers: int, prefetch_factor: int, start: int):
         self.dataset, self.num_workers, self.prefetch_factor = dataset, num_workers, prefetch_factor
         self.consumed_microbatches = start
+        # Data a view could not place, summed over this rank's batches (never silent).
+        self.totals = {"truncated_tokens": 0, "dropped_images": 0}
         self._it = None
 
     @property
@@ -105,15 +107,19 @@ class PretrainLoader:
             self._it = self._iterator()
         batch = next(self._it)
         self.consumed_microbatches += 1
+        for key in self.totals:
+            self.totals[key] += int(batch[key])
         return batch
 
     def state_dict(self) -> dict:
-        return {"consumed_microbatches": self.consumed_microbatches, "seed": self.dataset.seed}
+        return {"consumed_microbatches": self.consumed_microbatches, "seed": self.dataset.seed,
+                "totals": dict(self.totals)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed", self.dataset.seed) != self.dataset.seed:
             raise ValueError(f"loader state was saved with seed {state['seed']}, this run uses {self.dataset.seed}")
         self.consumed_microbatches = int(state["consumed_microbatches"])
+        self.totals.update(state.get("totals", {}))
         self._it = None  # restart the workers at the restored position
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from megatron_emu.data.indexed import MODE_IMAGE, MODE_TEXT, DocumentWriter, _check_files, read_meta, write_meta
+from megatron_emu.data.indexed import MODE_IMAGE, MODE_TEXT, DocumentWriter, _check_files, read_meta
 from megatron_emu.data.synthetic import RawDocument
 
 MAX_NAMED_SKIPS = 10000  # the report names every skipped input, up to this many
