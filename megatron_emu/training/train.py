@@ -269,6 +269,9 @@ def pretrain(config: TrainConfig) -> TrainSummary:
         summary.grounding = image_grounding(pmodel.parts[0], held_out, config.model.special_tokens)
     if is_logger:
         print(summary.format(), flush=True)
+    # Never silent: what the sequence builder had to cut to fit --seq-length (this DP rank).
+    log.info("data cut to fit --seq-length: %(dropped_images)d images dropped, "
+             "%(truncated_tokens)d text tokens truncated", loader.totals)
     return summary
 
 
