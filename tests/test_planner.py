@@ -97,3 +97,4 @@ def test_plan_orders_fitting_rows_by_throughput():
     rows = plan(get_preset("1b"), Workload(4, 64, 1024, 1), 8, HARDWARE["h100-80g"])
     fitting = [r.time["tokens_per_s"] for r in rows if r.fits]
     assert fitting == sorted(fitting, reverse=True) and fitting
+

@@ -257,7 +257,10 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     emu = build_emu(config, device="meta")
     count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
     return dict(encoder=count(emu.visual, emu.ln_visual, emu.causal_former), embed=count(emu.llm.tok_embeddings),
-                layer=count(emu.llm.layers["0"]), head=count(emu.llm.norm, emu.llm.output, emu.regression_head))
+                layer=count(emu.llm.layers["0"]), head=count(emu.llm.norm, emu.llm.output, emu.regression_head),
+                encoder_blocks=count(emu.visual.blocks, emu.causal_former.blocks),
+                largest_block=max(count(emu.llm.layers["0"]), count(emu.visual.blocks[0]),
+                                  count(emu.causal_former.blocks[0])))
 
 
 def rank_stages(dims: ParallelDims, pp_rank: int) -> list[int]:
@@ -302,9 +305,15 @@ def estimate_memory(model: ModelConfig, work: Workload, dims: ParallelDims, pp_r
     transient = workspace
     if last in stages:  # backward starts with fp32 gradients of the logits (two alive at once)
         transient += 2 * 4 * work.micro_batch_size * work.seq_length * model.llm.vocab_size // dims.tp
-    if fsdp and shard > 1:  # gathered parameters: two blocks at a time, or the whole stage under PP
-        gathered = params if dims.pp > 1 else 2 * counts["layer"] // dims.tp
-        transient += gathered * (compute_bytes if bf16_weights else 4)
+    if dims.dp > 1:
+        # FSDP2 (behind ddp too) computes on gathered copies: the part's own (non-block)
+        # parameters for the whole step, two blocks at a time (or, under PP with FSDP, the
+        # whole stage), plus one block's gradient reduce buffer.
+        block = counts["largest_block"] // dims.tp
+        own = ((0 in stages) * (counts["embed"] + counts["encoder"] - counts["encoder_blocks"])
+               + (last in stages) * counts["head"]) // dims.tp
+        gathered = params if fsdp and dims.pp > 1 else own + 2 * block
+        transient += gathered * (compute_bytes if bf16_weights else 4) + 4 * block
     return MemoryEstimate(weights, grads, optimizer, in_flight * per_micro, transient, in_flight,
                           grads_with_activations=n_micro > 1 or dims.pp > 1)
 
