@@ -9,6 +9,14 @@ The attention kernel is chosen in model/attention.py.
 Norms are switched from outside the model by giving each norm module a fused
 `forward`; parameters, names and state dicts are untouched, and the class stays the
 model's own (init, TP plans and checkpoint converters key on it).
+
+Under tensor / data parallelism (DTensor parameters and activations):
+- torch's rms_norm dispatches on DTensors (sequence-parallel norms get Shard(1) inputs
+  and a replicated weight); apex's autograd functions take plain tensors only, so a
+  norm whose weight is a DTensor keeps torch's kernel (logged).
+- AdamW is torch's fused (or foreach) kernel over param groups split by device mesh:
+  one kernel call runs per group, and DTensor dispatch cannot mix meshes or plain
+  tensors in one call. apex FusedAdam does not take DTensors.
 """
 
 import importlib.util
@@ -18,6 +26,7 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from megatron_emu.config import OptimizerConfig
 from megatron_emu.model.norms import RMSNorm
@@ -52,14 +61,19 @@ def _apex_layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tenso
 def apply_fused_norms(model: nn.Module, device_type: str) -> str:
     """Give every RMSNorm / LayerNorm a fused forward; returns the kernel family used."""
     use_apex = apex_available(device_type)
+    on_dtensor = 0  # norms left on torch's kernel because apex cannot take their DTensors
     for module in model.modules():
+        if not isinstance(module, (RMSNorm, nn.LayerNorm)):
+            continue
+        apex_here = use_apex and not isinstance(module.weight, DTensor)
+        on_dtensor += use_apex and not apex_here
         if isinstance(module, RMSNorm):
-            forward = _apex_rms_norm_forward if use_apex else _torch_rms_norm_forward
+            forward = _apex_rms_norm_forward if apex_here else _torch_rms_norm_forward
             module.forward = types.MethodType(forward, module)
-        elif isinstance(module, nn.LayerNorm) and use_apex:
+        elif apex_here:
             module.forward = types.MethodType(_apex_layer_norm_forward, module)
     family = "apex" if use_apex else "torch"
-    log.info("fused norms: %s", family)
+    log.info("fused norms: %s%s", family, f" ({on_dtensor} DTensor norms on torch's kernel)" if on_dtensor else "")
     return family
 
 
@@ -75,6 +89,27 @@ def build_adamw(model: nn.Module, config: OptimizerConfig, device_type: str, fus
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
     log.info("optimizer: torch AdamW (%s)", "fused" if fused else "foreach")
     return torch.optim.AdamW(groups, fused=fused or None, foreach=None if fused else True, **kwargs)
+
+
+def split_by_mesh(groups: list[dict]) -> list[dict]:
+    """Each param group split into one group per device mesh (plain tensors: one more),
+    with the same hyper-parameters: foreach / fused kernels then see one mesh per call."""
+    split = []
+    for group in groups:
+        by_mesh: dict = {}
+        for p in group["params"]:
+            by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+        split += [{**group, "params": params} for params in by_mesh.values()]
+    return split
+
+
+def build_parallel_adamw(parts: list[nn.Module], config: OptimizerConfig, fused: bool = True) -> torch.optim.AdamW:
+    """One torch AdamW over every model part of this rank (DTensor or plain parameters):
+    fused kernel, or foreach; groups keep Emu's names (optim.module_family)."""
+    groups = split_by_mesh([group for part in parts for group in param_groups(part, config)])
+    log.info("optimizer: torch AdamW (%s) over %d param groups", "fused" if fused else "foreach", len(groups))
+    return torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                             fused=fused or None, foreach=None if fused else True)
 
 
 def apply_fused_kernels(model: nn.Module, config: OptimizerConfig, device_type: str, enabled: bool = True):

@@ -4,11 +4,17 @@ Same seed, same weights, same micro-batches: the losses of each of 3 steps and t
 (gathered) gradient of every parameter match the single-process reference within
 rtol 1e-5. One spawn per world size runs all of its layouts (process groups and
 imports are paid once), and the same spawn checks per-rank parameter bytes.
+
+Every layout runs with the performance features multi-process training applies
+(parallelize.py): fused norms and fused AdamW (the default --fused kernels) on
+DTensors, and some layouts with activation recompute; the reference is the plain
+unfused, non-recomputed model. The 2-rank spawn also checks the --bf16 contract
+under FSDP2 (bf16 compute parameters, fp32 reduce-scatter, fp32 master weights) and
+bf16 pipeline hand-offs, without bit parity.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -16,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from megatron_emu.config import DataConfig, OptimizerConfig, ParallelConfig, TrainConfig, get_preset
+from megatron_emu.config import DataConfig, OptimizerConfig, ParallelConfig, PerformanceConfig, TrainConfig, get_preset
 from megatron_emu.model.emu import build_emu
 from megatron_emu.model.loss import emu_loss
 from megatron_emu.parallel.mesh import ParallelDims, build_mesh
@@ -30,8 +36,9 @@ STEPS, MICRO, SEQ, SEED = 3, 4, 80, 7  # 4 micro-batches of 1 sample per step (g
 RTOL = 1e-5
 
 
-def run_config(**parallel) -> TrainConfig:
+def run_config(performance: dict | None = None, **parallel) -> TrainConfig:
     return TrainConfig(
+        performance=PerformanceConfig(**(performance or {})),
         preset="tiny",
         model=get_preset("tiny"),
         data=DataConfig(seq_length=SEQ, micro_batch_size=1, global_batch_size=MICRO),
@@ -79,15 +86,25 @@ def local_numel(param) -> int:
     return (param.to_local() if isinstance(param, DTensor) else param).numel()
 
 
-def check_layout(rank: int, world: int, name: str, parallel: dict, ref: list[dict]) -> None:
+def build_run(world: int, parallel: dict):
+    """(config, ParallelModel, optimizer, pmesh, micro-batches per DP rank) for one layout;
+    parallel["performance"]: PerformanceConfig fields (default: fused kernels, fp32)."""
     config = run_config(**parallel)
     dims = ParallelDims.from_config(config.parallel, world, config.model)
     n_micro = dims.validate(config.model, config.data)
     pmesh = build_mesh(dims, torch.device("cpu"))
     losses: list = []
-    pmodel = parallelize_emu(build_emu(config.model, seed=SEED), pmesh, n_micro, pipeline_loss_fn(losses, config), SEED)
+    pmodel = parallelize_emu(build_emu(config.model, seed=SEED), pmesh, n_micro, pipeline_loss_fn(losses, config), SEED,
+                             config.performance)
     pmodel.losses = losses
-    optimizer = build_parallel_optimizer(pmodel, config.optimizer)
+    optimizer = build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels)
+    return config, pmodel, optimizer, pmesh, n_micro
+
+
+def check_layout(rank: int, world: int, name: str, parallel: dict, ref: list[dict]) -> None:
+    config, pmodel, optimizer, pmesh, n_micro = build_run(world, parallel)
+    assert bool(optimizer.defaults["fused"]) == config.performance.fused_kernels
+    check_features_applied(name, pmodel, config.performance)
     seen = set()
     for step, batches in enumerate(step_batches(config)):
         mine = batches[pmesh.dp_rank * n_micro:(pmesh.dp_rank + 1) * n_micro]  # this DP rank's share
@@ -103,6 +120,20 @@ def check_layout(rank: int, world: int, name: str, parallel: dict, ref: list[dic
         norm = result.grad_norm
         assert math.isclose(norm, expect["norm"], rel_tol=RTOL), f"{name} step {step} grad norm: {norm} vs {expect['norm']}"
     check_coverage(name, seen, pmesh, ref)
+
+
+def check_features_applied(name: str, pmodel, perf: PerformanceConfig) -> None:
+    """Recompute wrapped this rank's LLaMA blocks (checkpointed forward) and the norms got
+    the fused kernel: the parity above then covers them, not the plain model."""
+    from megatron_emu.kernels import _torch_rms_norm_forward
+    from megatron_emu.model.norms import RMSNorm
+
+    layers = [layer for part in pmodel.parts for layer in part.llm.layers.values()]
+    wrapped = [hasattr(layer.forward, "__wrapped__") for layer in layers]
+    assert wrapped and all(wrapped) == (perf.recompute_granularity is not None), f"{name}: recompute {wrapped}"
+    norms = [m for part in pmodel.parts for m in part.modules() if isinstance(m, RMSNorm)]
+    fused = [getattr(m.forward, "__func__", None) is _torch_rms_norm_forward for m in norms]
+    assert norms and all(fused) == perf.fused_kernels and any(fused) == perf.fused_kernels, f"{name}: fused {fused}"
 
 
 def check_coverage(name: str, seen: set[str], pmesh, ref) -> None:
@@ -142,6 +173,57 @@ def check_bytes(rank: int, world: int, name: str, parallel: dict) -> None:
         assert stage_total < total, f"{name}: rank {rank}'s stages hold all {total} parameter values"
 
 
+def check_bf16_fsdp(rank: int, world: int, ref: list[dict]) -> None:
+    """--bf16 under FSDP2: blocks compute on bf16 gathered parameters, gradients are
+    reduce-scattered in fp32, sharded parameters (master weights), their gradients and
+    the Adam moments stay fp32. The loss is checked loosely (bf16 is not bit-equal)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+    class RecordingReduceScatter(DefaultReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            self.dtypes.add(input_tensor.dtype)
+            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+    config, pmodel, optimizer, pmesh, n_micro = build_run(world, dict(data_parallel_sharding="fsdp",
+                                                                      performance=dict(bf16=True)))
+    recorder = RecordingReduceScatter()
+    recorder.dtypes = set()
+    for module in pmodel.parts[0].modules():
+        if isinstance(module, FSDPModule):
+            module.set_custom_reduce_scatter(recorder)
+    seen = []
+    w1 = pmodel.parts[0].llm.layers["0"].feed_forward.w1
+    w1.register_forward_hook(lambda m, i, o: seen.append((m.weight.dtype, i[0].dtype, o.dtype)))
+    mine = step_batches(config)[0][pmesh.dp_rank * n_micro:(pmesh.dp_rank + 1) * n_micro]
+    result = train_step(pmodel, optimizer, mine, config)
+    assert seen and all(s == (torch.bfloat16,) * 3 for s in seen), f"bf16 FSDP2: w1 (weight, input, output) dtypes {seen}"
+    assert recorder.dtypes == {torch.float32}, f"bf16 FSDP2: reduce-scatter dtypes {recorder.dtypes}"
+    for pname, param in pmodel.named_parameters():
+        assert isinstance(param, DTensor) and param.dtype == torch.float32, f"{pname}: {type(param)} {param.dtype}"
+        assert param.grad.dtype == torch.float32, f"{pname}: grad {param.grad.dtype}"
+        assert all(v.dtype == torch.float32 for k, v in optimizer.state[param].items() if k != "step"), pname
+    assert math.isclose(result.lm_loss, ref[0]["lm"], rel_tol=2e-2), f"bf16 FSDP2 lm loss {result.lm_loss} vs {ref[0]['lm']}"
+
+
+def check_bf16_pipeline(rank: int, world: int, ref: list[dict]) -> None:
+    """--bf16 with PP2: stages hand each other the hidden states and the l2 targets in
+    bf16 (the static stage metadata matches what is sent); the loss is checked loosely."""
+    config, pmodel, optimizer, pmesh, n_micro = build_run(world, dict(pipeline_model_parallel_size=2,
+                                                                      performance=dict(bf16=True)))
+    sent, received = [], []
+    (stage,) = pmodel.parts
+    if stage.is_first:
+        stage.register_forward_hook(lambda m, i, o: sent.append((o[0].dtype, o[2].dtype)))
+    else:
+        stage.register_forward_pre_hook(lambda m, i: received.append((i[0].dtype, i[2].dtype)))
+    result = train_step(pmodel, optimizer, step_batches(config)[0], config)
+    assert all(s == (torch.bfloat16,) * 2 for s in sent + received) and len(sent + received) == MICRO, (sent, received)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for _, p in pmodel.named_parameters())
+    assert math.isclose(result.lm_loss, ref[0]["lm"], rel_tol=2e-2), f"bf16 PP2 lm loss {result.lm_loss} vs {ref[0]['lm']}"
+    assert math.isclose(result.l2_loss, ref[0]["l2"], rel_tol=5e-2), f"bf16 PP2 l2 loss {result.l2_loss} vs {ref[0]['l2']}"
+
+
 def pmesh_rank_is(rank: int, world: int, dims: ParallelDims, pp_rank: int) -> bool:
     """Rank order is (pp, dp, tp), TP fastest: PP rank = rank // (DP x TP)."""
     return rank // (dims.dp * dims.tp) == pp_rank
@@ -155,6 +237,14 @@ WORLD2 = {
     "PP2 zero-bubble": dict(pipeline_model_parallel_size=2, pipeline_schedule="zero-bubble"),
     "DP2 DDP": dict(data_parallel_sharding="ddp"),
     "DP2 FSDP2": dict(data_parallel_sharding="fsdp"),
+    # Activation recompute in multi-process training (the plain layouts above also run
+    # with fused norms and fused AdamW on DTensors; one layout without them).
+    "TP2 full recompute": dict(tensor_model_parallel_size=2, performance=dict(recompute_granularity="full")),
+    "PP2 1F1B selective recompute": dict(pipeline_model_parallel_size=2,
+                                         performance=dict(recompute_granularity="selective")),
+    "DP2 FSDP2 selective recompute": dict(data_parallel_sharding="fsdp",
+                                          performance=dict(recompute_granularity="selective")),
+    "TP2+SP unfused": dict(tensor_model_parallel_size=2, sequence_parallel=True, performance=dict(fused_kernels=False)),
 }
 BYTES2 = {k: WORLD2[k] for k in ("TP2", "PP2 1F1B", "DP2 FSDP2", "DP2 DDP")}
 # TP x PP (the layout whose stage hand-offs and TP collectives interact), sequence
@@ -179,15 +269,17 @@ WORLD8 = {
 BYTES8 = {k: WORLD8[k] for k in ("TP2xPP2xDP2 FSDP2",)}
 
 
-def world_worker(rank: int, world: int, layouts: dict, bytes_layouts: dict, ref: list[dict]) -> None:
+def world_worker(rank: int, world: int, layouts: dict, bytes_layouts: dict, ref: list[dict], extra=()) -> None:
     for name, parallel in layouts.items():
         check_layout(rank, world, name, parallel, ref)
     for name, parallel in bytes_layouts.items():
         check_bytes(rank, world, name, parallel)
+    for check in extra:
+        check(rank, world, ref)
 
 
 def test_two_ranks(ref):
-    spawn(2, world_worker, WORLD2, BYTES2, ref)
+    spawn(2, world_worker, WORLD2, BYTES2, ref, (check_bf16_fsdp, check_bf16_pipeline))
 
 
 def test_four_ranks(ref):

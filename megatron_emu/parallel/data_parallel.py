@@ -15,7 +15,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from megatron_emu.parallel.mesh import ParallelMesh
@@ -28,17 +28,19 @@ def transformer_blocks(part: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def apply_data_parallel(part: nn.Module, pmesh: ParallelMesh) -> None:
-    """Wrap one model part in place; a no-op when DP is 1."""
+def apply_data_parallel(part: nn.Module, pmesh: ParallelMesh, mp_policy: MixedPrecisionPolicy | None = None) -> None:
+    """Wrap one model part in place; a no-op when DP is 1. `mp_policy`: --bf16 / --fp16
+    (Precision.fsdp_policy()); None keeps parameters and reductions in fp32."""
     if pmesh.dims.dp == 1:
         return
     mesh = pmesh.sharding_mesh()
     # With pipelining a block runs once per micro-batch: keep it gathered between
     # forward and backward instead of all-gathering it twice per micro-batch.
     reshard = pmesh.dims.pp == 1
+    kwargs = dict(mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy or MixedPrecisionPolicy())
     for block in transformer_blocks(part):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(part, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(block, **kwargs)
+    fully_shard(part, **kwargs)
 
 
 def gradient_sync(parts: list[nn.Module], enabled: bool) -> contextlib.AbstractContextManager:

@@ -1,7 +1,12 @@
 """Turn one Emu into this rank's parallel model parts, in a fixed order:
-pipeline split -> materialise -> tensor parallel -> data parallel (FSDP2) -> schedule.
+pipeline split -> materialise -> tensor parallel -> fused norms -> activation recompute
+-> torch.compile -> data parallel (FSDP2 / DDP) -> schedule.
 
-(Activation recompute and torch.compile, when added, go between TP and FSDP.)
+Why this order: recompute wraps the blocks TP has already sharded (the recomputed
+forward replays the TP collectives), compile sees the checkpointed blocks, and FSDP2
+comes last so its unshard/reshard hooks sit outside the checkpoint and the compiled
+region (torchtitan's order). Fused norms only swap a norm's `forward`, so they are
+order-free; they go after TP so the kernel choice can see which weights are DTensors.
 """
 
 from __future__ import annotations
@@ -12,11 +17,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from megatron_emu.config import PerformanceConfig
+from megatron_emu.kernels import apply_fused_norms
 from megatron_emu.model.emu import Emu
+from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_compile
 from megatron_emu.parallel.data_parallel import apply_data_parallel
 from megatron_emu.parallel.mesh import ParallelMesh
 from megatron_emu.parallel.pipeline import EmuPipeline, MicrobatchFeed, split_stage, stage_indices
 from megatron_emu.parallel.tensor_parallel import apply_tensor_parallel
+from megatron_emu.training.precision import Precision
 
 log = logging.getLogger("megatron_emu")
 
@@ -42,22 +51,33 @@ class ParallelModel:
             yield from part.named_parameters()
 
 
-def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, loss_fn, seed: int) -> ParallelModel:
+def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, loss_fn, seed: int,
+                    performance: PerformanceConfig | None = None) -> ParallelModel:
     """`full` is either initialised (every rank the same: tests, checkpoint loading) or on
-    the meta device, in which case each rank materialises and initialises only its stages."""
+    the meta device, in which case each rank materialises and initialises only its stages.
+    `performance` (--bf16, --recompute-*, --compile, fused kernels); None: plain fp32."""
+    performance = performance or PerformanceConfig(fused_kernels=False)
     dims = pmesh.dims
+    precision = Precision(performance, pmesh.device.type)
     feed = None
     if dims.pp > 1:
         feed = MicrobatchFeed()
         stages = stage_indices(pmesh)
-        parts = [split_stage(full, s, dims.stage_layers, feed) for s in stages]
+        # Stages hand each other activations in the compute dtype (pipeline.py).
+        parts = [split_stage(full, s, dims.stage_layers, feed, io_dtype=precision.dtype) for s in stages]
     else:
         stages, parts = [0], [full]
+    # FSDP2 gathers parameters in the compute dtype and reduce-scatters fp32 gradients;
+    # the sharded parameters (the optimizer's master weights) stay fp32.
+    mp_policy = precision.fsdp_policy() if precision.mixed else None
     for part in parts:
         materialise(part, pmesh.device, seed)
         if dims.tp > 1:
             apply_tensor_parallel(part, pmesh.tp_mesh, full.config, dims.sequence_parallel)
-        apply_data_parallel(part, pmesh)
+        if performance.fused_kernels:
+            apply_fused_norms(part, pmesh.device.type)
+        apply_recompute_and_compile(part, performance)
+        apply_data_parallel(part, pmesh, mp_policy)
     schedule = EmuPipeline(parts, stages, pmesh, n_micro, loss_fn, feed) if dims.pp > 1 else None
     log.info("rank %d: %s; stages %s", torch.distributed.get_rank(), dims.describe(), stages)
     return ParallelModel(parts, pmesh, schedule, feed)

@@ -40,8 +40,12 @@ from torch.distributed.pipelining import (
 from megatron_emu.model.emu import Emu
 from megatron_emu.parallel.mesh import ParallelMesh
 
-# What stages send each other: the residual stream (and the l2 targets) in fp32, the
-# dtype it has under autocast too (fp32 embedding + bf16 block outputs).
+# What stages send each other in fp32 runs: the residual stream and the l2 targets.
+# Under --bf16 both travel in bf16 (half the bytes, as Megatron's pipeline sends its
+# activations in the compute dtype): the residual stream is rounded to bf16 at each
+# stage boundary, and the l2 targets are bf16 on the last stage whatever the split
+# (the loss casts them to fp32; FSDP2's bf16 policy would cast the received fp32
+# targets to bf16 at its root anyway). --fp16 is refused with pipelining (train.py).
 IO_DTYPE = torch.float32
 
 
@@ -64,8 +68,10 @@ class EmuStage(nn.Module):
     encode_images = Emu.encode_images
     check_inputs = Emu.check_inputs
 
-    def __init__(self, pruned: Emu, feed: MicrobatchFeed, is_first: bool, is_last: bool):
+    def __init__(self, pruned: Emu, feed: MicrobatchFeed, is_first: bool, is_last: bool,
+                 io_dtype: torch.dtype = IO_DTYPE):
         super().__init__()
+        self.io_dtype = io_dtype  # what this stage sends and receives (hidden, targets)
         self.config = pruned.config
         for name in ("visual", "ln_visual", "causal_former", "llm", "regression_head"):
             setattr(self, name, getattr(pruned, name))
@@ -76,7 +82,7 @@ class EmuStage(nn.Module):
             (index,) = args  # (1,) micro-batch index
             batch = self.feed[int(index[0])]
             tokens = batch["tokens"]  # (B, S)
-            hidden = self.embed(tokens, batch["images"]).to(IO_DTYPE)  # (B, S, H)
+            hidden = self.embed(tokens, batch["images"]).to(self.io_dtype)  # (B, S, H)
             targets = hidden.detach()  # (B, S, H): l2 targets, no gradient
             if not hidden.requires_grad:  # everything up to here frozen: the schedule
                 hidden.requires_grad_()  # still runs (and sends) this stage's backward
@@ -84,7 +90,7 @@ class EmuStage(nn.Module):
             hidden, tokens, targets = args
         hidden = self.llm.forward_layers(hidden)  # (B, S, H)
         if not self.is_last:
-            return hidden.to(IO_DTYPE), tokens, targets
+            return hidden.to(self.io_dtype), tokens, targets
         hidden = self.llm.norm(hidden)
         # Local shards (B, S, V/TP) and (B, S, H/TP): see sharded_loss.
         return local(self.llm.output(hidden)), local(self.regression_head(hidden)), targets, tokens
@@ -92,13 +98,16 @@ class EmuStage(nn.Module):
     def io_metas(self, batch: int, seq: int, tp: int) -> tuple[tuple, tuple]:
         """(inputs, outputs) of this stage as meta tensors, for micro-batches of (batch, seq) tokens."""
         hidden = self.config.llm.hidden
-        carried = (meta(batch, seq, hidden, grad=True), meta(batch, seq, dtype=torch.long), meta(batch, seq, hidden))
+        io = self.io_dtype
+        carried = (meta(batch, seq, hidden, dtype=io, grad=True), meta(batch, seq, dtype=torch.long),
+                   meta(batch, seq, hidden, dtype=io))
         inputs = (meta(1, dtype=torch.long),) if self.is_first else carried  # stage 0: the micro-batch index
         if not self.is_last:
             return inputs, carried
         _, tokens, targets = carried
-        logits = meta(batch, seq, self.config.llm.padded_vocab_size // tp, grad=True)  # local shards
-        regression = meta(batch, seq, hidden // tp, grad=True)
+        # Local shards; under autocast the heads' matmuls give the compute dtype.
+        logits = meta(batch, seq, self.config.llm.padded_vocab_size // tp, dtype=io, grad=True)
+        regression = meta(batch, seq, hidden // tp, dtype=io, grad=True)
         return inputs, (logits, regression, targets, tokens)
 
     @torch.no_grad()
@@ -129,8 +138,9 @@ def stage_indices(pmesh: ParallelMesh) -> list[int]:
     return [rank + i * dims.pp for i in range(dims.virtual_stages)]
 
 
-def split_stage(full: Emu, stage: int, stage_layers: tuple[int, ...], feed: MicrobatchFeed) -> EmuStage:
-    """A copy of `full` keeping only what stage `stage` runs."""
+def split_stage(full: Emu, stage: int, stage_layers: tuple[int, ...], feed: MicrobatchFeed,
+                io_dtype: torch.dtype = IO_DTYPE) -> EmuStage:
+    """A copy of `full` keeping only what stage `stage` runs; it exchanges activations in `io_dtype`."""
     first, last = stage == 0, stage == len(stage_layers) - 1
     pruned = copy.deepcopy(full)
     if not first:
@@ -143,7 +153,7 @@ def split_stage(full: Emu, stage: int, stage_layers: tuple[int, ...], feed: Micr
     for name in list(pruned.llm.layers.keys()):
         if name not in keep:
             del pruned.llm.layers[name]
-    return EmuStage(pruned, feed, first, last)
+    return EmuStage(pruned, feed, first, last, io_dtype)
 
 
 def meta(*shape: int, dtype: torch.dtype = IO_DTYPE, grad: bool = False) -> torch.Tensor:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from megatron_emu.config import OptimizerConfig, TrainConfig
 from megatron_emu.data.loader import build_pretrain_loader, ensure_synthetic_corpus
 from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
-from megatron_emu.kernels import apply_fused_norms, build_adamw
+from megatron_emu.kernels import apply_fused_norms, build_adamw, build_parallel_adamw
 from megatron_emu.model.attention import configure_attention
 from megatron_emu.model.emu import build_emu
 from megatron_emu.parallel.data_parallel import clip_grad_norm_global, gradient_sync, reduce_partial_grads
@@ -35,7 +35,7 @@ from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_comp
 from megatron_emu.training.checkpoint import Checkpointer, Layout
 from megatron_emu.training.evaluate import image_grounding
 from megatron_emu.training.metrics import IterationStats, training_flops
-from megatron_emu.training.optim import LRScheduler, apply_freezing, param_groups
+from megatron_emu.training.optim import LRScheduler, apply_freezing
 from megatron_emu.training.precision import Precision
 
 log = logging.getLogger("megatron_emu")
@@ -119,19 +119,15 @@ def build_model(config: TrainConfig, pmesh: ParallelMesh | None, n_micro: int, d
     full = build_emu(config.model, device="meta")
     apply_freezing(full, config.optimizer)
     losses: list = []  # the pipeline's loss_fn records each micro-batch's (lm, l2) here
-    pmodel = parallelize_emu(full, pmesh, n_micro, pipeline_loss_fn(losses, config), config.seed)
+    pmodel = parallelize_emu(full, pmesh, n_micro, pipeline_loss_fn(losses, config), config.seed, config.performance)
     pmodel.losses = losses
     return pmodel
 
 
-def build_parallel_optimizer(pmodel: ParallelModel, config: OptimizerConfig) -> torch.optim.AdamW:
-    """One AdamW over every part; groups per part keep Emu's names (module_family)."""
-    groups = [group for part in pmodel.parts for group in param_groups(part, config)]
-    return torch.optim.AdamW(
-        groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-        # DTensors on different meshes (TP-split vs replicated) cannot share foreach kernels.
-        foreach=pmodel.pmesh is None,
-    )
+def build_parallel_optimizer(pmodel: ParallelModel, config: OptimizerConfig, fused: bool = False) -> torch.optim.AdamW:
+    """One AdamW over every part (fused with --fused kernels on, else foreach); param groups
+    keep Emu's names (module_family), split by device mesh (kernels.split_by_mesh)."""
+    return build_parallel_adamw(pmodel.parts, config, fused)
 
 
 # ---------------------------------------------------------------------------
@@ -222,7 +218,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     tokenizer = prepare_caches(config, world_size)
     pmodel = build_model(config, pmesh, n_micro, device)
     optimizer = (build_adamw(pmodel.parts[0], config.optimizer, device.type, config.performance.fused_kernels)
-                 if pmesh is None else build_parallel_optimizer(pmodel, config.optimizer))
+                 if pmesh is None else build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels))
     scheduler = LRScheduler(optimizer, config.optimizer, config.train_iters)
     build_loader = lambda consumed: build_pretrain_loader(  # noqa: E731
         config.data, tokenizer, dp_rank=dp_rank, dp_size=dims.dp, seed=config.seed,
