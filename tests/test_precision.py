@@ -1,6 +1,7 @@
 """Mixed precision, loss scaling, activation recompute, compile and fused kernels."""
 
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -138,3 +139,30 @@ def test_fused_adamw_equals_foreach():
             optimizer.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_after_recompute_stays_compiled_across_stacks_and_image_counts():
+    """The three stacks share one checkpointed `forward` code object: micro-batches of
+    varying image counts and an evaluation pass need more recompiles than dynamo's
+    default budget (8), past which it runs eager (logged by torch._dynamo)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = build_emu(CONFIG, seed=0)
+    apply_activation_checkpointing(model, PerformanceConfig(recompute_granularity="selective"))
+    apply_compile(model, backend="eager")
+    # torch's loggers do not propagate to the root logger (pytest's caplog): listen directly.
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("torch._dynamo")
+    logger.addHandler(handler)
+    try:
+        for i, images in enumerate((1, 2, 3, 1, 2)):
+            batch = random_batch(CONFIG, batch_size=2, seq_length=160, images_per_sample=images, seed=i)
+            model(batch["tokens"], batch["images"])[0].sum().backward()
+        with torch.no_grad():  # an evaluation pass (training/evaluate.py) guards on grad mode
+            model(batch["tokens"], batch["images"])
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in messages if "recompile_limit" in m], messages

@@ -40,6 +40,9 @@ if hasattr(torch.ops, "_c10d_functional"):
     _SAVED_OPS.add(torch.ops._c10d_functional.reduce_scatter_tensor.default)
 
 
+_RECOMPILES_PER_STACK = 8  # dynamo's default recompile_limit
+
+
 def transformer_stacks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     """(name, blocks) of each transformer stack present on this (stage of the) model."""
     stacks = []
@@ -94,8 +97,15 @@ def apply_activation_checkpointing(model: nn.Module, config: PerformanceConfig) 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
     """torch.compile each transformer block in place (blocks repeat: one compiled graph
     serves a whole stack); returns the number of blocks compiled."""
+    stacks = transformer_stacks(model)
+    # dynamo's recompile budget is per code object, and every checkpointed block runs the
+    # same `forward` closure (checkpoint_block): the three stacks (different arguments)
+    # and their shape variants (images per micro-batch) would share one budget of 8 and
+    # silently fall back to eager past it. Give each stack the default budget.
+    budget = _RECOMPILES_PER_STACK * len(stacks)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, budget)
     count = 0
-    for _, blocks in transformer_stacks(model):
+    for _, blocks in stacks:
         for block in blocks:
             block.compile(backend=backend)
             count += 1
