@@ -9,7 +9,7 @@ Phases, each in its own child process (peak RSS from wait4, time inside the chil
   import    HF directory -> DCP (--from hf-emu)
   raw       the same number of bytes written / read with numpy alone (tofile + fsync,
             fromfile) and with safetensors alone: the disk's speed, the ceiling
-Prints one JSON object; docs/BENCHMARKS_convert.md records a run.
+Prints one JSON object; BENCHMARKS.md ("Checkpoint conversion throughput") records a run.
 """
 
 from __future__ import annotations
