@@ -57,6 +57,8 @@ class TrainSummary:
     grounding: tuple[float, float] | None = None  # text CE with true / shuffled images
 
     def format(self, window: int = 10) -> str:
+        if not self.history:  # e.g. resumed from a checkpoint at --train-iters
+            return "summary: no iterations run (the run had already reached --train-iters)"
         first, last = self.history[:window], self.history[-window:]
         mean = lambda rows, i: sum(r[i] for r in rows) / len(rows)  # noqa: E731
         text = (
