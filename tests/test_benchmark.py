@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_emu.config import get_preset
+from megatron_emu.data.random_batches import random_batch
 from megatron_emu.model.emu import build_emu
 from megatron_emu.training.metrics import training_flops
 
@@ -22,15 +23,15 @@ SMALL = ["--preset", "tiny", "--micro-batch-size", "2", "--global-batch-size", "
          "--warmup-iters", "1", "--timed-iters", "1", "--peak-tflops", "2.0"]
 
 
-def test_synthetic_batch_is_well_formed():
+def test_random_batch_is_well_formed():
     config = get_preset("tiny")
-    batch = bench.synthetic_batch(config, batch_size=3, seq_length=120, images_per_sample=2, seed=0)
+    batch = random_batch(config, batch_size=3, seq_length=120, images_per_sample=2, seed=0)
     assert batch["tokens"].shape == (3, 120) and batch["images"].shape == (6, 3, 224, 224)
     assert int((batch["tokens"] == config.special_tokens.image).sum()) == 6 * 32
     out = build_emu(config, seed=0)(batch["tokens"], batch["images"])  # the model accepts it
     assert out.logits.shape == (3, 120, config.llm.vocab_size)
     with pytest.raises(ValueError, match="cannot hold 3 images"):
-        bench.synthetic_batch(config, 1, 64, 3, seed=0)
+        random_batch(config, 1, 64, 3, seed=0)
 
 
 def test_benchmark_reports_consistent_figures(capsys):

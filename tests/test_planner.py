@@ -8,6 +8,7 @@ import torch
 
 from megatron_emu.arguments import parse_args
 from megatron_emu.config import ParallelConfig, get_preset
+from megatron_emu.data.random_batches import random_batch
 from megatron_emu.kernels import build_adamw
 from megatron_emu.model.emu import build_emu
 from megatron_emu.parallel.mesh import ParallelDims
@@ -28,11 +29,10 @@ def load_tool(name):
 
 def measured_peak(config, images_per_sample: int) -> int:
     """Peak live tensor bytes over one steady-state training step (the second)."""
-    synthetic_batch = load_tool("benchmark_throughput").synthetic_batch
     d = config.data
     pmodel = train.build_model(config, None, d.global_batch_size // d.micro_batch_size, torch.device("cpu"))
     optimizer = build_adamw(pmodel.parts[0], config.optimizer, "cpu", config.performance.fused_kernels)
-    micro = [synthetic_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample, seed=i)
+    micro = [random_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample, seed=i)
              for i in range(d.global_batch_size // d.micro_batch_size)]
     precision = Precision(config.performance, "cpu")
     train.train_step(pmodel, optimizer, micro, config, precision)  # creates the Adam states

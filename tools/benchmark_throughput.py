@@ -32,34 +32,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_emu.arguments import build_parser, to_config  # noqa: E402
-from megatron_emu.config import ModelConfig, TrainConfig  # noqa: E402
+from megatron_emu.config import TrainConfig  # noqa: E402
+from megatron_emu.data.random_batches import random_batch  # noqa: E402
 from megatron_emu.kernels import build_adamw  # noqa: E402
 from megatron_emu.model.attention import configure_attention  # noqa: E402
 from megatron_emu.training.metrics import CPUPeakMemory, device_peak_tflops, mfu, training_flops  # noqa: E402
 from megatron_emu.training.precision import Precision  # noqa: E402
 
 log = logging.getLogger("megatron_emu")
-
-
-def synthetic_batch(config: ModelConfig, batch_size: int, seq_length: int, images_per_sample: int, seed: int) -> dict:
-    """{"tokens": (B, S), "images": (B * k, 3, H, W) uint8}, as the loader yields them:
-    text, k images as `[IMG] <image> x 32 [/IMG]` blocks between text, [PAD] at the end."""
-    g = torch.Generator().manual_seed(seed)
-    special = config.special_tokens
-    block = [special.img_start] + [special.image] * config.causal_former.num_query_tokens + [special.img_end]
-    text = lambda n: torch.randint(3, special.pad, (n,), generator=g).tolist()  # noqa: E731
-    rows = []
-    for _ in range(batch_size):
-        row = [1] + text(5)
-        for _ in range(images_per_sample):
-            row += block + text(4)
-        if len(row) > seq_length:
-            raise ValueError(f"--seq-length {seq_length} cannot hold {images_per_sample} images per sample")
-        row += text(seq_length - len(row) - 4) + [special.pad] * 4
-        rows.append(row[:seq_length])
-    size = config.vision.image_size
-    images = torch.randint(0, 256, (batch_size * images_per_sample, 3, size, size), generator=g, dtype=torch.uint8)
-    return {"tokens": torch.tensor(rows), "images": images}
 
 
 def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
@@ -134,7 +114,7 @@ def prepare_emu(config: TrainConfig, images_per_sample: int) -> dict:
                  if pmesh is None else train.build_parallel_optimizer(pmodel, config.optimizer))
     dp_rank = pmesh.dp_rank if pmesh is not None else 0
     d = config.data
-    micro = [train.move_batch(synthetic_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample,
+    micro = [train.move_batch(random_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample,
                                               seed=dp_rank * 1000 + i), device) for i in range(n_micro)]
 
     def step():
@@ -171,7 +151,7 @@ def prepare_hf_llama(config: TrainConfig, device: torch.device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None, foreach=None if fused else True)
     precision = Precision(perf, device.type)
     n_micro = d.global_batch_size // d.micro_batch_size
-    batches = [synthetic_batch(config.model, d.micro_batch_size, d.seq_length, 0, seed=i)["tokens"].to(device)
+    batches = [random_batch(config.model, d.micro_batch_size, d.seq_length, 0, seed=i)["tokens"].to(device)
                for i in range(n_micro)]
 
     def step():
