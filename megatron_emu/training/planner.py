@@ -102,7 +102,54 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
                 layer=count(emu.llm.layers["0"]), head=count(emu.llm.norm, emu.llm.output, emu.regression_head),
                 encoder_blocks=count(emu.visual.blocks, emu.causal_former.blocks),
                 largest_block=max(count(emu.llm.layers["0"]), count(emu.visual.blocks[0]),
-                                  count(emu.causal_former.blocks[0])))
+                                  count(emu.causal_former.blocks[0])),
+                vision_block=count(emu.visual.blocks[0]), cf_block=count(emu.causal_former.blocks[0]),
+                **tp_replicated_counts(emu))
+
+
+def tp_replicated_counts(emu) -> dict[str, int]:
+    """Parameters every TP rank holds whole, by tensor_parallel.py's plans: what no
+    column/row-parallel plan covers (norms, the patch embedding, position embeddings,
+    query tokens, the Causal Former projection) and row-parallel biases."""
+    from megatron_emu.parallel import tensor_parallel as tpp
+
+    def replicated(module, plan) -> int:
+        n = 0
+        for name, p in module.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            style = plan.get(owner)
+            if style is None or (isinstance(style, tpp.RowwiseParallel) and leaf == "bias"):
+                n += p.numel()
+        return n
+
+    c = emu.causal_former
+    outside = [p for m in (emu.visual, emu.ln_visual, c) for n, p in m.named_parameters()
+               if not n.startswith("blocks.") and p is not c.relative_attention_bias.weight]
+    return dict(layer_replicated=replicated(emu.llm.layers["0"], tpp.llama_layer_plan(False)),
+                vision_block_replicated=replicated(emu.visual.blocks[0], tpp.vision_block_plan()),
+                cf_block_replicated=replicated(c.blocks[0], tpp.causal_former_block_plan()),
+                encoder_outside_replicated=sum(p.numel() for p in outside),
+                head_replicated=sum(p.numel() for p in emu.llm.norm.parameters()))
+
+
+def rank_parameters(model: ModelConfig, dims: ParallelDims, stages: list[int]) -> int:
+    """Parameters one TP rank of these stages holds: sharded ones / TP, replicated whole
+    (blocks whose heads TP does not divide stay whole, like parallelize_vision)."""
+    counts, layers = parameter_counts(model), stage_layers(dims, model)
+    tp, v, c = dims.tp, model.vision, model.causal_former
+    shared = lambda total, whole: (total - whole) // tp + whole  # noqa: E731
+    layer = shared(counts["layer"], counts["layer_replicated"])
+    vis_block, cf_block = counts["vision_block"], counts["cf_block"]
+    vision_split = v.heads % tp == 0 and v.mlp_dim % tp == 0
+    cf_split = c.heads % tp == 0 and c.ffn_dim % tp == 0
+    encoder = (v.layers * (shared(vis_block, counts["vision_block_replicated"]) if vision_split else vis_block)
+               + c.layers * (shared(cf_block, counts["cf_block_replicated"]) if cf_split else cf_block))
+    outside = counts["encoder"] - counts["encoder_blocks"]
+    # Only the relative-position bias is split outside the blocks, and only with the heads.
+    encoder += shared(outside, counts["encoder_outside_replicated"]) if cf_split else outside
+    last = len(layers) - 1
+    return sum(layers[s] * layer + (s == 0) * (encoder + counts["embed"] // tp)
+               + (s == last) * shared(counts["head"], counts["head_replicated"]) for s in stages)
 
 
 def rank_stages(dims: ParallelDims, pp_rank: int) -> list[int]:
@@ -120,8 +167,7 @@ def estimate_memory(model: ModelConfig, work: Workload, dims: ParallelDims, pp_r
     counts, layers = parameter_counts(model), stage_layers(dims, model)
     stages = rank_stages(dims, pp_rank)
     last = len(layers) - 1
-    params = sum(layers[s] * counts["layer"] + (s == 0) * (counts["encoder"] + counts["embed"])
-                 + (s == last) * counts["head"] for s in stages) // dims.tp
+    params = rank_parameters(model, dims, stages)
     fsdp = dims.sharding in ("fsdp", "hsdp")
     bf16_weights = fsdp and work.dtype != "float32"  # FSDP2 MixedPrecisionPolicy gathers bf16
     n_micro = work.global_batch_size // (work.micro_batch_size * dims.dp)
