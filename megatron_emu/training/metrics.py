@@ -22,6 +22,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -166,7 +167,10 @@ class CPUPeakMemory(TorchDispatchMode):
 
     torch keeps no allocator statistics on CPU, so every op's outputs are recorded by
     storage (views count once) and dropped when the storage is freed. Tensors created
-    before entering (weights, the batch) are added with `track`."""
+    before entering (weights, the batch) are added with `track`. Two things multi-rank
+    training needs: a DTensor counts as its local shard (what this rank holds), and live
+    bytes are recounted from each storage's current size after every op, because FSDP2
+    frees gathered parameters with `storage.resize_(0)` rather than dropping the storage."""
 
     def __init__(self):
         super().__init__()
@@ -176,6 +180,8 @@ class CPUPeakMemory(TorchDispatchMode):
 
     def track(self, *tensors) -> None:
         for t in tree_flatten(list(tensors))[0]:
+            if isinstance(t, DTensor):
+                t = t.to_local()
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
                 self._add(t.untyped_storage())
 
@@ -184,20 +190,23 @@ class CPUPeakMemory(TorchDispatchMode):
 
     def _add(self, storage) -> None:
         key = storage._cdata
-        if key in self._live:
-            return
-        nbytes = storage.nbytes()
-        self._live[key] = weakref.ref(storage, lambda _, key=key, nbytes=nbytes: self._free(key, nbytes))
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
+        if key not in self._live:
+            self._live[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
+            self._recount()
 
-    def _free(self, key: int, nbytes: int) -> None:
+    def _free(self, key: int) -> None:
         if self._live.pop(key, None) is not None:
-            self.current -= nbytes
+            self._recount()
+
+    def _recount(self) -> None:
+        storages = (ref() for ref in list(self._live.values()))
+        self.current = sum(s.nbytes() for s in storages if s is not None)
+        self.peak = max(self.peak, self.current)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.track(out)
+        self._recount()  # a storage resized in place (FSDP2's resize_(0)) shows up here
         return out
 
 
