@@ -38,6 +38,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=1, help="DataLoader worker processes")
     g.add_argument("--data-cache-dir", default="", help="where the synthetic corpus/tokenizer are cached")
     g.add_argument("--tokenizer-model", default="", help="sentencepiece .model (default: tiny tokenizer)")
+    g.add_argument("--pack-sequences", action="store_true",
+                   help="pack each micro-batch's samples into as few --seq-length rows as hold them; attention, "
+                        "positions and targets stay within each sample (no compute spent on padding)")
     g.add_argument("--data-blend", default="shares", choices=["shares", "weighted"],
                    help="shares: --data-path weights are exact per-global-batch shares (the paper); "
                         "weighted: megatron-core's greedy weighted blending")
@@ -174,6 +177,7 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
             cache_dir=args.data_cache_dir,
             tokenizer_model=args.tokenizer_model,
             data_blend=args.data_blend,
+            pack_sequences=args.pack_sequences,
         ),
         optimizer=OptimizerConfig(
             lr=args.lr,

@@ -196,6 +196,9 @@ class DataConfig:
     # "weighted": megatron-core BlendedDataset-style greedy blending of the sample stream.
     data_blend: str = "shares"
     prefetch_factor: int = 2  # micro-batches prefetched per DataLoader worker
+    # Pack each micro-batch's samples into as few seq_length rows as hold them, with
+    # per-document attention and positions (data/packing.py); off = one sample per row.
+    pack_sequences: bool = False
 
 
 @dataclass

@@ -163,3 +163,38 @@ def test_dataclass_defaults_keep_the_contract():
     fields = {f.name for f in dataclasses.fields(DataConfig)}
     assert {"data_path", "seq_length", "micro_batch_size", "global_batch_size", "num_workers", "cache_dir",
             "data_blend", "prefetch_factor"} <= fields
+
+
+def documents(batch, pad):
+    """(tokens, images) of every sample in a batch, packed or not."""
+    tokens, images, found, used = batch["tokens"], batch["images"], [], 0
+    ids = batch.get("document_ids", torch.zeros_like(tokens))
+    for r in range(tokens.shape[0]):
+        for d in ids[r].unique().tolist():
+            doc = tokens[r][ids[r] == d]
+            doc = doc[: int((doc != pad).sum())]  # unpacked rows: drop the trailing [PAD]
+            if len(doc) == 0:
+                continue  # a packed row's [PAD] document
+            n = int((doc == pad + 1).sum())  # [IMG] (= [PAD] + 1) count: images of this sample
+            found.append((doc.tolist(), images[used:used + n]))
+            used += n
+    assert used == images.shape[0]
+    return sorted(found, key=lambda x: x[0])
+
+
+def test_packed_loader_holds_the_same_samples_in_fewer_rows(tok, data_path):
+    """--pack-sequences changes the layout, never the samples of a micro-batch."""
+    plain = build_pretrain_loader(config(data_path, micro_batch_size=4), tok, dp_rank=0, dp_size=1, seed=5)
+    packed = build_pretrain_loader(config(data_path, micro_batch_size=4, pack_sequences=True), tok,
+                                   dp_rank=0, dp_size=1, seed=5)
+    rows = 0
+    for a, b in zip(take(plain, 6), take(packed, 6)):
+        assert b["tokens"].shape[1] == 192 and b["tokens"].shape[0] <= 4
+        assert b["document_ids"].shape == b["tokens"].shape
+        assert b["num_samples_by_kind"] == a["num_samples_by_kind"]
+        assert b["truncated_tokens"] == a["truncated_tokens"] and b["dropped_images"] == a["dropped_images"]
+        want, got = documents(a, tok.special.pad), documents(b, tok.special.pad)
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert all(torch.equal(x, y) for (_, x), (_, y) in zip(got, want))
+        rows += b["tokens"].shape[0]
+    assert rows < 6 * 4, "the synthetic corpus's short pairs should share rows"

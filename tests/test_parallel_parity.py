@@ -244,6 +244,11 @@ WORLD2 = {
                                          performance=dict(recompute_granularity="selective")),
     "DP2 FSDP2 selective recompute": dict(data_parallel_sharding="fsdp",
                                           performance=dict(recompute_granularity="selective")),
+    "PP2 interleaved selective recompute": dict(pipeline_model_parallel_size=2, pipeline_schedule="interleaved",
+                                                num_layers_per_virtual_pipeline_stage=1,
+                                                performance=dict(recompute_granularity="selective")),
+    "PP2 zero-bubble full recompute": dict(pipeline_model_parallel_size=2, pipeline_schedule="zero-bubble",
+                                           performance=dict(recompute_granularity="full")),
     "TP2+SP unfused": dict(tensor_model_parallel_size=2, sequence_parallel=True, performance=dict(fused_kernels=False)),
 }
 BYTES2 = {k: WORLD2[k] for k in ("TP2", "PP2 1F1B", "DP2 FSDP2", "DP2 DDP")}

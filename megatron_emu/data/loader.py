@@ -4,7 +4,8 @@ Global batch b has global_batch_size slots (blend.BatchPlan). DP rank r owns slo
 [r * G/dp, (r + 1) * G/dp), cut into num_microbatches micro-batches of micro_batch_size.
 Micro-batch m of this rank is a pure function of (seed, m), so the loader state is one
 counter; torch DataLoader workers build whole micro-batches (reading, image unpacking and
-collation happen in the workers).
+collation happen in the workers). With --pack-sequences the micro-batch's samples are the
+same, packed into at most micro_batch_size rows (data/packing.py).
 
 With an empty data.data_path, the bundled synthetic corpus is built once through the
 preprocess code path (the same one as tools/preprocess_data.py) and cached.
@@ -23,6 +24,7 @@ from megatron_emu.config import DataConfig
 from megatron_emu.data.blend import BatchPlan, parse_data_path, sample_index
 from megatron_emu.data.indexed import MultimodalIndexed, _check_files, read_meta
 from megatron_emu.data.locks import file_lock, publish
+from megatron_emu.data.packing import collate_packed
 from megatron_emu.data.samples import SeqSpec, collate, make_view
 from megatron_emu.data.tokenizer import default_cache_dir
 
@@ -34,8 +36,9 @@ class MicroBatches(Dataset):
     """Map-style: micro-batch number m (of this rank) -> collated dict."""
 
     def __init__(self, views, plan: BatchPlan, spec: SeqSpec, *, dp_rank: int, dp_size: int,
-                 micro_batch_size: int, seed: int):
+                 micro_batch_size: int, seed: int, pack: bool = False):
         self.views, self.plan, self.spec, self.seed = views, plan, spec, seed
+        self.collate = collate_packed if pack else collate
         self.micro = micro_batch_size
         self.per_rank = plan.global_batch_size // dp_size
         self.num_micro = self.per_rank // micro_batch_size
@@ -52,7 +55,7 @@ class MicroBatches(Dataset):
             view = self.views[d]
             idx = sample_index(self.seed, d, draw, len(view))
             samples.append(view.build(idx, (self.seed, d, draw)))
-        return collate(samples, self.spec)
+        return self.collate(samples, self.spec)
 
     def __len__(self) -> int:  # unbounded stream; DataLoader only needs the sampler
         return 2 ** 62
@@ -143,7 +146,8 @@ def build_pretrain_loader(data: DataConfig, tokenizer, *, dp_rank: int, dp_size:
             raise ValueError(f"{prefix}.idx: no samples for view {view or ds.kind}")
         weights.append(weight)
     plan = BatchPlan(weights, g, seed, data.data_blend)
-    dataset = MicroBatches(views, plan, spec, dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=mbs, seed=seed)
+    dataset = MicroBatches(views, plan, spec, dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=mbs, seed=seed,
+                           pack=data.pack_sequences)
     per_step = mbs * dp_size
     if consumed_samples % per_step:
         raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of micro batch x dp ({per_step})")

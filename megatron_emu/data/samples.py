@@ -230,15 +230,19 @@ def collate(samples: list[Sample], spec: SeqSpec, image_size: int = 224) -> dict
     else:
         images = torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
     ignored = torch.tensor([spec.pad_id, spec.image_id, spec.img_start_id, spec.img_end_id])
-    kinds: dict[str, int] = {}
-    for s in samples:
-        kinds[s.kind] = kinds.get(s.kind, 0) + 1
     return {
         "tokens": tokens,
         "images": images,
         # 1 where the token is a cross-entropy target (spec section 4's ignore set).
         "loss_mask": (~torch.isin(tokens, ignored)).float(),  # (B, L)
-        "num_samples_by_kind": kinds,
+        "num_samples_by_kind": count_kinds(samples),
         "dropped_images": sum(s.dropped_images for s in samples),
         "truncated_tokens": sum(s.truncated_tokens for s in samples),
     }
+
+
+def count_kinds(samples: list[Sample]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for s in samples:
+        kinds[s.kind] = kinds.get(s.kind, 0) + 1
+    return kinds

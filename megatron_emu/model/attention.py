@@ -15,11 +15,18 @@ Causal Former self-attention) and fp32 calls run on sdpa instead, which is exact
 
 Causal masks are bottom-right aligned everywhere (query i sees key j <= i + Sk - Sq),
 as flash-attn does; for Sq == Sk (every causal call in the model) this is the usual mask.
+
+Packed rows (--pack-sequences): several documents share a row, and a token attends only
+to earlier tokens of its own document. `document_mask` turns the (B, S) document ids into
+what the backend needs, once per forward: flash-attn's varlen kernel takes the document
+boundaries (cu_seqlens) of the flattened tokens and computes no cross-document scores;
+sdpa and math take a dense (B, 1, S, S) boolean mask; te falls back to sdpa.
 """
 
 import importlib.util
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +86,45 @@ def get_attention_backend() -> str:
     return _backend
 
 
+class DocumentMask(NamedTuple):
+    """Which keys each query of a packed batch may see: earlier tokens of its document."""
+
+    ids: torch.Tensor  # (B, S) document id of every token, constant within a document
+    allowed: torch.Tensor | None  # (B, 1, S, S) bool, True = may attend (sdpa / math)
+    cu_seqlens: torch.Tensor | None  # (num_documents + 1,) int32 starts in the flattened B*S tokens (flash)
+    max_seqlen: int  # the longest document (flash); 0 when cu_seqlens is None
+
+
+def document_mask(document_ids: torch.Tensor) -> DocumentMask:
+    """(B, S) ids -> the mask in the form the current backend uses (built once per forward)."""
+    if _backend == "flash" and document_ids.is_cuda:
+        cu_seqlens, max_seqlen = document_boundaries(document_ids)
+        return DocumentMask(document_ids, None, cu_seqlens, max_seqlen)
+    return DocumentMask(document_ids, dense_document_mask(document_ids), None, 0)
+
+
+def dense_document_mask(document_ids: torch.Tensor) -> torch.Tensor:  # (B, 1, S, S) bool
+    S = document_ids.shape[1]
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, S, S)
+    causal = torch.ones(S, S, dtype=torch.bool, device=document_ids.device).tril()
+    return (same & causal).unsqueeze(1)
+
+
+def document_starts(document_ids: torch.Tensor) -> torch.Tensor:  # (B, S) bool
+    """True at the first token of every document (every row starts one)."""
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return starts
+
+
+def document_boundaries(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """flash-attn varlen's cu_seqlens over the flattened (B*S) tokens, and the longest document."""
+    starts = document_starts(document_ids).flatten().nonzero().flatten()  # (num_documents,)
+    total = torch.tensor([document_ids.numel()], device=document_ids.device)
+    cu_seqlens = torch.cat([starts, total]).to(torch.int32)
+    return cu_seqlens, int(cu_seqlens.diff().max())
+
+
 def scaled_dot_product_attention(
     q: torch.Tensor,  # (B, H, Sq, D)
     k: torch.Tensor,  # (B, H, Sk, D)
@@ -87,7 +133,10 @@ def scaled_dot_product_attention(
     causal: bool = False,
     bias: torch.Tensor | None = None,  # additive, broadcastable to (B, H, Sq, Sk)
     scale: float | None = None,  # None = 1/sqrt(D); T5 passes 1.0
+    documents: DocumentMask | None = None,  # packed rows: causal within each document
 ) -> torch.Tensor:  # (B, H, Sq, D)
+    if documents is not None:
+        return document_attention(q, k, v, documents, scale)
     if _backend == "math":
         return math_attention(q, k, v, causal=causal, bias=bias, scale=scale)
     fused_ok = bias is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
@@ -96,6 +145,20 @@ def scaled_dot_product_attention(
     if _backend == "te" and fused_ok and q.shape[-2] == k.shape[-2]:
         return te_attention(q, k, v, causal=causal, scale=scale)
     return sdpa_attention(q, k, v, causal=causal, bias=bias, scale=scale)
+
+
+def document_attention(q, k, v, documents: DocumentMask, scale=None):
+    """Causal self-attention of packed rows, each token within its own document."""
+    fused_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if _backend == "flash" and fused_ok and documents.cu_seqlens is not None:
+        return flash_varlen_attention(q, k, v, documents, scale)
+    allowed = documents.allowed
+    if allowed is None:  # built for flash, but this call (fp32) runs elsewhere
+        allowed = dense_document_mask(documents.ids)
+    if _backend == "math":
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        return math_attention(q, k, v, bias=bias, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
 def sdpa_attention(q, k, v, *, causal=False, bias=None, scale=None):
@@ -114,6 +177,18 @@ def flash_attention(q, k, v, *, causal=False, scale=None):
 
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, softmax_scale=scale)
     return out.transpose(1, 2)  # (B, H, Sq, D)
+
+
+def flash_varlen_attention(q, k, v, documents: DocumentMask, scale=None):
+    """flash-attn 2's varlen kernel on the flattened tokens: one causal attention per
+    document, no scores computed across documents."""
+    from flash_attn import flash_attn_varlen_func
+
+    B, H, S, D = q.shape
+    flat = lambda t: t.transpose(1, 2).reshape(B * S, -1, D)  # noqa: E731  (B*S, H, D)
+    cu, longest = documents.cu_seqlens, documents.max_seqlen
+    out = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, longest, longest, causal=True, softmax_scale=scale)
+    return out.view(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
 
 
 def te_attention(q, k, v, *, causal=False, scale=None):

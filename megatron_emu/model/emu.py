@@ -53,9 +53,11 @@ class Emu(nn.Module):
         slots = (tokens == self.config.special_tokens.image).unsqueeze(-1)  # (B, S, 1)
         return inputs.masked_scatter(slots, visual)
 
-    def forward(self, tokens: torch.Tensor, images: torch.Tensor | None = None) -> EmuOutput:
+    def forward(self, tokens: torch.Tensor, images: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> EmuOutput:
+        """document_ids (B, S): packed rows, each document attended and positioned on its own."""
         inputs = self.embed(tokens, images)  # (B, S, H)
-        hidden = self.llm.norm(self.llm.forward_layers(inputs))  # (B, S, H)
+        hidden = self.llm.norm(self.llm.forward_layers(inputs, document_ids))  # (B, S, H)
         # The regression head runs at every position (0.2% of the FLOPs of the 14B model)
         # so shapes never depend on the data; the loss selects the 33 positions per image.
         return EmuOutput(self.llm.output(hidden), self.regression_head(hidden), inputs.detach())

@@ -6,14 +6,20 @@ live in a ModuleDict keyed by index so names survive pipeline splitting, and a s
 without `tok_embeddings` / `norm` / `output` (set to None) still runs.
 Rotary embeddings use the Hugging Face "rotate half" layout, so transformers'
 LlamaForCausalLM weights map one to one.
+
+Packed rows (document ids given): positions restart at 0 with every document and
+attention stays within it, so a packed document is computed exactly as it would be
+alone in its own row.
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_emu.config import LLaMAConfig
-from megatron_emu.model.attention import scaled_dot_product_attention
+from megatron_emu.model.attention import DocumentMask, document_mask, document_starts, scaled_dot_product_attention
 from megatron_emu.model.norms import RMSNorm
 
 
@@ -25,8 +31,27 @@ def rotary_tables(head_dim: int, max_positions: int, theta: float, device=None) 
     return torch.stack([angles.cos(), angles.sin()])
 
 
+class Positions(NamedTuple):
+    """Where every token sits, worked out once per forward and shared by all layers."""
+
+    cos: torch.Tensor  # (S, D), or (B, 1, S, D) for packed rows
+    sin: torch.Tensor
+    documents: DocumentMask | None  # packed rows only
+
+
+def token_positions(rope: torch.Tensor, seq_length: int, document_ids: torch.Tensor | None = None) -> Positions:
+    """rope: (2, P, D) tables; document_ids: (B, S) for packed rows, else None."""
+    if document_ids is None:
+        return Positions(rope[0, :seq_length], rope[1, :seq_length], None)
+    index = torch.arange(seq_length, device=document_ids.device).expand_as(document_ids)  # (B, S)
+    first = torch.where(document_starts(document_ids), index, 0).cummax(dim=1).values  # each document's start
+    position = index - first  # (B, S): 0 at every document's first token
+    cos, sin = rope[0, position].unsqueeze(1), rope[1, position].unsqueeze(1)  # (B, 1, S, D)
+    return Positions(cos, sin, document_mask(document_ids))
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, h, S, D); cos/sin: (S, D)."""
+    """x: (B, h, S, D); cos/sin: (S, D) or (B, 1, S, D)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -41,15 +66,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.hidden, config.hidden, bias=False)
         self.wo = nn.Linear(config.hidden, config.hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:
         B, S, _ = x.shape
         # -1 heads: a head-sharded copy (tensor parallel) runs unchanged.
         q = self.wq(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, h, S, D)
         k = self.wk(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, S, -1, self.head_dim).transpose(1, 2)
-        cos, sin = rope[0, :S].to(q.dtype), rope[1, :S].to(q.dtype)  # (S, D)
+        cos, sin = positions.cos.to(q.dtype), positions.sin.to(q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = scaled_dot_product_attention(q, k, v, causal=True)  # (B, h, S, D)
+        out = scaled_dot_product_attention(q, k, v, causal=True, documents=positions.documents)  # (B, h, S, D)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -74,8 +99,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden, config.norm_eps)
         self.feed_forward = FeedForward(config.hidden, config.ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), positions)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -97,11 +122,13 @@ class LLaMA(nn.Module):
         c = self.config
         return rotary_tables(c.head_dim, c.max_positions, c.rope_theta, device=device)
 
-    def forward_layers(self, h: torch.Tensor) -> torch.Tensor:  # (B, S, H) -> (B, S, H)
+    def forward_layers(self, h: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S, H) -> (B, S, H); document_ids (B, S) for packed rows."""
         if h.shape[1] > self.config.max_positions:
             raise ValueError(f"sequence length {h.shape[1]} exceeds max positions {self.config.max_positions}")
+        positions = token_positions(self.rope, h.shape[1], document_ids)
         for layer in self.layers.values():
-            h = layer(h, self.rope)
+            h = layer(h, positions)
         return h
 
     def init_weights(self, std: float) -> None:

@@ -9,6 +9,9 @@ and the detached input embeddings (the l2 targets) travel with the hidden states
     middle:       (hidden, tokens, targets) -> (hidden, tokens, targets)
     last:         (hidden, tokens, targets) -> (logits, regression, targets, tokens)
 
+With --pack-sequences the document ids (B, S) travel last in every tuple, and each
+step's micro-batches are padded with [PAD] rows to one row count (data/packing.py).
+
 Micro-batches hold a variable number of images, which the schedules cannot chunk;
 stage 0 therefore receives only the micro-batch index and reads the micro-batch from
 a MicrobatchFeed filled before each step.
@@ -37,6 +40,7 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 
+from megatron_emu.data.packing import pad_rows
 from megatron_emu.model.emu import Emu
 from megatron_emu.parallel.mesh import ParallelMesh
 
@@ -82,33 +86,35 @@ class EmuStage(nn.Module):
             (index,) = args  # (1,) micro-batch index
             batch = self.feed[int(index[0])]
             tokens = batch["tokens"]  # (B, S)
+            documents = (batch["document_ids"],) if "document_ids" in batch else ()  # packed rows
             hidden = self.embed(tokens, batch["images"]).to(self.io_dtype)  # (B, S, H)
             targets = hidden.detach()  # (B, S, H): l2 targets, no gradient
             if not hidden.requires_grad:  # everything up to here frozen: the schedule
                 hidden.requires_grad_()  # still runs (and sends) this stage's backward
         else:
-            hidden, tokens, targets = args
-        hidden = self.llm.forward_layers(hidden)  # (B, S, H)
+            hidden, tokens, targets, *documents = args
+        hidden = self.llm.forward_layers(hidden, *documents)  # (B, S, H)
         if not self.is_last:
-            return hidden.to(self.io_dtype), tokens, targets
+            return hidden.to(self.io_dtype), tokens, targets, *documents
         hidden = self.llm.norm(hidden)
         # Local shards (B, S, V/TP) and (B, S, H/TP): see sharded_loss.
-        return local(self.llm.output(hidden)), local(self.regression_head(hidden)), targets, tokens
+        return local(self.llm.output(hidden)), local(self.regression_head(hidden)), targets, tokens, *documents
 
-    def io_metas(self, batch: int, seq: int, tp: int) -> tuple[tuple, tuple]:
+    def io_metas(self, batch: int, seq: int, tp: int, packed: bool = False) -> tuple[tuple, tuple]:
         """(inputs, outputs) of this stage as meta tensors, for micro-batches of (batch, seq) tokens."""
         hidden = self.config.llm.hidden
         io = self.io_dtype
+        documents = (meta(batch, seq, dtype=torch.long),) if packed else ()
         carried = (meta(batch, seq, hidden, dtype=io, grad=True), meta(batch, seq, dtype=torch.long),
-                   meta(batch, seq, hidden, dtype=io))
+                   meta(batch, seq, hidden, dtype=io), *documents)
         inputs = (meta(1, dtype=torch.long),) if self.is_first else carried  # stage 0: the micro-batch index
         if not self.is_last:
             return inputs, carried
-        _, tokens, targets = carried
+        _, tokens, targets, *_ = carried
         # Local shards; under autocast the heads' matmuls give the compute dtype.
         logits = meta(batch, seq, self.config.llm.padded_vocab_size // tp, dtype=io, grad=True)
         regression = meta(batch, seq, hidden // tp, dtype=io, grad=True)
-        return inputs, (logits, regression, targets, tokens)
+        return inputs, (logits, regression, targets, tokens, *documents)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -172,10 +178,10 @@ def sharded_loss(loss_fn, pmesh: ParallelMesh):
     mesh = pmesh.tp_mesh
 
     def wrapped(outputs, target):
-        logits, regression, targets, tokens = outputs
+        logits, regression, *carried = outputs  # targets, tokens[, document ids]
         logits = DTensor.from_local(logits, mesh, [Shard(-1)], run_check=False)
         regression = DTensor.from_local(regression, mesh, [Shard(-1)], run_check=False)
-        return loss_fn((logits, regression, targets, tokens), target)
+        return loss_fn((logits, regression, *carried), target)
 
     return wrapped
 
@@ -190,11 +196,12 @@ class EmuPipeline:
         self.loss_fn, self.feed = loss_fn, feed
         self.schedule, self.shape = None, None
 
-    def build(self, shape: tuple[int, int]):
+    def build(self, shape: tuple[int, int, bool]):
+        """shape: (rows, seq_length, packed) of every micro-batch of the step."""
         dims, group = self.pmesh.dims, self.pmesh.pp_mesh.get_group()
         pipe_stages = []
         for part, index in zip(self.parts, self.stages):
-            inputs, outputs = part.io_metas(*shape, tp=dims.tp)
+            inputs, outputs = part.io_metas(*shape[:2], tp=dims.tp, packed=shape[2])
             pipe_stages.append(PipelineStage(part, index, dims.num_stages, self.pmesh.device,
                                              input_args=inputs, output_args=outputs, group=group))
         loss_fn = sharded_loss(self.loss_fn, self.pmesh) if self.loss_fn is not None else None
@@ -206,7 +213,8 @@ class EmuPipeline:
 
     def step(self, microbatches: list[dict]) -> None:
         """One forward/backward over all micro-batches; grads end scaled by 1/len(microbatches)."""
-        shapes = {tuple(b["tokens"].shape) for b in microbatches}
+        microbatches = equal_rows(microbatches, self.parts[0].config.special_tokens.pad)
+        shapes = {(*b["tokens"].shape, "document_ids" in b) for b in microbatches}
         if len(shapes) != 1 or len(microbatches) != self.n_micro:
             raise ValueError(f"pipeline step: expected {self.n_micro} micro-batches of one token shape, "
                              f"got {len(microbatches)} with shapes {sorted(shapes)}")
@@ -221,3 +229,11 @@ class EmuPipeline:
             self.schedule.step(index, target=index)
         finally:
             self.feed.microbatches = []
+
+
+def equal_rows(microbatches: list[dict], pad_id: int) -> list[dict]:
+    """Packed micro-batches hold a varying number of rows; stages need one shape per step."""
+    if not all("document_ids" in b for b in microbatches):
+        return microbatches
+    rows = max(b["tokens"].shape[0] for b in microbatches)
+    return [pad_rows(b, rows, pad_id) for b in microbatches]

@@ -20,12 +20,12 @@ def image_grounding(model: Emu, batches: list[dict], special: SpecialTokens) -> 
     true_ce, shuffled_ce = [], []
     vocab = model.config.llm.vocab_size  # padded LM-head rows are never predicted
     for batch in batches:
-        tokens, images = batch["tokens"], batch["images"]
+        tokens, images, documents = batch["tokens"], batch["images"], batch.get("document_ids")
         if images.shape[0] < 2:
             continue
-        true_ce.append(cross_entropy_loss(model(tokens, images).logits, tokens, special, vocab))
-        shuffled = images.roll(1, dims=0)
-        shuffled_ce.append(cross_entropy_loss(model(tokens, shuffled).logits, tokens, special, vocab))
+        for seen, ce in ((images, true_ce), (images.roll(1, dims=0), shuffled_ce)):
+            logits = model(tokens, seen, documents).logits
+            ce.append(cross_entropy_loss(logits, tokens, special, vocab, documents))
     model.train(was_training)
     if not true_ce:
         raise ValueError("image_grounding needs micro-batches with at least two images")

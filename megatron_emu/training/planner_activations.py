@@ -110,7 +110,7 @@ class ActivationProfile:
 def activation_profile(config: ModelConfig, micro_batch_size: int, seq_length: int, tp: int, dtype: str,
                        bf16_weights: bool) -> ActivationProfile:
     from megatron_emu.model.emu import Emu
-    from megatron_emu.model.llama import rotary_tables
+    from megatron_emu.model.llama import rotary_tables, token_positions
 
     compute = getattr(torch, dtype)
     weight_dtype = compute if bf16_weights else torch.float32
@@ -120,8 +120,8 @@ def activation_profile(config: ModelConfig, micro_batch_size: int, seq_length: i
         for block in (emu.llm.layers["0"], emu.visual.blocks[0], emu.causal_former.blocks[0]):
             shard_for_tp(block, tp)
         hidden = lambda *shape: torch.randn(*shape, dtype=weight_dtype, requires_grad=True)  # noqa: E731
-        rope = rotary_tables(config.llm.head_dim, s, config.llm.rope_theta)
-        llm = measure_saved(emu.llm.layers["0"], (hidden(b, s, config.llm.hidden), rope), compute)
+        positions = token_positions(rotary_tables(config.llm.head_dim, s, config.llm.rope_theta), s)
+        llm = measure_saved(emu.llm.layers["0"], (hidden(b, s, config.llm.hidden), positions), compute)
         vis = measure_saved(emu.visual.blocks[0], (hidden(1, v.num_tokens, v.width),), compute)
         visual = hidden(1, v.num_tokens, v.width)
         bias = torch.randn(1, c.heads // tp, c.num_query_tokens, c.num_query_tokens, dtype=weight_dtype)

@@ -47,6 +47,7 @@ class StepResult:
     l2_loss: float
     grad_norm: float
     images: int  # images encoded in this step (for FLOPs)
+    sequences: int  # seq_length rows computed in this step (fewer than samples when packed)
 
 
 @dataclass
@@ -140,8 +141,9 @@ def pipeline_loss_fn(losses: list, config: TrainConfig):
     special, vocab = config.model.special_tokens, config.model.llm.vocab_size
 
     def loss_fn(outputs, _index):
-        logits, regression, targets, tokens = outputs
-        loss = mixed_loss(logits, regression, targets, tokens, special, config.l2_loss_weight, vocab)
+        logits, regression, targets, tokens, *documents = outputs  # document ids: packed rows
+        loss = mixed_loss(logits, regression, targets, tokens, special, config.l2_loss_weight, vocab,
+                          documents[0] if documents else None)
         losses.append((loss.lm.detach(), loss.l2.detach()))
         return loss.total
 
@@ -157,9 +159,10 @@ def forward_backward(pmodel: ParallelModel, microbatches: list[dict], config: Tr
     special, n, vocab = config.model.special_tokens, len(microbatches), config.model.llm.vocab_size
     for i, batch in enumerate(microbatches):
         gradient_sync(pmodel.parts, enabled=i == n - 1)  # DP reduces once, on the last one
+        documents = batch.get("document_ids")  # packed rows
         with precision.autocast():
-            out = pmodel.parts[0](batch["tokens"], batch["images"])
-            loss = mixed_loss(*out, batch["tokens"], special, config.l2_loss_weight, vocab)
+            out = pmodel.parts[0](batch["tokens"], batch["images"], documents)
+            loss = mixed_loss(*out, batch["tokens"], special, config.l2_loss_weight, vocab, documents)
         precision.backward(loss.total / n)
         pmodel.losses.append((loss.lm.detach(), loss.l2.detach()))
 
@@ -179,28 +182,30 @@ def train_step(pmodel: ParallelModel, optimizer, microbatches: list[dict], confi
     grad_norm = clip_grad_norm_global(pmodel.parts, config.optimizer.clip_grad, pmodel.pmesh)
     precision.step(optimizer)  # fp16: skipped when gradients overflowed
     images = sum(batch["images"].shape[0] for batch in microbatches)
-    lm, l2, images = reduce_step_stats(pmodel, len(microbatches), images)
-    return StepResult(lm, l2, grad_norm, images)
+    rows = sum(batch["tokens"].shape[0] for batch in microbatches)
+    lm, l2, images, rows = reduce_step_stats(pmodel, len(microbatches), images, rows)
+    return StepResult(lm, l2, grad_norm, images, rows)
 
 
-def reduce_step_stats(pmodel: ParallelModel, n_micro: int, images: int) -> tuple[float, float, int]:
-    """Mean lm / l2 over the global batch and its image count, identical on every rank.
+def reduce_step_stats(pmodel: ParallelModel, n_micro: int, images: int, rows: int) -> tuple[float, float, int, int]:
+    """Mean lm / l2 over the global batch, its image and row counts, identical on every rank.
 
     Each value is counted once: losses on the loss-computing ranks of TP rank 0,
-    images on TP rank 0 of the first pipeline rank; one all-reduce sums the DP ranks.
+    images and rows on TP rank 0 of the first pipeline rank; one all-reduce sums the DP ranks.
     """
     recorded = pmodel.losses[-n_micro:]
     lm = sum(float(l) for l, _ in recorded)
     l2 = sum(float(r) for _, r in recorded)
     pmesh = pmodel.pmesh
     if pmesh is None:
-        return lm / n_micro, l2 / n_micro, images
+        return lm / n_micro, l2 / n_micro, images, rows
     tp0 = pmesh.tp_rank == 0
     counts = pmodel.computes_loss and tp0, pmesh.pp_rank == 0 and tp0
-    stats = torch.tensor([lm * counts[0], l2 * counts[0], images * counts[1]], dtype=torch.float64, device=pmesh.device)
+    stats = torch.tensor([lm * counts[0], l2 * counts[0], images * counts[1], rows * counts[1]],
+                         dtype=torch.float64, device=pmesh.device)
     dist.all_reduce(stats)
     total = n_micro * pmesh.dims.dp
-    return float(stats[0]) / total, float(stats[1]) / total, int(stats[2])
+    return float(stats[0]) / total, float(stats[1]) / total, int(stats[2]), int(stats[3])
 
 
 # ---------------------------------------------------------------------------
@@ -275,9 +280,10 @@ def pretrain(config: TrainConfig) -> TrainSummary:
 
 def iteration_stats(config: TrainConfig, iteration: int, seconds: float, lr: float, result: StepResult, devices: int = 1) -> IterationStats:
     d = config.data
-    tokens = d.global_batch_size * d.seq_length
+    # Rows actually computed: the global batch, or fewer when samples are packed.
+    tokens = result.sequences * d.seq_length
     perf = config.performance
-    flops = training_flops(config.model, d.global_batch_size, d.seq_length, result.images,
+    flops = training_flops(config.model, result.sequences, d.seq_length, result.images,
                            perf.recompute_granularity, perf.recompute_num_layers)
     return IterationStats(
         iteration=iteration,
