@@ -68,3 +68,22 @@ def test_device_peak_sources():
     peak, source = bench.device_peak_tflops(torch.device("cpu"), torch.float32)
     assert peak > 0 and source.startswith("measured CPU matmul peak")
     assert bench.device_peak_tflops(torch.device("cpu"), torch.float32, 123.0) == (123.0, "--peak-tflops")
+
+
+def test_corpus_batches_packed_count_rows_not_samples(tmp_path):
+    """--corpus-batches --pack-sequences: the same samples in fewer rows; tokens/s and
+    FLOPs follow the rows computed, samples/s the samples."""
+    flags = ["--preset", "tiny", "--micro-batch-size", "6", "--global-batch-size", "6", "--seq-length", "160",
+             "--warmup-iters", "0", "--timed-iters", "1", "--peak-tflops", "2.0", "--no-memory", "--corpus-batches",
+             "--data-cache-dir", str(tmp_path), "--num-workers", "0"]
+    padded, packed = bench.main(flags), bench.main(flags + ["--pack-sequences", "--compare", "unpacked"])
+    assert padded["rows_per_step"] == 6 and packed["pack_sequences"]
+    assert 0 < packed["rows_per_step"] < 6 and packed["images_per_step"] == padded["images_per_step"]
+    seconds = packed["step_ms"] / 1000
+    assert packed["tokens_per_s"] == pytest.approx(packed["rows_per_step"] * 160 / seconds)
+    assert packed["samples_per_s"] == pytest.approx(6 / seconds)
+    flops = training_flops(get_preset("tiny"), packed["rows_per_step"], 160, packed["images_per_step"])
+    assert packed["tflops_per_device"] == pytest.approx(flops / seconds / 1e12)
+    assert packed["packing_speedup"] == pytest.approx(packed["unpacked_step_ms"] / packed["step_ms"])
+    with pytest.raises(ValueError, match="needs --pack-sequences"):
+        bench.main(flags + ["--compare", "unpacked"])

@@ -5,8 +5,13 @@
     torchrun --nproc-per-node 8 tools/benchmark_throughput.py --preset 1b --bf16 \\
         --tensor-model-parallel-size 2 ...
     python tools/benchmark_throughput.py --data-only [benchmark_data.py flags]
+    python tools/benchmark_throughput.py --corpus-batches [--pack-sequences] ...   # loader batches
 
 Every pretrain_emu.py flag applies (layout, --bf16, --recompute-*, --attention-backend, ...).
+By default batches are random and full (`--images-per-sample` images, no padding);
+`--corpus-batches` times the loader's real micro-batches of --data-path (default: the
+synthetic corpus) instead, padded or, with --pack-sequences, packed: the same samples,
+so samples/s compares the two layouts.
 Reports tokens/s, samples/s, TFLOP/s per device (training/metrics.py formula), MFU
 against the device peak (--peak-tflops to override; on CPU a measured matmul peak),
 and peak memory per rank: CUDA allocator statistics on GPU, exact live tensor bytes on
@@ -18,6 +23,7 @@ for both, and reports the tokens/s ratio. Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import logging
@@ -47,8 +53,12 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-iters", type=int, default=2)
     g.add_argument("--timed-iters", type=int, default=5)
     g.add_argument("--images-per-sample", type=int, default=1)
+    g.add_argument("--corpus-batches", action="store_true",
+                   help="time the loader's micro-batches of --data-path (synthetic corpus by default)")
     g.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: table / CPU measurement)")
-    g.add_argument("--compare", choices=["hf"], default=None, help="also train transformers' LlamaForCausalLM")
+    g.add_argument("--compare", choices=["hf", "unpacked"], default=None,
+                   help="hf: also train transformers' LlamaForCausalLM; unpacked (with --pack-sequences "
+                        "--corpus-batches): also the same samples one per row")
     g.add_argument("--no-memory", action="store_true", help="skip the CPU memory-tracking step")
     g.add_argument("--data-only", action="store_true", help="run tools/benchmark_data.py with the other flags")
 
@@ -96,7 +106,27 @@ def peak_memory(step, state_tensors, device: torch.device, skip_cpu: bool) -> in
 
 
 # -- our step -----------------------------------------------------------------------
-def prepare_emu(config: TrainConfig, images_per_sample: int) -> dict:
+def corpus_microbatches(config: TrainConfig, world_size: int, dp_rank: int, dp_size: int, n_micro: int) -> list[dict]:
+    """This rank's first step of real micro-batches, as pretraining would load them."""
+    from megatron_emu.data.loader import build_pretrain_loader
+    from megatron_emu.training.train import prepare_caches
+
+    tokenizer = prepare_caches(config, world_size)
+    loader = build_pretrain_loader(config.data, tokenizer, dp_rank=dp_rank, dp_size=dp_size, seed=config.seed,
+                                   tokens_per_image=config.model.tokens_per_image)
+    return [next(loader) for _ in range(n_micro)]
+
+
+def global_counts(micro: list[dict], tp_pp: int) -> tuple[int, int]:
+    """Rows and images of the global batch: summed over ranks, each DP replica counted once."""
+    counts = torch.tensor([sum(b["tokens"].shape[0] for b in micro), sum(b["images"].shape[0] for b in micro)])
+    if dist.is_initialized():
+        dist.all_reduce(counts)  # the TP x PP ranks of one replica hold the same batches
+        counts //= tp_pp
+    return int(counts[0]), int(counts[1])
+
+
+def prepare_emu(config: TrainConfig, images_per_sample: int, corpus: bool = False) -> dict:
     """Build this rank's model, optimizer and micro-batches; returns the step to time."""
     from megatron_emu.parallel.mesh import ParallelDims, build_mesh, init_distributed
     from megatron_emu.training import train
@@ -114,8 +144,13 @@ def prepare_emu(config: TrainConfig, images_per_sample: int) -> dict:
                  if pmesh is None else train.build_parallel_optimizer(pmodel, config.optimizer))
     dp_rank = pmesh.dp_rank if pmesh is not None else 0
     d = config.data
-    micro = [train.move_batch(random_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample,
-                                              seed=dp_rank * 1000 + i), device) for i in range(n_micro)]
+    if corpus:
+        micro = corpus_microbatches(config, world_size, dp_rank, dims.dp, n_micro)
+    else:
+        micro = [random_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample, seed=dp_rank * 1000 + i)
+                 for i in range(n_micro)]
+    micro = [train.move_batch(b, device) for b in micro]
+    rows, images = global_counts(micro, dims.tp * dims.pp)
 
     def step():
         train.train_step(pmodel, optimizer, micro, config, precision)
@@ -124,11 +159,9 @@ def prepare_emu(config: TrainConfig, images_per_sample: int) -> dict:
         params = [p for part in pmodel.parts for p in part.parameters()]
         return params, [p.grad for p in params if p.grad is not None], optimizer.state_dict()["state"], micro
 
-    images = d.global_batch_size * images_per_sample
-    flops = training_flops(config.model, d.global_batch_size, d.seq_length, images,
-                           perf.recompute_granularity, perf.recompute_num_layers)
+    flops = training_flops(config.model, rows, d.seq_length, images, perf.recompute_granularity, perf.recompute_num_layers)
     return dict(step=step, state=state, flops=flops, device=device, world_size=world_size,
-                layout=dims.describe(), attention=backend)
+                layout=dims.describe(), attention=backend, rows=rows, images=images)
 
 
 # -- transformers baseline ------------------------------------------------------------
@@ -186,8 +219,10 @@ def report(config: TrainConfig, args, ours: dict, peak: tuple[float, str], text_
         "precision": config.performance.compute_dtype, "attention": ours["attention"],
         "recompute": config.performance.recompute_granularity, "compile": config.performance.compile,
         "micro_batch_size": d.micro_batch_size, "global_batch_size": d.global_batch_size,
-        "seq_length": d.seq_length, "images_per_sample": args.images_per_sample,
-        "step_ms": ours["seconds"] * 1000, "tokens_per_s": d.global_batch_size * d.seq_length / ours["seconds"],
+        "seq_length": d.seq_length, "batches": "corpus" if args.corpus_batches else "random",
+        "images_per_sample": None if args.corpus_batches else args.images_per_sample,
+        "pack_sequences": d.pack_sequences, "rows_per_step": ours["rows"], "images_per_step": ours["images"],
+        "step_ms": ours["seconds"] * 1000, "tokens_per_s": ours["rows"] * d.seq_length / ours["seconds"],
         "samples_per_s": d.global_batch_size / ours["seconds"], "tflops_per_device": tflops,
         "peak_tflops": peak[0], "peak_source": peak[1], "mfu": mfu(tflops * 1e12, peak[0]),
         "peak_memory_mib_per_rank": [None if m is None else round(m / 2**20, 1) for m in memories],
@@ -232,17 +267,24 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     config = to_config(args)
-    ours = prepare_emu(config, args.images_per_sample)
+    ours = prepare_emu(config, args.images_per_sample, args.corpus_batches)
     device = ours["device"]
     steps = [ours["step"]]
     if args.compare == "hf":
         if ours["world_size"] != 1:
             raise ValueError("--compare hf runs on a single process")
         steps += [prepare_emu(config, 0)["step"], prepare_hf_llama(config, device)]  # text-only, both
+    if args.compare == "unpacked":
+        if not (config.data.pack_sequences and args.corpus_batches):
+            raise ValueError("--compare unpacked needs --pack-sequences and --corpus-batches")
+        unpacked = dataclasses.replace(config, data=dataclasses.replace(config.data, pack_sequences=False))
+        steps.append(prepare_emu(unpacked, 0, corpus=True)["step"])  # the same samples, one per row
     seconds = time_steps(steps, args.warmup_iters, args.timed_iters, device)
     ours.update(seconds=seconds[0], memory=peak_memory(ours["step"], ours["state"], device, args.no_memory))
     peak = device_peak_tflops(device, getattr(torch, config.performance.compute_dtype), args.peak_tflops)
     row = report(config, args, ours, peak, *(seconds[1:] if len(seconds) == 3 else (None, None)))
+    if args.compare == "unpacked":
+        row.update(unpacked_step_ms=seconds[1] * 1000, packing_speedup=seconds[1] / seconds[0])
     if not dist.is_initialized() or dist.get_rank() == 0:
         print_table(row)
     return row
