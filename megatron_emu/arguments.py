@@ -122,6 +122,9 @@ def add_performance_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-num-layers", type=int, default=None,
                    help="full recompute: the first N blocks of each transformer stack (default: all)")
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    g.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                   help="torch.compile backend: inductor generates kernels; aot_eager/eager trace the same "
+                        "graphs without code generation (debugging)")
 
 
 def performance_config(args: argparse.Namespace) -> PerformanceConfig:
@@ -142,6 +145,7 @@ def performance_config(args: argparse.Namespace) -> PerformanceConfig:
         recompute_granularity=granularity,
         recompute_num_layers=args.recompute_num_layers,
         compile=args.compile,
+        compile_backend=args.compile_backend,
     )
 
 

@@ -309,6 +309,8 @@ class PerformanceConfig:
     recompute_granularity: str | None = None  # None | selective | full
     recompute_num_layers: int | None = None  # full: first N blocks of each stack; None = all
     compile: bool = False  # torch.compile each transformer block
+    # inductor (generates kernels); aot_eager / eager trace the same graphs without codegen.
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:

@@ -120,6 +120,10 @@ def check_layout(rank: int, world: int, name: str, parallel: dict, ref: list[dic
         norm = result.grad_norm
         assert math.isclose(norm, expect["norm"], rel_tol=RTOL), f"{name} step {step} grad norm: {norm} vs {expect['norm']}"
     check_coverage(name, seen, pmesh, ref)
+    if config.performance.compile:  # dynamo really captured graphs (no silent eager fallback)
+        from torch._dynamo.utils import counters
+
+        assert counters["stats"]["unique_graphs"] > 0, f"{name}: no graph compiled"
 
 
 def check_features_applied(name: str, pmodel, perf: PerformanceConfig) -> None:
@@ -131,6 +135,8 @@ def check_features_applied(name: str, pmodel, perf: PerformanceConfig) -> None:
     layers = [layer for part in pmodel.parts for layer in part.llm.layers.values()]
     wrapped = [hasattr(layer.forward, "__wrapped__") for layer in layers]
     assert wrapped and all(wrapped) == (perf.recompute_granularity is not None), f"{name}: recompute {wrapped}"
+    compiled = [getattr(layer, "_compiled_call_impl", None) is not None for layer in layers]
+    assert all(compiled) == perf.compile and any(compiled) == perf.compile, f"{name}: compiled {compiled}"
     norms = [m for part in pmodel.parts for m in part.modules() if isinstance(m, RMSNorm)]
     fused = [getattr(m.forward, "__func__", None) is _torch_rms_norm_forward for m in norms]
     assert norms and all(fused) == perf.fused_kernels and any(fused) == perf.fused_kernels, f"{name}: fused {fused}"
@@ -274,6 +280,19 @@ WORLD8 = {
 BYTES8 = {k: WORLD8[k] for k in ("TP2xPP2xDP2 FSDP2",)}
 
 
+# torch.compile under TP+SP, PP and FSDP2 (with recompute). aot_eager traces the same
+# dynamo/AOTAutograd graphs as inductor without generating kernels (minutes of codegen on
+# 2 CPU cores); tests/test_precision.py and README cover inductor itself.
+COMPILED = dict(compile=True, compile_backend="aot_eager")
+WORLD2_COMPILED = {
+    "TP2+SP compiled": dict(tensor_model_parallel_size=2, sequence_parallel=True, performance=COMPILED),
+    "PP2 1F1B compiled + selective recompute": dict(
+        pipeline_model_parallel_size=2, performance=dict(COMPILED, recompute_granularity="selective")),
+    "DP2 FSDP2 compiled + full recompute": dict(
+        data_parallel_sharding="fsdp", performance=dict(COMPILED, recompute_granularity="full")),
+}
+
+
 def world_worker(rank: int, world: int, layouts: dict, bytes_layouts: dict, ref: list[dict], extra=()) -> None:
     for name, parallel in layouts.items():
         check_layout(rank, world, name, parallel, ref)
@@ -285,6 +304,10 @@ def world_worker(rank: int, world: int, layouts: dict, bytes_layouts: dict, ref:
 
 def test_two_ranks(ref):
     spawn(2, world_worker, WORLD2, BYTES2, ref, (check_bf16_fsdp, check_bf16_pipeline))
+
+
+def test_two_ranks_compiled(ref):
+    spawn(2, world_worker, WORLD2_COMPILED, {}, ref)
 
 
 def test_four_ranks(ref):

@@ -117,4 +117,4 @@ def apply_recompute_and_compile(part: nn.Module, config: PerformanceConfig) -> N
     """Both steps in their fixed order; call after TP and before FSDP/DDP."""
     apply_activation_checkpointing(part, config)
     if config.compile:
-        apply_compile(part)
+        apply_compile(part, config.compile_backend)
