@@ -11,9 +11,11 @@ from megatron_emu.config import get_preset
 from megatron_emu.convert.export import export_hf, load_emu_from_hf
 from megatron_emu.convert.imports import fresh_parameters, import_checkpoint
 from megatron_emu.convert.keys import ours_to_eva
-from megatron_emu.convert.streams import DCPSource
+from megatron_emu.convert.dcp_reader import DirectReader
+from megatron_emu.convert.streams import DCPSource, write_shard
 from megatron_emu.data.tokenizer import build_tiny_tokenizer
 from megatron_emu.model.emu import build_emu
+from tests.dist_utils import spawn
 
 transformers = pytest.importorskip("transformers")
 CONFIG = get_preset("tiny")
@@ -234,3 +236,110 @@ def test_vit_parity_against_timm_eva():
     pixels = torch.randn(2, 3, v.image_size, v.image_size)
     with torch.no_grad():
         assert (reference.forward_features(pixels) - model.visual(pixels)).abs().max().item() < 1e-4
+
+
+# ---------------------------------------------------------------------------
+# The direct DCP reader and the O_DIRECT safetensors writer
+# ---------------------------------------------------------------------------
+def _sharded_values() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {"rows": torch.randn(5, 6, generator=g), "cols": torch.randn(4, 7, generator=g),
+            "whole": torch.randn(3, 3, generator=g), "half": torch.randn(9, generator=g).half()}
+
+
+def _save_sharded(rank: int, world: int, directory: str) -> None:
+    """Uneven row shards (FSDP-like: 3 + 2 rows), column shards (TP colwise), a replicated
+    tensor (stored once) and a bf16 one, saved from two gloo ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    values = _sharded_values()
+    placements = {"rows": Shard(0), "cols": Shard(1), "whole": Replicate(), "half": Shard(0)}
+    state = {"model": {k: distribute_tensor(v, mesh, [placements[k]]) for k, v in values.items()}}
+    dcp.save(state, checkpoint_id=directory)
+
+
+@pytest.fixture(scope="module")
+def sharded_dcp(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("sharded") / "dcp")
+    spawn(2, _save_sharded, directory)
+    return directory
+
+
+def _dcp_load(directory: str, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    state = {k: torch.empty_like(v) for k, v in like.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"model": state}, checkpoint_id=directory, no_dist=True)
+    return state
+
+
+def test_direct_reader_equals_dcp_load_on_a_checkpoint_saved_sharded(sharded_dcp):
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(sharded_dcp).read_metadata()
+    assert len(metadata.state_dict_metadata["model.rows"].chunks) == 2  # really sharded
+    assert len(metadata.state_dict_metadata["model.whole"].chunks) == 1
+    expected = _dcp_load(sharded_dcp, _sharded_values())
+    with DirectReader(sharded_dcp, metadata) as reader:
+        got = {k: reader.tensor(f"model.{k}") for k in expected}
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+        assert torch.equal(v, _sharded_values()[k]), k  # and both are what was saved
+    got["whole"].add_(1)  # a mapped view is copy-on-write: the checkpoint keeps its bytes
+    assert torch.equal(_dcp_load(sharded_dcp, _sharded_values())["whole"], expected["whole"])
+
+
+def test_direct_reader_names_missing_chunks(sharded_dcp):
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(sharded_dcp).read_metadata()
+    metadata.state_dict_metadata["model.rows"].chunks.pop()  # as if one rank's part were lost
+    with DirectReader(sharded_dcp, metadata) as reader, pytest.raises(ValueError, match="model.rows cover 18 of its 30"):
+        reader.tensor("model.rows")
+
+
+def _mapped_file(address: int) -> str:
+    """The file mapped at `address` in this process ('' for anonymous memory)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5].strip() if len(fields) > 5 else ""
+    return ""
+
+
+def test_direct_read_equals_dcp_load_and_views_stored_tensors(ours):
+    source = DCPSource(ours[0])
+    names = list(source.entries)
+    direct, loaded = source.read(names), source.read(names, direct=False)
+    assert all(torch.equal(direct[n], loaded[n]) and direct[n].dtype == loaded[n].dtype for n in names)
+    if os.path.exists("/proc/self/maps"):  # stored whole (one piece per tensor): views of the .distcp files
+        assert all(_mapped_file(direct[n].data_ptr()).endswith(".distcp") for n in names)
+        assert not any(_mapped_file(loaded[n].data_ptr()).endswith(".distcp") for n in names)
+
+
+@pytest.mark.parametrize("chunk", [4096, 3 * 4096, 2**20])
+def test_shard_writer_is_byte_identical_to_safetensors(tmp_path, monkeypatch, chunk):
+    from safetensors.torch import load_file, save_file
+
+    from megatron_emu.convert import direct_io
+
+    monkeypatch.setattr(direct_io, "CHUNK", chunk)  # small staging buffers: many writes, a cut tail
+    monkeypatch.setattr(direct_io, "_free_buffers", [])
+    g = torch.Generator().manual_seed(3)
+    tensors = {"w": torch.randn(100, 33, generator=g), "wt": torch.randn(20, 50, generator=g).t(),
+               "b": torch.randn(7, generator=g).to(torch.bfloat16), "h": torch.randn(5, generator=g).half(),
+               "i": torch.arange(9), "m": torch.tensor([True, False, True]), "e": torch.empty(0, 4)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    write_shard(str(tmp_path / "ours.safetensors"), tensors)
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    back = load_file(str(tmp_path / "ours.safetensors"))
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())

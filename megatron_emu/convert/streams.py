@@ -20,8 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
+
+from megatron_emu.convert.dcp_reader import DirectReader
+from megatron_emu.convert.direct_io import DirectFile
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,13 +84,28 @@ class DCPSource:
         meta = self.entries[name]
         return torch.Size(meta.size).numel() * meta.properties.dtype.itemsize
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Load a group of tensors (one output shard's worth) in one DCP pass."""
-        state = {n: torch.empty(tuple(self.entries[n].size), dtype=self.entries[n].properties.dtype) for n in names}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
-            dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
-        return state
+    def read(self, names: list[str], direct: bool = True) -> dict[str, torch.Tensor]:
+        """A group of tensors (one output shard's worth).
+
+        Mapped straight from the .distcp files (convert/dcp_reader.py): a tensor stored
+        whole is a copy-on-write view of the file, a sharded one is assembled with one
+        copy per chunk. Items the direct reader cannot map (and everything, with
+        direct=False) go through dcp.load, which reads the same values.
+        """
+        state = {}
+        if direct:
+            with DirectReader(self.path, self.metadata) as reader:
+                for n in names:
+                    tensor = reader.tensor(f"model.{n}")
+                    if tensor is not None:
+                        state[n] = tensor
+        rest = {n: torch.empty(tuple(self.entries[n].size), dtype=self.entries[n].properties.dtype)
+                for n in names if n not in state}
+        if rest:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+                dcp.load({"model": rest}, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
+        return {n: state[n] if n in state else rest[n] for n in names}
 
 
 def _safetensors_files(path: str) -> list[str]:
@@ -193,9 +210,51 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
     return shards
 
 
+# In safetensors' own order (its Rust Dtype enum): the data is laid out from the last to the first.
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
+}
+_DTYPE_RANK = {dtype: i for i, dtype in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+    """The header safetensors' own writer puts before the data, and the order of the data.
+
+    The format (github.com/huggingface/safetensors, README "Format"): 8 bytes little-endian
+    header length N, N bytes of JSON ({"__metadata__": {...}, name: {"dtype", "shape",
+    "data_offsets": [begin, end]}}, padded with spaces to a multiple of 8), then the bytes
+    of every tensor back to back, C order. Like safetensors, larger dtypes first, then by
+    name (safetensors' order, so the file is byte-identical to its save_file's), and every
+    tensor starts aligned to its element size.
+    """
+    unknown = sorted({str(t.dtype) for t in tensors.values() if t.dtype not in _SAFETENSORS_DTYPES})
+    if unknown:
+        raise ValueError(f"cannot write dtype {unknown[0]} to safetensors")
+    order = sorted(tensors, key=lambda k: (-_DTYPE_RANK[tensors[k].dtype], k))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        end = offset + t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, order
+
+
 def write_shard(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """One safetensors file (safetensors >= 0.6 writes straight from the tensors' memory)."""
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    """One safetensors file, written with O_DIRECT from the tensors' memory (convert/direct_io.py).
+
+    The tensors may be views of the checkpoint's files (DCPSource.read): their bytes go
+    page cache -> staging buffer -> disk, one memcpy, no page-cache pages for the output.
+    """
+    header, order = safetensors_header(tensors, {"format": "pt"})
+    with DirectFile(path) as out:
+        out.write(header)
+        for name in order:
+            out.write(tensors[name])
 
 
 def write_sharded(directory: str, shards: list[dict[str, torch.Tensor]] | Iterator, num_shards: int,
