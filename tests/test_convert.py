@@ -343,3 +343,53 @@ def test_shard_writer_is_byte_identical_to_safetensors(tmp_path, monkeypatch, ch
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     back = load_file(str(tmp_path / "ours.safetensors"))
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_direct_file_falls_back_to_the_page_cache_with_the_same_bytes(tmp_path, monkeypatch):
+    import errno
+
+    from megatron_emu.convert import direct_io
+
+    monkeypatch.setattr(direct_io, "CHUNK", 4096)
+    monkeypatch.setattr(direct_io, "_free_buffers", [])
+    real, refused = os.pwrite, []
+
+    def pwrite(fd, data, offset):  # a device that refuses the first O_DIRECT write
+        if not refused:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", pwrite)
+    payload = torch.arange(5000, dtype=torch.int32)  # 20000 bytes: 4 full buffers and a cut tail
+    with direct_io.DirectFile(str(tmp_path / "f")) as out:
+        out.write(b"head")
+        out.write(payload)
+    assert refused and (tmp_path / "f").read_bytes() == b"head" + payload.numpy().tobytes()
+
+
+def test_grouped_writer_output_is_read_by_dcp_load(tmp_path):
+    """Direct-written groups (views, non-contiguous and narrowed tensors, bytes) load with dcp.load."""
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_emu.convert.dcp_writer import GroupedDCPWriter
+
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(50, 40, generator=g)
+    groups = [{"model": {"a": torch.randn(300, 7, generator=g), "t": big.t(), "rows": big[10:20]}},
+              {"model": {"h": torch.randn(11, generator=g).bfloat16(), "e": torch.empty(0, 3), "i": torch.arange(6)}},
+              {"common": pickle.dumps({"iteration": 3})}]
+    writer = GroupedDCPWriter(str(tmp_path / "ckpt"))
+    for group in groups:
+        writer.write(group)
+    writer.finish()
+    want = {k: v for group in groups[:2] for k, v in group["model"].items()}
+    state = {"model": {k: torch.zeros_like(v) for k, v in want.items()}, "common": b""}  # as Checkpointer.load
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    assert all(torch.equal(state["model"][k], v) and state["model"][k].dtype == v.dtype for k, v in want.items())
+    assert pickle.loads(state["common"]) == {"iteration": 3}

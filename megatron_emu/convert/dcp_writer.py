@@ -6,18 +6,104 @@ one --max-shard-size of tensors) is saved by its own `dcp.save` into a scratch f
 `finish` moves every group's data file into the checkpoint directory under a distinct
 name and writes one `.metadata` that indexes them all. The result is an ordinary DCP
 checkpoint: `dcp.load`, our Checkpointer and DCPSource read it like any other.
+
+Each group's data file is written by DirectDCPWriter, a dcp.FileSystemWriter whose
+items keep DCP's layout (one torch.save zip per tensor, at the offset the metadata
+records) but whose bytes go out through DirectFile (O_DIRECT, convert/direct_io.py):
+torch.save writes each zip with `torch.serialization.skip_data()` (its records and
+pickled tensor geometry, a hole where the storage bytes go) and the hole is filled from
+the tensor's own memory. Compared with dcp.save's torch.save into a buffered file, the
+bytes are copied once (into a staging buffer), not checksummed (torch.load does not
+check zip CRCs; `torch.utils.serialization.config.save.compute_crc32 = False` writes
+the same kind of file), and take no page-cache pages.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
 import shutil
 import warnings
 
+import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from megatron_emu.convert.direct_io import DirectFile
+
+
+class _ZipSink(io.RawIOBase):
+    """The stream torch.save writes one tensor's zip to under skip_data: records go to
+    `out`; the seek over the storage bytes is where the tensor's bytes are written."""
+
+    def __init__(self, out: DirectFile, tensor: torch.Tensor):
+        super().__init__()
+        self.out, self.tensor, self.start, self.filled = out, tensor, out.tell(), False
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.out.tell() - self.start
+
+    def write(self, data) -> int:
+        self.out.write(data)
+        return memoryview(data).nbytes
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self.tell() + offset if whence == io.SEEK_CUR else None
+        if target == self.tell():
+            return target
+        nbytes = self.tensor.untyped_storage().nbytes()
+        if not self.filled and target == self.tell() + nbytes:  # the hole skip_data leaves for the storage
+            self.out.write(self.tensor)
+            self.filled = True
+            return self.tell()
+        raise io.UnsupportedOperation(f"torch.save seeked to {target} (at {self.tell()}): an unknown zip layout")
+
+
+def save_tensor_item(out: DirectFile, tensor: torch.Tensor) -> None:
+    """Append what torch.save(tensor) writes, but with the data straight from the tensor."""
+    tensor = tensor.detach()
+    storage = tensor.untyped_storage()
+    if not tensor.is_contiguous() or tensor.storage_offset() or storage.nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone(memory_format=torch.contiguous_format)  # as DCP does: save only the tensor's bytes
+    sink = _ZipSink(out, tensor)
+    with torch.serialization.skip_data():
+        torch.save(tensor, sink)
+    if tensor.numel() and not sink.filled:
+        raise RuntimeError("torch.save under skip_data left no hole for the tensor's bytes: an unknown zip layout")
+
+
+class DirectDCPWriter(dcp.FileSystemWriter):
+    """dcp.FileSystemWriter (one file, no process group) whose data goes out through DirectFile."""
+
+    def write_data(self, plan, planner) -> Future:
+        name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"  # FileSystemWriter's name for it
+        results = []
+        with DirectFile(os.path.join(self.path, name)) as out:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                offset = out.tell()
+                if item.type == WriteItemType.BYTE_IO:
+                    out.write(data.getbuffer())
+                else:
+                    save_tensor_item(out, data)
+                length = out.tell() - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(name, offset, length)))
+        future: Future = Future()
+        future.set_result(results)
+        return future
 
 
 class GroupedDCPWriter:
@@ -31,7 +117,7 @@ class GroupedDCPWriter:
         scratch = os.path.join(self.directory, f".group{len(self.groups)}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(scratch, thread_count=1), no_dist=True)
+            dcp.save(state, storage_writer=DirectDCPWriter(scratch), no_dist=True)
         self.groups.append(scratch)
 
     def finish(self) -> None:

@@ -69,20 +69,19 @@ class DirectFile:
         return os.open(self.path, flags, 0o644)
 
     def _pwrite(self, buffer: mmap.mmap, length: int, offset: int) -> None:
-        view = memoryview(buffer)[:length]
-        try:
+        with memoryview(buffer) as whole:
+            view = whole[:length]
             while view:
-                n = os.pwrite(self.fd, view, offset)
+                try:
+                    n = os.pwrite(self.fd, view, offset)
+                except OSError as e:
+                    if not (self.direct and e.errno == errno.EINVAL):
+                        raise
+                    os.close(self.fd)  # the device wants another alignment: the page cache it is
+                    self.direct = False
+                    self.fd = self._open(truncate=False)
+                    continue
                 view, offset = view[n:], offset + n
-        except OSError as e:
-            if not (self.direct and e.errno == errno.EINVAL):
-                raise
-            os.close(self.fd)  # the device wants another alignment: the page cache it is
-            self.direct = False
-            self.fd = self._open(truncate=False)
-            self._pwrite(buffer, len(view), offset)
-        finally:
-            view.release()
 
     def tell(self) -> int:
         return self.flushed + self.fill
