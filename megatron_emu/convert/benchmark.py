@@ -1,6 +1,6 @@
 """Conversion throughput vs this machine's raw disk speed, with peak memory per phase.
 
-    python -m megatron_emu.convert.benchmark --preset 1b --workdir /tmp/convbench [--keep]
+    python -m megatron_emu.convert.benchmark --preset 1b --workdir /tmp/convbench [--keep] [--reuse]
 
 Phases, each in its own child process (peak RSS from wait4, time inside the child):
   make      a random Emu of the preset saved as our DCP checkpoint (import with no inputs)
@@ -8,7 +8,10 @@ Phases, each in its own child process (peak RSS from wait4, time inside the chil
             (transformers import, tokenizer conversion), DCP reads and shard writes
   import    HF directory -> DCP (--from hf-emu)
   raw       the same number of bytes written / read with numpy alone (tofile + fsync,
-            fromfile) and with safetensors alone: the disk's speed, the ceiling
+            fromfile), with safetensors alone, and with direct_io.DirectFile (O_DIRECT +
+            fsync, what the converters write with): the disk's speed, the ceiling
+Export and import each run twice: with their input dropped from the page cache first
+("cold", posix_fadvise DONTNEED: read from disk) and read into it first ("warm").
 Prints one JSON object; BENCHMARKS.md ("Checkpoint conversion throughput") records a run.
 """
 
@@ -125,8 +128,32 @@ def child_raw(directory: str, total: int, shard: int) -> dict:
     for i in range(n):
         load_file(os.path.join(directory, f"st{i}.safetensors"))
     times["safetensors read"] = time.perf_counter() - start
+    from megatron_emu.convert.direct_io import DirectFile
+
+    start = time.perf_counter()
+    for i in range(n):
+        with DirectFile(os.path.join(directory, f"direct{i}.bin")) as f:
+            f.write(tensor)
+    times["DirectFile write+fsync"] = time.perf_counter() - start
     times["bytes"] = n * block.nbytes
     return times
+
+
+def set_cached(path: str, cached: bool) -> None:
+    """Read every file under `path` into the page cache, or drop its (clean) pages from it."""
+    buffer = bytearray(64 * 2**20)
+    for d, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                if cached:
+                    while os.readv(fd, [buffer]):
+                        pass
+                else:
+                    os.fsync(fd)  # clean pages only can be dropped
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def directory_bytes(path: str) -> int:
@@ -175,10 +202,12 @@ def main(argv=None) -> None:
     if not args.reuse:
         report["make"] = run_child("make", paths["ckpt"])
     report["checkpoint bytes"] = directory_bytes(paths["ckpt"])
-    report["export"] = run_child("export", paths["ckpt"], paths["hf"])
-    report["export"]["bytes"] = directory_bytes(paths["hf"])
-    report["import"] = run_child("import", paths["hf"], paths["back"])
-    report["import"]["bytes"] = directory_bytes(paths["back"])
+    for phase, source, target in (("export", "ckpt", "hf"), ("import", "hf", "back")):
+        for state in ("cold", "warm"):
+            shutil.rmtree(paths[target], ignore_errors=True)
+            set_cached(paths[source], state == "warm")
+            report[f"{phase} ({state} input)"] = result = run_child(phase, paths[source], paths[target])
+            result["bytes"] = directory_bytes(paths[target])
     report["raw"] = run_child("raw", paths["raw"], str(report["checkpoint bytes"]))
     print(json.dumps(report, indent=1))
     if not args.keep:
