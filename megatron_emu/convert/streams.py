@@ -1,10 +1,12 @@
 """Streaming tensor sources and sinks: one tensor (or one shard) in memory at a time.
 
-Sources yield (name, tensor) lazily from a DCP checkpoint (any TP/PP/DP layout: DCP
-reassembles each global tensor), a safetensors file or sharded directory, or a torch
-file (memory-mapped). The sink writes safetensors shards of a bounded size with the
-transformers index. Outputs are built in a temporary sibling directory and renamed at
-the end, so a failed conversion leaves nothing in the output directory.
+Sources yield (name, tensor) lazily from a DCP checkpoint (any TP/PP/DP layout: each
+global tensor is mapped from, or reassembled out of, the .distcp files by
+convert/dcp_reader.py), a safetensors file or sharded directory, or a torch file (all
+memory-mapped). The sink writes safetensors shards of a bounded size with the
+transformers index, through O_DIRECT (convert/direct_io.py). Outputs are built in a
+temporary sibling directory and renamed at the end, so a failed conversion leaves
+nothing in the output directory.
 """
 
 from __future__ import annotations
@@ -261,8 +263,9 @@ def write_sharded(directory: str, shards: list[dict[str, torch.Tensor]] | Iterat
                   total_bytes: int, prefix: str = "model") -> dict:
     """Write `num_shards` shard dicts as prefix-0000i-of-0000n.safetensors plus the index.
 
-    Shard i is written by a background thread while shard i+1 is being produced (read
-    from DCP, cast), so reading and writing overlap; at most two shards are in memory.
+    Shard i is written by a background thread while shard i+1 is being produced (mapped
+    from DCP, its readahead started, cast if asked), so reading and writing overlap; at
+    most two shards are in memory.
     """
     weight_map, written = {}, 0
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="write", leave=False)
