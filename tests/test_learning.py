@@ -2,7 +2,7 @@
 captions are read from the images (issue 3, "Learning").
 
 One pretraining run through `pretrain()` (the real loop and loader) on image-caption
-pairs, shared by the tests below. Assertions are ratios and comparisons, never times.
+pairs, shared by the tests below (about a minute on 2 idle cores). Assertions are ratios and comparisons, never times.
 """
 
 import pytest
@@ -12,7 +12,10 @@ from megatron_emu.data.loader import ensure_synthetic_corpus
 from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
 from megatron_emu.training.train import pretrain
 
-STEPS = 400
+# Grounding appears abruptly once the Causal Former's output starts to carry the image
+# (the text loss leaves its ~0.80 caption-prior plateau). When depends on the seed: in
+# 400 steps for 1 of 3 seeds tried, by 700-800 steps for all 3 (0.67 vs 0.85, 0.61 vs 1.18).
+STEPS = 700
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +41,13 @@ def mean(rows, column):
 
 def test_both_losses_fall_markedly(summary):
     first, last = summary.history[:10], summary.history[-10:]
-    assert mean(last, 1) < 0.25 * mean(first, 1)  # lm loss: ~5 -> ~0.7
-    # l2 falls fast (~0.036 -> ~0.005 by step 100), then rises a little once the visual
-    # embeddings start to carry the image (they get harder to predict): ~0.011 at the end.
-    assert mean(last, 2) < 0.5 * mean(first, 2)
+    assert mean(last, 1) < 0.25 * mean(first, 1)  # lm loss: ~5 -> ~0.65
+    # l2 falls fast (~0.035 -> ~0.005 by step 100); once the visual embeddings (its
+    # targets) start to carry the image they get harder to predict and it rises again
+    # (~0.02 at step 700, seed 0), still well below where it started.
+    windows = [mean(summary.history[i:i + 10], 2) for i in range(0, len(summary.history) - 9, 10)]
+    assert min(windows) < 0.3 * mean(first, 2)
+    assert mean(last, 2) < 0.75 * mean(first, 2)
 
 
 def test_captions_are_read_from_the_images(summary):

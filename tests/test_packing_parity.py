@@ -15,11 +15,10 @@ import torch
 from megatron_emu.config import DataConfig, OptimizerConfig, ParallelConfig, TrainConfig, get_preset
 from megatron_emu.model.emu import build_emu
 from megatron_emu.model.loss import emu_loss
-from megatron_emu.parallel.mesh import ParallelDims, build_mesh
-from megatron_emu.parallel.parallelize import parallelize_emu
-from megatron_emu.training.train import build_parallel_optimizer, pipeline_loss_fn, train_step
+from megatron_emu.training.train import train_step
 from tests.dist_utils import spawn
 from tests.packed_samples import micro_batches
+from tests.test_parallel_parity import build_run
 
 STEPS, MICRO, SAMPLES, SEQ, SEED = 2, 2, 4, 128, 11
 # Packed rows run masked attention where the reference runs is_causal: the float
@@ -64,15 +63,7 @@ def reference(config: TrainConfig) -> list[dict]:
 
 
 def check_packed_layout(rank: int, world: int, name: str, parallel: dict, ref: list[dict]) -> None:
-    config = run_config(**parallel)
-    dims = ParallelDims.from_config(config.parallel, world, config.model)
-    n_micro = dims.validate(config.model, config.data)
-    pmesh = build_mesh(dims, torch.device("cpu"))
-    losses: list = []
-    pmodel = parallelize_emu(build_emu(config.model, seed=SEED), pmesh, n_micro, pipeline_loss_fn(losses, config), SEED,
-                             config.performance)
-    pmodel.losses = losses
-    optimizer = build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels)
+    config, pmodel, optimizer, pmesh, n_micro = build_run(world, parallel, run_config)
     for step, batches in enumerate(step_batches(config, packed=True)):
         assert len({b["tokens"].shape[0] for b in batches}) > 1, "the micro-batches should differ in rows"
         mine = batches[pmesh.dp_rank * n_micro:(pmesh.dp_rank + 1) * n_micro]  # this DP rank's share

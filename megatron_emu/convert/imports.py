@@ -25,6 +25,7 @@ from megatron_emu.convert.keys import emu_v1_to_ours, eva_to_ours, hf_to_llama
 from megatron_emu.convert.streams import SafetensorsSource, atomic_output_dir, open_source
 from megatron_emu.data.tokenizer import resize_token_embeddings
 from megatron_emu.model.emu import build_emu
+from megatron_emu.model.init import init_parameters
 from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, iteration_dir, write_latest
 
 KINDS = ("hf-llama", "eva-clip", "emu-v1", "hf-emu")
@@ -140,29 +141,15 @@ _FAMILIES = ("visual", "ln_visual", "causal_former", "llm", "regression_head")  
 @torch.no_grad()
 def fresh_parameters(model, names: list[str], seed: int):
     """Yield {name: tensor} per top-level module (family) holding some of `names`, each
-    initialised alone (torch.manual_seed(seed + family index), then Emu's init for it), so
-    only the families no input provides are ever allocated. Not the same numbers as
-    build_emu(config, seed), whose single random stream runs over the whole model."""
-    std = model.config.init_std
-    for index, family in enumerate(_FAMILIES):
+    initialised alone, so only the families no input provides are ever allocated. The
+    values are build_emu(config, seed)'s: initialisation is per parameter name (model/init.py)."""
+    for family in _FAMILIES:
         wanted = [n for n in names if n.split(".", 1)[0] == family]
         if not wanted:
             continue
         module = getattr(model, family)
         module.to_empty(device="cpu")
-        torch.manual_seed(seed + index)
-        for m in module.modules():  # as Emu.init_weights, for this family only
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)):
-                torch.nn.init.normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    torch.nn.init.zeros_(m.bias)
-            elif isinstance(m, torch.nn.LayerNorm):
-                torch.nn.init.ones_(m.weight)
-                torch.nn.init.zeros_(m.bias)
-            elif m.__class__.__name__ == "RMSNorm":
-                torch.nn.init.ones_(m.weight)
-        if hasattr(module, "init_weights"):
-            module.init_weights(std)
+        init_parameters(model, model.config.init_std, seed, names=set(wanted))
         params = dict(model.named_parameters())
         yield {n: params[n].detach() for n in wanted}
         module.to("meta")  # free it before the next family

@@ -107,16 +107,15 @@ class CausalFormer(nn.Module):
             x = block(x, visual, bias)
         return self.proj(self.norm(x))  # (N, 32, llm_hidden)
 
-    def init_weights(self, std: float) -> None:
-        """T5's init, which stands in for the missing 1/sqrt(d) attention scaling."""
+    def init_stds(self, std: float) -> dict[str, float]:
+        """T5's init, which stands in for the missing 1/sqrt(d) attention scaling (model/init.py)."""
         c = self.config
-        nn.init.normal_(self.query_embeds, std=std)
-        nn.init.normal_(self.relative_attention_bias.weight, std=c.d_model**-0.5)
-        for block in self.blocks:
-            for attn in (block.self_attn, block.cross_attn):
-                nn.init.normal_(attn.q.weight, std=(c.d_model * c.head_dim) ** -0.5)
-                nn.init.normal_(attn.k.weight, std=c.d_model**-0.5)
-                nn.init.normal_(attn.v.weight, std=c.d_model**-0.5)
-                nn.init.normal_(attn.o.weight, std=(c.heads * c.head_dim) ** -0.5)
-            nn.init.normal_(block.ffn.wi.weight, std=c.d_model**-0.5)
-            nn.init.normal_(block.ffn.wo.weight, std=c.ffn_dim**-0.5)
+        stds = {"query_embeds": std, "relative_attention_bias.weight": c.d_model**-0.5}
+        for i in range(len(self.blocks)):
+            for attn in ("self_attn", "cross_attn"):
+                stds.update({f"blocks.{i}.{attn}.q.weight": (c.d_model * c.head_dim) ** -0.5,
+                             f"blocks.{i}.{attn}.k.weight": c.d_model**-0.5,
+                             f"blocks.{i}.{attn}.v.weight": c.d_model**-0.5,
+                             f"blocks.{i}.{attn}.o.weight": (c.heads * c.head_dim) ** -0.5})
+            stds.update({f"blocks.{i}.ffn.wi.weight": c.d_model**-0.5, f"blocks.{i}.ffn.wo.weight": c.ffn_dim**-0.5})
+        return stds

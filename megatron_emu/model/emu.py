@@ -13,6 +13,7 @@ from torch import nn
 
 from megatron_emu.config import ModelConfig
 from megatron_emu.model.causal_former import CausalFormer
+from megatron_emu.model.init import init_parameters
 from megatron_emu.model.llama import LLaMA
 from megatron_emu.model.vision import EVAVisionTransformer, normalize_images
 
@@ -84,32 +85,17 @@ class Emu(nn.Module):
             raise ValueError(f"images must be (N, 3, {size}, {size}), got {tuple(images.shape)}")
 
     # -- initialisation (also after building on the meta device) ----------------------
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif hasattr(module, "weight") and module.__class__.__name__ == "RMSNorm":
-                nn.init.ones_(module.weight)
-        self.visual.init_weights(std)
-        self.causal_former.init_weights(std)
-        self.llm.init_weights(std)
+    def init_weights(self, seed: int) -> None:
+        """Every parameter from its own (seed, name) generator (model/init.py)."""
+        init_parameters(self, self.config.init_std, seed)
+        self.llm.init_rope()  # a buffer: garbage after to_empty
 
 
 def build_emu(config: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None) -> Emu:
-    """Build and initialise. On "meta" nothing is allocated (parameter counting, sharding)."""
+    """Build and initialise. On "meta" nothing is allocated (parameter counting, sharding).
+    seed None: one drawn from torch's global generator."""
     with torch.device(device):
         model = Emu(config)
     if str(device) != "meta":
-        if seed is not None:
-            torch.manual_seed(seed)
-        model.init_weights()
+        model.init_weights(int(torch.randint(2**62, ())) if seed is None else seed)
     return model

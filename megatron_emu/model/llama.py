@@ -131,5 +131,5 @@ class LLaMA(nn.Module):
             h = layer(h, positions)
         return h
 
-    def init_weights(self, std: float) -> None:
+    def init_rope(self) -> None:
         self.rope = self._rope_tables(device=self.rope.device)

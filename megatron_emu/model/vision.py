@@ -103,6 +103,6 @@ class EVAVisionTransformer(nn.Module):
             x = block(x)
         return x
 
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.cls_token, std=std)
-        nn.init.normal_(self.pos_embed, std=std)
+    def init_stds(self, std: float) -> dict[str, float]:
+        """Stds of the parameters no generic rule covers (model/init.py)."""
+        return {"cls_token": std, "pos_embed": std}

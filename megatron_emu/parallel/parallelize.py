@@ -1,6 +1,10 @@
 """Turn one Emu into this rank's parallel model parts, in a fixed order:
-pipeline split -> materialise -> tensor parallel -> fused norms -> activation recompute
--> torch.compile -> data parallel (FSDP2 / DDP) -> schedule.
+pipeline split -> tensor parallel -> fused norms -> activation recompute -> torch.compile
+-> data parallel (FSDP2 / DDP) -> materialise -> schedule.
+
+A model built on the meta device is sharded before anything is allocated: each rank then
+allocates only its own shards and initialises them one parameter at a time
+(model/init.py), so no rank ever holds its whole stage, let alone the model, unsharded.
 
 Why this order: recompute wraps the blocks TP has already sharded (the recomputed
 forward replays the TP collectives), compile sees the checkpointed blocks, and FSDP2
@@ -70,29 +74,25 @@ def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, loss_fn, seed:
     # FSDP2 gathers parameters in the compute dtype and reduce-scatters fp32 gradients;
     # the sharded parameters (the optimizer's master weights) stay fp32.
     mp_policy = precision.fsdp_policy() if precision.mixed else None
+    on_meta = any(p.is_meta for p in full.parameters())
     for part in parts:
-        materialise(part, pmesh.device, seed)
+        if not on_meta:
+            part.to(pmesh.device)
         if dims.tp > 1:
             apply_tensor_parallel(part, pmesh.tp_mesh, full.config, dims.sequence_parallel)
         if performance.fused_kernels:
             apply_fused_norms(part, pmesh.device.type)
         apply_recompute_and_compile(part, performance)
         apply_data_parallel(part, pmesh, mp_policy)
+        if on_meta:
+            materialise(part, pmesh.device, seed)
     schedule = EmuPipeline(parts, stages, pmesh, n_micro, loss_fn, feed) if dims.pp > 1 else None
     log.info("rank %d: %s; stages %s", torch.distributed.get_rank(), dims.describe(), stages)
     return ParallelModel(parts, pmesh, schedule, feed)
 
 
 def materialise(part: nn.Module, device: torch.device, seed: int) -> None:
-    """Move to `device`; a meta-device part is allocated there and initialised.
-
-    Every rank of a stage initialises the whole stage from the same seed before it is
-    sharded, so replicated parameters agree across TP/DP ranks without a broadcast.
-    """
-    on_meta = any(p.is_meta for p in part.parameters())
-    if not on_meta:
-        part.to(device)
-        return
+    """Allocate a sharded meta-device part on `device` (each rank its own shards) and
+    initialise it: the values of the single-process build_emu(seed), sharded."""
     part.to_empty(device=device)
-    torch.manual_seed(seed)
-    part.init_weights()  # Emu.init_weights, or EmuStage's for the parts a stage holds
+    part.init_weights(seed)  # Emu.init_weights, or EmuStage's for the parts a stage holds

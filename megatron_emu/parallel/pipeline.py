@@ -67,10 +67,12 @@ class EmuStage(nn.Module):
     """One pipeline stage. Children keep Emu's names (llm.layers.7...), so parameter
     names, and checkpoints, are the same at every pipeline layout."""
 
-    # Stage 0 runs Emu's own embedding and splice code.
+    # Stage 0 runs Emu's own embedding and splice code. Initialisation is per parameter
+    # name (model/init.py): a stage gets the values the whole model would have.
     embed = Emu.embed
     encode_images = Emu.encode_images
     check_inputs = Emu.check_inputs
+    init_weights = Emu.init_weights
 
     def __init__(self, pruned: Emu, feed: MicrobatchFeed, is_first: bool, is_last: bool,
                  io_dtype: torch.dtype = IO_DTYPE):
@@ -115,25 +117,6 @@ class EmuStage(nn.Module):
         logits = meta(batch, seq, self.config.llm.padded_vocab_size // tp, dtype=io, grad=True)
         regression = meta(batch, seq, hidden // tp, dtype=io, grad=True)
         return inputs, (logits, regression, targets, tokens, *documents)
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Emu.init_weights for the parts this stage holds (after meta-device building)."""
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif module.__class__.__name__ == "RMSNorm":
-                nn.init.ones_(module.weight)
-        for part in (self.visual, self.causal_former):
-            if part is not None:
-                part.init_weights(std)
-        self.llm.init_weights(std)
 
 
 def stage_indices(pmesh: ParallelMesh) -> list[int]:
