@@ -13,7 +13,8 @@ bytes are memory-mapped where they lie:
   - a tensor stored in chunks (TP / FSDP shards, several items) is assembled into one
     new tensor, one copy per chunk, at the chunk offsets the metadata gives.
 Mappings are private (copy-on-write): writing to a returned tensor never changes the
-checkpoint. Items this cannot read (stream transforms such as compression, anything
+checkpoint. Conversions that copy a whole-stored tensor unchanged ask for its `span`
+instead (file, offset, geometry) and read it with O_DIRECT (convert/direct_io.py). Items this cannot read (stream transforms such as compression, anything
 that is not a torch.save zip) are reported as None, and the caller uses dcp.load.
 """
 
@@ -25,6 +26,8 @@ import os
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+
+from megatron_emu.convert.direct_io import FileSpan
 
 
 class _FileSlice(io.RawIOBase):
@@ -86,8 +89,9 @@ class DirectReader:
             self.fds[relative_path] = os.open(os.path.join(self.directory, relative_path), os.O_RDONLY)
         return self.fds[relative_path]
 
-    def stored(self, index: MetadataIndex) -> torch.Tensor | None:
-        """The tensor of one stored item, a view of the file; None if this reader cannot map it."""
+    def _locate(self, index: MetadataIndex) -> tuple[int, int, torch.Tensor] | None:
+        """(file descriptor, file offset of the storage bytes, meta tensor with the item's
+        geometry) of one stored item; None if it is not a plain torch.save zip."""
         info = self.metadata.storage_data.get(index)
         if info is None or getattr(info, "transform_descriptors", None):
             return None
@@ -102,10 +106,36 @@ class DirectReader:
         begin = getattr(storage, "_checkpoint_offset", None)  # where the storage bytes start in the zip
         if begin is None or begin + storage.nbytes() > info.length:
             return None
-        if storage.nbytes() == 0:
+        return fd, info.offset + begin, geometry
+
+    def stored(self, index: MetadataIndex) -> torch.Tensor | None:
+        """The tensor of one stored item, a view of the file; None if this reader cannot map it."""
+        located = self._locate(index)
+        if located is None:
+            return None
+        fd, start, geometry = located
+        nbytes = geometry.untyped_storage().nbytes()
+        if nbytes == 0:
             return torch.empty(geometry.shape, dtype=geometry.dtype)
-        flat = _mapped(fd, info.offset + begin, storage.nbytes(), geometry.dtype)
+        flat = _mapped(fd, start, nbytes, geometry.dtype)
         return flat.as_strided(geometry.shape, geometry.stride(), geometry.storage_offset())
+
+    def span(self, fqn: str) -> FileSpan | None:
+        """Where the bytes of `fqn` lie, if it is stored whole as one C-order item (a tensor saved
+        from one process, or replicated: what DCP writes for it is its contiguous copy); else None."""
+        meta = self.metadata.state_dict_metadata[fqn]
+        if len(meta.chunks) != 1 or tuple(meta.chunks[0].sizes) != tuple(meta.size):
+            return None
+        located = self._locate(MetadataIndex(fqn, meta.chunks[0].offsets))
+        if located is None:
+            return None
+        _, start, geometry = located
+        whole = geometry.numel() * geometry.element_size() == geometry.untyped_storage().nbytes()
+        if (geometry.dtype != meta.properties.dtype or tuple(geometry.shape) != tuple(meta.size)
+                or not geometry.is_contiguous() or geometry.storage_offset() or not whole):
+            return None
+        path = os.path.join(self.directory, self.metadata.storage_data[MetadataIndex(fqn, meta.chunks[0].offsets)].relative_path)
+        return FileSpan(path, start, geometry.dtype, tuple(geometry.shape))
 
     def tensor(self, fqn: str) -> torch.Tensor | None:
         """The global tensor `fqn`, reassembled from its chunks; None if an item cannot be mapped."""

@@ -20,6 +20,7 @@ the same kind of file), and take no page-cache pages.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -35,16 +36,17 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from megatron_emu.convert.direct_io import DirectFile
+from megatron_emu.convert.direct_io import DirectFile, FileSpan, read_spans
 
 
 class _ZipSink(io.RawIOBase):
     """The stream torch.save writes one tensor's zip to under skip_data: records go to
-    `out`; the seek over the storage bytes is where the tensor's bytes are written."""
+    `out`; the seek over the storage bytes is where `fill()` writes the tensor's bytes."""
 
-    def __init__(self, out: DirectFile, tensor: torch.Tensor):
+    def __init__(self, out: DirectFile, nbytes: int, fill):
         super().__init__()
-        self.out, self.tensor, self.start, self.filled = out, tensor, out.tell(), False
+        self.out, self.nbytes, self.fill = out, nbytes, fill
+        self.start, self.filled = out.tell(), False
 
     def writable(self) -> bool:
         return True
@@ -63,21 +65,21 @@ class _ZipSink(io.RawIOBase):
         target = offset if whence == io.SEEK_SET else self.tell() + offset if whence == io.SEEK_CUR else None
         if target == self.tell():
             return target
-        nbytes = self.tensor.untyped_storage().nbytes()
-        if not self.filled and target == self.tell() + nbytes:  # the hole skip_data leaves for the storage
-            self.out.write(self.tensor)
+        if not self.filled and target == self.tell() + self.nbytes:  # the hole skip_data leaves for the storage
+            self.fill()
             self.filled = True
             return self.tell()
         raise io.UnsupportedOperation(f"torch.save seeked to {target} (at {self.tell()}): an unknown zip layout")
 
 
-def save_tensor_item(out: DirectFile, tensor: torch.Tensor) -> None:
-    """Append what torch.save(tensor) writes, but with the data straight from the tensor."""
+def save_tensor_item(out: DirectFile, tensor: torch.Tensor, fill=None) -> None:
+    """Append what torch.save(tensor) writes, but with the data straight from the tensor
+    (or written by `fill()`, for a placeholder whose bytes come from a FileSpan)."""
     tensor = tensor.detach()
     storage = tensor.untyped_storage()
     if not tensor.is_contiguous() or tensor.storage_offset() or storage.nbytes() != tensor.numel() * tensor.element_size():
         tensor = tensor.clone(memory_format=torch.contiguous_format)  # as DCP does: save only the tensor's bytes
-    sink = _ZipSink(out, tensor)
+    sink = _ZipSink(out, tensor.untyped_storage().nbytes(), fill or (lambda: out.write(tensor)))
     with torch.serialization.skip_data():
         torch.save(tensor, sink)
     if tensor.numel() and not sink.filled:
@@ -85,17 +87,31 @@ def save_tensor_item(out: DirectFile, tensor: torch.Tensor) -> None:
 
 
 class DirectDCPWriter(dcp.FileSystemWriter):
-    """dcp.FileSystemWriter (one file, no process group) whose data goes out through DirectFile."""
+    """dcp.FileSystemWriter (one file, no process group) whose data goes out through DirectFile.
+
+    `spans` (fqn -> FileSpan) gives the bytes of items whose state-dict value is only a
+    placeholder of the right geometry (an untouched torch.empty): they are copied from
+    the span's file with O_DIRECT, read ahead across items (convert/direct_io.py).
+    """
+
+    def __init__(self, path: str, spans: dict[str, FileSpan] | None = None):
+        super().__init__(path)
+        self.spans = spans or {}
 
     def write_data(self, plan, planner) -> Future:
         name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"  # FileSystemWriter's name for it
         results = []
-        with DirectFile(os.path.join(self.path, name)) as out:
+        spans = [self.spans[item.index.fqn] for item in plan.items if item.index.fqn in self.spans]
+        pieces = read_spans(spans)
+        with DirectFile(os.path.join(self.path, name)) as out, contextlib.closing(pieces):
             for item in plan.items:
                 data = planner.resolve_data(item)
                 offset = out.tell()
                 if item.type == WriteItemType.BYTE_IO:
                     out.write(data.getbuffer())
+                elif item.index.fqn in self.spans:
+                    span = self.spans[item.index.fqn]
+                    save_tensor_item(out, data, fill=lambda: out.write_pieces(pieces, span.nbytes))
                 else:
                     save_tensor_item(out, data)
                 length = out.tell() - offset
@@ -106,6 +122,19 @@ class DirectDCPWriter(dcp.FileSystemWriter):
         return future
 
 
+def _placeholders(state: dict) -> tuple[dict, dict[str, FileSpan]]:
+    """The state with each FileSpan (one level down, as {"model": {name: value}}) replaced by
+    torch.empty of its geometry, which dcp.save plans from and nobody touches (large
+    allocations cost no memory until written), and {fqn: span} for DirectDCPWriter."""
+    planned, spans = {}, {}
+    for key, values in state.items():
+        if isinstance(values, dict):
+            spans.update({f"{key}.{n}": v for n, v in values.items() if isinstance(v, FileSpan)})
+            values = {n: torch.empty(v.shape, dtype=v.dtype) if isinstance(v, FileSpan) else v for n, v in values.items()}
+        planned[key] = values
+    return planned, spans
+
+
 class GroupedDCPWriter:
     def __init__(self, directory: str):
         self.directory = directory
@@ -113,11 +142,13 @@ class GroupedDCPWriter:
         os.makedirs(directory, exist_ok=True)
 
     def write(self, state: dict) -> None:
-        """Save one group now (nested dicts as for dcp.save); its tensors can be freed after."""
+        """Save one group now (nested dicts as for dcp.save); its tensors can be freed after.
+        A FileSpan value (a tensor copied unchanged from an input file) is read from its file."""
         scratch = os.path.join(self.directory, f".group{len(self.groups)}")
+        state, spans = _placeholders(state)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-            dcp.save(state, storage_writer=DirectDCPWriter(scratch), no_dist=True)
+            dcp.save(state, storage_writer=DirectDCPWriter(scratch, spans), no_dist=True)
         self.groups.append(scratch)
 
     def finish(self) -> None:

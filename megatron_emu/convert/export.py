@@ -20,6 +20,7 @@ from megatron_emu.config import (
     ModelConfig,
     VisionConfig,
 )
+from megatron_emu.convert.direct_io import FileSpan
 from megatron_emu.convert.keys import hf_to_llama, llama_to_hf
 from megatron_emu.convert.streams import DCPSource, SafetensorsSource, atomic_output_dir, plan_shards, write_sharded
 
@@ -73,12 +74,19 @@ def export_tokenizer(sp_model: str, llm: LLaMAConfig, directory: str) -> dict[st
     return ids
 
 
+def _cast(tensor: torch.Tensor | FileSpan, dtype) -> torch.Tensor | FileSpan:
+    if dtype is None or not tensor.dtype.is_floating_point or tensor.dtype == dtype:
+        return tensor  # a FileSpan stays one: its bytes are copied with O_DIRECT
+    return (tensor.tensor() if isinstance(tensor, FileSpan) else tensor).to(dtype)
+
+
 def _stream_shards(source: DCPSource, groups, rename, dtype, vocab: int | None = None):
     for group in groups:
-        tensors = source.read(group)
+        tensors = source.read(group, spans=True)
         if vocab is not None:  # drop the --make-vocab-size-divisible-by padding rows
-            tensors = {n: t[:vocab] if n in VOCAB_ROWS else t for n, t in tensors.items()}
-        yield {rename(n): (t.to(dtype) if dtype is not None and t.is_floating_point() else t) for n, t in tensors.items()}
+            tensors = {n: (t.rows(vocab) if isinstance(t, FileSpan) else t[:vocab]) if n in VOCAB_ROWS else t
+                       for n, t in tensors.items()}
+        yield {rename(n): _cast(t, dtype) for n, t in tensors.items()}
 
 
 def _export_group(source: DCPSource, names: list[str], rename, directory: str, max_shard_bytes: int, dtype,
@@ -124,14 +132,16 @@ def read_visual_config(directory: str) -> ModelConfig:
     return model_config_from_dict(record["model"])
 
 
-def hf_emu_tensors(directory: str):
-    """(our name, tensor) for every tensor of an export made by export_hf."""
-    for name, tensor in SafetensorsSource(directory):
+def hf_emu_tensors(directory: str, spans: bool = False):
+    """(our name, tensor) for every tensor of an export made by export_hf; with spans=True
+    (our name, FileSpan): where the bytes lie, nothing read (SafetensorsSource.spans)."""
+    llm, visual = SafetensorsSource(directory), SafetensorsSource(os.path.join(directory, VISUAL_DIR))
+    for name, tensor in llm.spans() if spans else llm:
         ours = hf_to_llama(name)
         if ours is None:
             raise ValueError(f"{directory}: unexpected tensor {name}")
         yield ours, tensor
-    yield from SafetensorsSource(os.path.join(directory, VISUAL_DIR))
+    yield from visual.spans() if spans else visual
 
 
 def load_emu_from_hf(directory: str, device: str = "cpu"):

@@ -5,7 +5,10 @@ added tokens, new rows = mean of the old ones), eva-clip (the ViT, fused qkv spl
 emu-v1 (the official Emu v1 release, whole model), hf-emu (our own export_hf output).
 Modules no source provides get a fresh initialisation (seeded, family by family).
 Streaming: the model is never held whole; source tensors go out in groups of about
---max-shard-size (convert/dcp_writer.py).
+--max-shard-size (convert/dcp_writer.py). Safetensors inputs whose tensors pass through
+unchanged (hf-llama, hf-emu: renames only) are not read up front: each comes as a
+FileSpan and is copied from its file with O_DIRECT as its group is written; the ones
+converted (vocab grown, dtype cast) are read first.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from tqdm import tqdm
 from megatron_emu.config import ModelConfig
 from megatron_emu.convert.export import hf_emu_tensors, read_visual_config
 from megatron_emu.convert.dcp_writer import GroupedDCPWriter
+from megatron_emu.convert.direct_io import FileSpan
 from megatron_emu.convert.keys import emu_v1_to_ours, eva_to_ours, hf_to_llama
 from megatron_emu.convert.streams import SafetensorsSource, atomic_output_dir, open_source
 from megatron_emu.data.tokenizer import resize_token_embeddings
@@ -64,8 +68,13 @@ def _fit_vocab(name: str, tensor: torch.Tensor, target: torch.Tensor, source: st
             raise ValueError(f"{source}: vocab mismatch: {name} has {tensor.shape[0]} rows, the model has "
                              f"{llm.base_vocab_size} pieces + {llm.num_special_tokens} added tokens")
         # Added tokens (and --make-vocab-size-divisible-by padding): mean of the old rows.
-        return resize_token_embeddings(tensor, target.shape[0])
+        return resize_token_embeddings(_loaded(tensor), target.shape[0])
     return tensor
+
+
+def _loaded(tensor: torch.Tensor | FileSpan) -> torch.Tensor:
+    """A FileSpan (a source tensor not read yet) read, for the conversions that change it."""
+    return tensor.tensor() if isinstance(tensor, FileSpan) else tensor
 
 
 def assign_all(model, tensors, source: str, required: tuple[str, ...]) -> set[str]:
@@ -110,7 +119,7 @@ def source_tensors(kind: str, path: str, config: ModelConfig):
     """(our name, tensor) pairs of one input, validated before anything is written."""
     if kind == "hf-llama":
         check_hf_llama_config(path, config)
-        return _mapped(SafetensorsSource(path), _hf_llama_pair, path)
+        return _mapped(SafetensorsSource(path).spans(), _hf_llama_pair, path)  # renames only: copied unread
     if kind == "eva-clip":
         return _mapped(open_source(path), _eva_pairs, path)
     if kind == "emu-v1":
@@ -119,7 +128,7 @@ def source_tensors(kind: str, path: str, config: ModelConfig):
         saved = dataclasses.asdict(read_visual_config(path))
         if saved != dataclasses.asdict(config):
             raise ValueError(f"{path}: exported from another model config than the one requested")
-        return hf_emu_tensors(path)
+        return hf_emu_tensors(path, spans=True)
     raise ValueError(f"unknown --from {kind!r}; choose from {KINDS}")
 
 
@@ -176,8 +185,8 @@ def import_checkpoint(inputs: list[tuple[str, str]], config: ModelConfig, output
                 tensor = _checked(name, tensor, targets, path, config.llm)
                 if name in filled:
                     raise ValueError(f"{path}: {name} was already given by an earlier input")
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
+                if dtype is not None and tensor.dtype.is_floating_point and tensor.dtype != dtype:
+                    tensor = _loaded(tensor).to(dtype)
                 group[name], used = tensor, used + tensor.numel() * tensor.element_size()
                 filled.add(name)
                 mine.add(name)

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from megatron_emu.convert.dcp_reader import DirectReader
-from megatron_emu.convert.direct_io import DirectFile
+from megatron_emu.convert.direct_io import DirectFile, FileSpan, read_spans
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,19 +86,23 @@ class DCPSource:
         meta = self.entries[name]
         return torch.Size(meta.size).numel() * meta.properties.dtype.itemsize
 
-    def read(self, names: list[str], direct: bool = True) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], direct: bool = True, spans: bool = False) -> dict[str, torch.Tensor | FileSpan]:
         """A group of tensors (one output shard's worth).
 
         Mapped straight from the .distcp files (convert/dcp_reader.py): a tensor stored
         whole is a copy-on-write view of the file, a sharded one is assembled with one
-        copy per chunk. Items the direct reader cannot map (and everything, with
-        direct=False) go through dcp.load, which reads the same values.
+        copy per chunk. With spans=True a tensor stored whole comes back as a FileSpan
+        (where its bytes lie; nothing is read yet) for callers that copy it unchanged.
+        Items the direct reader cannot map (and everything, with direct=False) go
+        through dcp.load, which reads the same values.
         """
         state = {}
         if direct:
             with DirectReader(self.path, self.metadata) as reader:
                 for n in names:
-                    tensor = reader.tensor(f"model.{n}")
+                    tensor = reader.span(f"model.{n}") if spans else None
+                    if tensor is None:
+                        tensor = reader.tensor(f"model.{n}")
                     if tensor is not None:
                         state[n] = tensor
         rest = {n: torch.empty(tuple(self.entries[n].size), dtype=self.entries[n].properties.dtype)
@@ -151,20 +155,40 @@ class SafetensorsSource:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
 
+    def spans(self) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
+        """As iteration, but each tensor as the FileSpan of its bytes (nothing read yet), for
+        callers that copy tensors unchanged; a dtype torch cannot name here comes as a tensor."""
+        by_code = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+        for file in self.files:
+            start, header = _header(file)
+            with safe_open(file, framework="pt") as f:
+                names = list(f.keys())  # the order iteration yields
+            for name in names:
+                entry = header[name]
+                if entry["dtype"] not in by_code:
+                    yield name, self.get(name)
+                    continue
+                yield name, FileSpan(file, start + entry["data_offsets"][0], by_code[entry["dtype"]], tuple(entry["shape"]))
+
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.names[name], framework="pt") as f:
             return f.get_tensor(name)
 
 
-def _check_length(file: str) -> None:
-    """safetensors reads the header lazily; a truncated body must fail before we write."""
+def _header(file: str) -> tuple[int, dict]:
+    """(file offset of the data, the JSON header) of a safetensors file."""
     with open(file, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
+        return 8 + header_len, json.loads(f.read(header_len))
+
+
+def _check_length(file: str) -> None:
+    """safetensors reads the header lazily; a truncated body must fail before we write."""
+    start, header = _header(file)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     size = os.path.getsize(file)
-    if size < 8 + header_len + end:
-        raise ValueError(f"{file}: truncated ({size} bytes, the header promises {8 + header_len + end})")
+    if size < start + end:
+        raise ValueError(f"{file}: truncated ({size} bytes, the header promises {start + end})")
 
 
 class TorchFileSource:
@@ -246,17 +270,22 @@ def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return len(text).to_bytes(8, "little") + text, order
 
 
-def write_shard(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """One safetensors file, written with O_DIRECT from the tensors' memory (convert/direct_io.py).
+def write_shard(path: str, tensors: dict[str, torch.Tensor | FileSpan]) -> None:
+    """One safetensors file, written with O_DIRECT (convert/direct_io.py).
 
-    The tensors may be views of the checkpoint's files (DCPSource.read): their bytes go
-    page cache -> staging buffer -> disk, one memcpy, no page-cache pages for the output.
+    Tensors go memory -> staging buffer -> disk; FileSpans (DCP items copied unchanged)
+    are read with O_DIRECT, the next piece read ahead while the current is written.
     """
     header, order = safetensors_header(tensors, {"format": "pt"})
-    with DirectFile(path) as out:
+    spans = read_spans(t for t in (tensors[n] for n in order) if isinstance(t, FileSpan))
+    with DirectFile(path) as out, contextlib.closing(spans):
         out.write(header)
         for name in order:
-            out.write(tensors[name])
+            tensor = tensors[name]
+            if isinstance(tensor, FileSpan):
+                out.write_pieces(spans, tensor.nbytes)
+            else:
+                out.write(tensor)
 
 
 def write_sharded(directory: str, shards: list[dict[str, torch.Tensor]] | Iterator, num_shards: int,
