@@ -393,3 +393,120 @@ def test_grouped_writer_output_is_read_by_dcp_load(tmp_path):
         dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
     assert all(torch.equal(state["model"][k], v) and state["model"][k].dtype == v.dtype for k, v in want.items())
     assert pickle.loads(state["common"]) == {"iteration": 3}
+
+
+def _span_file(tmp_path, nbytes: int = 50_000):
+    data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    path = tmp_path / "input.bin"
+    path.write_bytes(data.numpy().tobytes())
+    return str(path), data.numpy().tobytes()
+
+
+def _drop_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # only clean pages can be dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+@pytest.mark.parametrize("refuse", [None, "open", "read"])
+@pytest.mark.parametrize("cached", [True, False])
+def test_read_spans_gives_the_file_bytes_with_and_without_o_direct(tmp_path, monkeypatch, refuse, cached):
+    """Unaligned spans across buffer boundaries, from the page cache or the disk, and on a
+    filesystem that refuses O_DIRECT when opening or reading (tmpfs before Linux 6.6)."""
+    import errno
+    import fcntl
+
+    from megatron_emu.convert import direct_io
+    from megatron_emu.convert.direct_io import FileSpan, read_spans
+
+    monkeypatch.setattr(direct_io, "CHUNK", 3 * 4096)
+    monkeypatch.setattr(direct_io, "_free_buffers", [])
+    path, data = _span_file(tmp_path)
+    if not cached:
+        _drop_cache(path)
+    real_open, real_preadv, refused = os.open, os.preadv, []
+
+    def open_(p, flags, *args):
+        if refuse == "open" and flags & getattr(os, "O_DIRECT", 0):
+            refused.append(p)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(p, flags, *args)
+
+    def preadv(fd, buffers, offset, *flags):
+        if refuse == "read" and fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(direct_io.os, "open", open_)
+    monkeypatch.setattr(direct_io.os, "preadv", preadv)
+    spans = [(1, 30_000), (5, 0), (40_001, 9_999), (0, 4096), (12_288, 100)]  # (offset, nbytes)
+    got = [bytes(piece) for piece in read_spans(FileSpan(path, o, torch.uint8, (n,)) for o, n in spans)]
+    assert b"".join(got) == b"".join(data[o:o + n] for o, n in spans)
+    assert all(0 < len(piece) <= 3 * 4096 for piece in got)
+    # a cached file is read from the page cache: no O_DIRECT read to refuse
+    assert bool(refused) == (refuse == "open" or (refuse == "read" and not cached))
+
+
+def test_read_spans_names_a_truncated_file(tmp_path):
+    from megatron_emu.convert.direct_io import FileSpan
+
+    path, _ = _span_file(tmp_path)
+    _drop_cache(path)
+    with pytest.raises(ValueError, match="input.bin: truncated"):
+        FileSpan(path, 40_000, torch.float32, (5000,)).tensor()  # 20000 bytes from 40000: past the end
+
+
+def test_spans_are_written_like_the_tensors_they_name(tmp_path, monkeypatch):
+    """FileSpans in a safetensors shard and in a DCP group give the bytes of the tensors."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from megatron_emu.convert import direct_io
+    from megatron_emu.convert.dcp_writer import GroupedDCPWriter
+    from megatron_emu.convert.streams import SafetensorsSource
+
+    monkeypatch.setattr(direct_io, "CHUNK", 4096)
+    monkeypatch.setattr(direct_io, "_free_buffers", [])
+    g = torch.Generator().manual_seed(4)
+    tensors = {"a": torch.randn(300, 7, generator=g), "b": torch.randn(5, generator=g).bfloat16(), "c": torch.arange(1000)}
+    save_file(tensors, str(tmp_path / "in.safetensors"))
+    spans = dict(SafetensorsSource(str(tmp_path / "in.safetensors")).spans())
+    assert all(isinstance(s, direct_io.FileSpan) for s in spans.values())
+    assert all(torch.equal(spans[k].tensor(), v) for k, v in tensors.items())
+    _drop_cache(str(tmp_path / "in.safetensors"))
+    write_shard(str(tmp_path / "out.safetensors"), {**spans, "d": torch.ones(3)})
+    save_file({**tensors, "d": torch.ones(3)}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    writer = GroupedDCPWriter(str(tmp_path / "ckpt"))
+    writer.write({"model": {**spans, "d": torch.ones(3)}})
+    writer.finish()
+    state = {"model": {k: torch.zeros_like(v) for k, v in {**tensors, "d": torch.ones(3)}.items()}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    assert all(torch.equal(state["model"][k], v) for k, v in tensors.items())
+    back = DCPSource.__new__(DCPSource)  # the export reader finds the items as spans again
+    back.path, back.metadata = str(tmp_path / "ckpt"), dcp.FileSystemReader(str(tmp_path / "ckpt")).read_metadata()
+    back.entries = {k[len("model."):]: m for k, m in back.metadata.state_dict_metadata.items()}
+    again = back.read(list(tensors), spans=True)
+    assert all(isinstance(s, direct_io.FileSpan) and torch.equal(s.tensor(), tensors[k]) for k, s in again.items())
+
+
+def test_export_and_import_with_a_dtype_cast_read_the_spans_they_change(ours, exported, tmp_path):
+    """With a cast the tensors are read (not copied as spans) and converted on both sides."""
+    from megatron_emu.convert.export import hf_emu_tensors
+
+    out = tmp_path / "bf16"
+    export_hf(ours[0], str(out), build_tiny_tokenizer(), max_shard_bytes=400_000, dtype=torch.bfloat16)
+    want = {n: p.detach() for n, p in ours[1].named_parameters()}
+    got = dict(hf_emu_tensors(str(out)))
+    assert got.keys() == want.keys()
+    assert all(got[n].dtype == torch.bfloat16 and torch.equal(got[n], want[n].bfloat16()) for n in want)
+    back = tmp_path / "back"
+    import_checkpoint([("hf-emu", exported)], CONFIG, str(back), dtype=torch.bfloat16)
+    loaded = read_model(str(back))
+    assert all(loaded[n].dtype == torch.bfloat16 and torch.equal(loaded[n], want[n].bfloat16()) for n in want)
