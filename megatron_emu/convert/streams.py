@@ -99,6 +99,7 @@ class DCPSource:
         state = {}
         if direct:
             with DirectReader(self.path, self.metadata) as reader:
+                reader.prefetch([f"model.{n}" for n in names])
                 for n in names:
                     tensor = reader.span(f"model.{n}") if spans else None
                     if tensor is None:
