@@ -5,7 +5,8 @@
 Phases, each in its own child process (peak RSS from wait4, time inside the child):
   make      a random Emu of the preset saved as our DCP checkpoint (import with no inputs)
   export    DCP -> HF directory (tools/convert_checkpoint.py --to hf), split into fixed costs
-            (transformers import, tokenizer conversion), DCP reads and shard writes
+            (transformers import, tokenizer conversion), DCP reads (the items' geometry; the
+            bytes of tensors stored whole are read while their shard is written) and shard writes
   import    HF directory -> DCP (--from hf-emu)
   raw       the same number of bytes written / read with numpy alone (tofile + fsync,
             fromfile), with safetensors alone, and with direct_io.DirectFile (O_DIRECT +

@@ -141,7 +141,8 @@ class DirectReader:
         meta = self.metadata.state_dict_metadata[fqn]
         if len(meta.chunks) != 1 or tuple(meta.chunks[0].sizes) != tuple(meta.size):
             return None
-        located = self._locate(MetadataIndex(fqn, meta.chunks[0].offsets))
+        index = MetadataIndex(fqn, meta.chunks[0].offsets)
+        located = self._locate(index)
         if located is None:
             return None
         _, start, geometry = located
@@ -149,7 +150,7 @@ class DirectReader:
         if (geometry.dtype != meta.properties.dtype or tuple(geometry.shape) != tuple(meta.size)
                 or not geometry.is_contiguous() or geometry.storage_offset() or not whole):
             return None
-        path = os.path.join(self.directory, self.metadata.storage_data[MetadataIndex(fqn, meta.chunks[0].offsets)].relative_path)
+        path = os.path.join(self.directory, self.metadata.storage_data[index].relative_path)
         return FileSpan(path, start, geometry.dtype, tuple(geometry.shape))
 
     def tensor(self, fqn: str) -> torch.Tensor | None:

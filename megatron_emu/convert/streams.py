@@ -3,8 +3,10 @@
 Sources yield (name, tensor) lazily from a DCP checkpoint (any TP/PP/DP layout: each
 global tensor is mapped from, or reassembled out of, the .distcp files by
 convert/dcp_reader.py), a safetensors file or sharded directory, or a torch file (all
-memory-mapped). The sink writes safetensors shards of a bounded size with the
-transformers index, through O_DIRECT (convert/direct_io.py). Outputs are built in a
+memory-mapped). Tensors that a conversion copies unchanged can come as FileSpans instead
+(where their bytes lie; DCPSource.read(spans=True), SafetensorsSource.spans), read with
+O_DIRECT as they are written. The sink writes safetensors shards of a bounded size with
+the transformers index, through O_DIRECT (convert/direct_io.py). Outputs are built in a
 temporary sibling directory and renamed at the end, so a failed conversion leaves
 nothing in the output directory.
 """
