@@ -41,6 +41,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pack-sequences", action="store_true",
                    help="pack each micro-batch's samples into as few --seq-length rows as hold them; attention, "
                         "positions and targets stay within each sample (no compute spent on padding)")
+    g.add_argument("--split", default=None,
+                   help="train,valid,test weights over each dataset's samples, e.g. 969,30,1 (Megatron); "
+                        "default: the preset's recipe (tiny: 98,2,0; others: all train)")
     g.add_argument("--data-blend", default="shares", choices=["shares", "weighted"],
                    help="shares: --data-path weights are exact per-global-batch shares (the paper); "
                         "weighted: megatron-core's greedy weighted blending")
@@ -101,6 +104,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="validation loss every N iterations, on the --split valid samples (default: the "
+                        "preset's recipe; 0 = never)")
+    g.add_argument("--eval-iters", type=int, default=None, help="global batches per validation (default: recipe, 10)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
@@ -182,6 +189,7 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
             tokenizer_model=args.tokenizer_model,
             data_blend=args.data_blend,
             pack_sequences=args.pack_sequences,
+            split=args.split or "",
         ),
         optimizer=OptimizerConfig(
             lr=args.lr,
@@ -207,6 +215,8 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
         l2_loss_weight=args.l2_loss_weight,
         seed=args.seed,
         log_interval=args.log_interval,
+        eval_interval=args.eval_interval or None,  # 0 = never
+        eval_iters=args.eval_iters,
         device=args.device,
     )
 

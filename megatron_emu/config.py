@@ -199,6 +199,9 @@ class DataConfig:
     # Pack each micro-batch's samples into as few seq_length rows as hold them, with
     # per-document attention and positions (data/packing.py); off = one sample per row.
     pack_sequences: bool = False
+    # Megatron's --split "train,valid,test" weights over each dataset's samples (contiguous
+    # ranges); "" = every sample trains, no validation data.
+    split: str = ""
 
 
 @dataclass
@@ -271,6 +274,8 @@ class TrainConfig:
     l2_loss_weight: float = 1.0
     seed: int = 1234
     log_interval: int = 10
+    eval_interval: int | None = None  # validation loss every N iterations (needs a valid split)
+    eval_iters: int = 10  # global batches per validation
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -282,14 +287,17 @@ RECIPES: dict[str, dict] = {
     "tiny": dict(
         lr=2e-3, lr_vision=2e-3, lr_causal_former=2e-3, min_lr=1e-4, lr_warmup_iters=20,
         train_iters=300, seq_length=160, micro_batch_size=8, global_batch_size=16, weight_decay=0.01,
+        split="98,2,0", eval_interval=100, eval_iters=2,
     ),
     "1b": dict(
         lr=3e-4, lr_vision=1e-4, lr_causal_former=3e-4, min_lr=3e-5, lr_warmup_iters=500,
         train_iters=10000, seq_length=1024, micro_batch_size=4, global_batch_size=64, weight_decay=0.05,
+        split="", eval_interval=0, eval_iters=10,
     ),
     "emu-14b": dict(
         lr=3e-5, lr_vision=4e-5, lr_causal_former=1e-4, min_lr=0.0, lr_warmup_iters=2000,
         train_iters=10000, seq_length=1024, micro_batch_size=1, global_batch_size=352, weight_decay=0.05,
+        split="", eval_interval=0, eval_iters=10,
     ),
 }
 

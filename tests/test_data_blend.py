@@ -62,3 +62,17 @@ def test_sample_index_reshuffles_each_epoch_and_covers_everything():
     assert sorted(epoch0) == sorted(epoch1) == list(range(n))
     assert epoch0 != epoch1
     assert epoch0 == [sample_index(1, 0, j, n) for j in range(n)]
+
+
+def test_split_fractions_and_ranges():
+    from megatron_emu.data.blend import parse_split, split_range
+
+    assert parse_split("") == (1.0, 0.0, 0.0)
+    assert parse_split("969,30,1") == pytest.approx((0.969, 0.030, 0.001))
+    assert parse_split("98,2") == pytest.approx((0.98, 0.02, 0.0))
+    ranges = [split_range(1000, parse_split("969,30,1"), name) for name in ("train", "valid", "test")]
+    assert ranges == [(0, 969), (969, 999), (999, 1000)]  # contiguous, every sample in one split
+    assert split_range(7, parse_split("1,1,1"), "test")[1] == 7
+    for bad in ("a,b", "1,2,3,4", "-1,2", "0,0"):
+        with pytest.raises(ValueError, match="--split"):
+            parse_split(bad)

@@ -198,3 +198,19 @@ def test_packed_loader_holds_the_same_samples_in_fewer_rows(tok, data_path):
         assert all(torch.equal(x, y) for (_, x), (_, y) in zip(got, want))
         rows += b["tokens"].shape[0]
     assert rows < 6 * 4, "the synthetic corpus's short pairs should share rows"
+
+
+def test_valid_split_is_disjoint_from_training(tok, data_path):
+    """--split: the valid loader serves only the valid range of each dataset, the train
+    loader never does; an empty range is refused by name."""
+    seen = {}
+    for split in ("train", "valid"):
+        loader = build_pretrain_loader(config(data_path, split="90,10,0"), tok, dp_rank=0, dp_size=1, seed=1, split=split)
+        views = loader.dataset.views
+        seen[split] = [(v.start, v.stop) for v in views]
+        for batch in take(loader, 3):
+            assert batch["tokens"].shape[0] == 2
+    for (t0, t1), (v0, v1) in zip(seen["train"], seen["valid"]):
+        assert t0 == 0 and t1 == v0 and v1 > v0  # adjacent, disjoint ranges
+    with pytest.raises(ValueError, match="the test split .* is empty"):
+        build_pretrain_loader(config(data_path, split="90,10,0"), tok, dp_rank=0, dp_size=1, seed=1, split="test")

@@ -230,6 +230,29 @@ def check_bf16_pipeline(rank: int, world: int, ref: list[dict]) -> None:
     assert math.isclose(result.l2_loss, ref[0]["l2"], rel_tol=5e-2), f"bf16 PP2 l2 loss {result.l2_loss} vs {ref[0]['l2']}"
 
 
+def check_validation(rank: int, world: int, ref: list[dict]) -> None:
+    """Forward-only validation through each layout (the pipeline's `eval` schedule, vocab-
+    parallel loss under TP, FSDP2) equals the single-process loss at the same weights: the
+    reference's first step, taken before any update."""
+    from megatron_emu.training.step import validation_loss
+
+    for parallel in VALIDATION_LAYOUTS:
+        config, pmodel, _, pmesh, n_micro = build_run(world, parallel)
+        batches = step_batches(config)[0]
+        mine = batches[pmesh.dp_rank * n_micro:(pmesh.dp_rank + 1) * n_micro]
+        lm, l2 = validation_loss(pmodel, [mine], config)
+        assert math.isclose(lm, ref[0]["lm"], rel_tol=RTOL), f"validation {parallel}: lm {lm} vs {ref[0]['lm']}"
+        assert math.isclose(l2, ref[0]["l2"], rel_tol=RTOL), f"validation {parallel}: l2 {l2} vs {ref[0]['l2']}"
+        assert all(p.grad is None for _, p in pmodel.named_parameters()), f"validation {parallel} made gradients"
+
+
+VALIDATION_LAYOUTS = [
+    dict(pipeline_model_parallel_size=2),
+    dict(tensor_model_parallel_size=2, sequence_parallel=True),
+    dict(data_parallel_sharding="fsdp"),
+]
+
+
 def check_meta_init(rank: int, world: int, ref: list[dict], parallel: dict | None = None) -> None:
     """Built on the meta device and sharded before allocation (the training path), each
     rank initialises only its shards, to exactly the single-process build_emu(seed) values."""
@@ -334,7 +357,7 @@ def world_worker(rank: int, world: int, layouts: dict, bytes_layouts: dict, ref:
 
 
 def test_two_ranks(ref):
-    spawn(2, world_worker, WORLD2, BYTES2, ref, (check_bf16_fsdp, check_bf16_pipeline, check_meta_init))
+    spawn(2, world_worker, WORLD2, BYTES2, ref, (check_bf16_fsdp, check_bf16_pipeline, check_meta_init, check_validation))
 
 
 def test_two_ranks_compiled(ref):

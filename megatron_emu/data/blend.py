@@ -109,3 +109,30 @@ def sample_index(seed: int, dataset: int, draw: int, n: int) -> int:
     if n <= 0:
         raise ValueError(f"dataset {dataset} has no samples")
     return int(_epoch_permutation(seed, dataset, draw // n, n)[draw % n])
+
+
+SPLITS = ("train", "valid", "test")
+
+
+def parse_split(split: str) -> tuple[float, float, float]:
+    """Megatron's --split "969,30,1" -> train / valid / test fractions ("" = all train)."""
+    if not split:
+        return (1.0, 0.0, 0.0)
+    try:
+        parts = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ValueError(f"--split {split!r}: expected up to 3 comma-separated numbers, e.g. 969,30,1") from None
+    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ValueError(f"--split {split!r}: expected up to 3 non-negative numbers with a positive sum")
+    parts += [0.0] * (3 - len(parts))
+    return tuple(p / sum(parts) for p in parts)
+
+
+def split_range(n: int, fractions: tuple[float, float, float], name: str) -> tuple[int, int]:
+    """Samples [start, stop) of a dataset of n that belong to split `name` (contiguous, as Megatron)."""
+    bounds = [0]
+    for f in fractions:
+        bounds.append(bounds[-1] + int(round(f * n)))
+    bounds[-1] = n  # rounding never loses the last samples
+    i = SPLITS.index(name)
+    return min(bounds[i], n), min(bounds[i + 1], n)

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megatron_emu.config import DataConfig
-from megatron_emu.data.blend import BatchPlan, parse_data_path, sample_index
+from megatron_emu.data.blend import BatchPlan, parse_data_path, parse_split, sample_index, split_range
 from megatron_emu.data.indexed import MultimodalIndexed, _check_files, read_meta
 from megatron_emu.data.locks import file_lock, publish
 from megatron_emu.data.packing import collate_packed
@@ -59,6 +59,20 @@ class MicroBatches(Dataset):
 
     def __len__(self) -> int:  # unbounded stream; DataLoader only needs the sampler
         return 2 ** 62
+
+
+class SplitView:
+    """Samples [start, stop) of a view: one split (--split) of a dataset."""
+
+    def __init__(self, view, start: int, stop: int):
+        self.view, self.start, self.stop = view, start, stop
+        self.kind = view.kind
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def build(self, index: int, key: tuple):
+        return self.view.build(self.start + index, key)
 
 
 class _From(Sampler):
@@ -127,7 +141,8 @@ class PretrainLoader:
 
 
 def build_pretrain_loader(data: DataConfig, tokenizer, *, dp_rank: int, dp_size: int, seed: int,
-                          tokens_per_image: int = 34, consumed_samples: int = 0) -> PretrainLoader:
+                          tokens_per_image: int = 34, consumed_samples: int = 0, split: str = "train") -> PretrainLoader:
+    """This DP rank's micro-batches of one split (--split) of every --data-path dataset."""
     g, mbs = data.global_batch_size, data.micro_batch_size
     if g % (mbs * dp_size):
         raise ValueError(f"global batch {g} is not a multiple of micro batch {mbs} x data-parallel size {dp_size}")
@@ -138,12 +153,17 @@ def build_pretrain_loader(data: DataConfig, tokenizer, *, dp_rank: int, dp_size:
     data_path = list(data.data_path) or ensure_synthetic_corpus(data.cache_dir, tokenizer)
     spec = SeqSpec.from_tokenizer(tokenizer, data.seq_length, tokens_per_image)
     weights, views = [], []
+    fractions = parse_split(data.split)
     for weight, prefix in parse_data_path(data_path):
         prefix, view = _split_view(prefix)
         ds = MultimodalIndexed(prefix, tokenizer.fingerprint, tokenizer.vocab_size)
-        views.append(make_view(ds, spec, view))
-        if len(views[-1]) == 0:
+        whole = make_view(ds, spec, view)
+        if len(whole) == 0:
             raise ValueError(f"{prefix}.idx: no samples for view {view or ds.kind}")
+        views.append(SplitView(whole, *split_range(len(whole), fractions, split)))
+        if len(views[-1]) == 0:
+            raise ValueError(f"{prefix}.idx: the {split} split (--split {data.split or '1,0,0'}) of its "
+                             f"{len(whole)} samples is empty")
         weights.append(weight)
     plan = BatchPlan(weights, g, seed, data.data_blend)
     dataset = MicroBatches(views, plan, spec, dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=mbs, seed=seed,

@@ -194,8 +194,9 @@ class EmuPipeline:
             return ScheduleInterleaved1F1B(pipe_stages, self.n_micro, loss_fn=loss_fn)
         return ScheduleZBVZeroBubble(pipe_stages, self.n_micro, loss_fn=loss_fn)
 
-    def step(self, microbatches: list[dict]) -> None:
-        """One forward/backward over all micro-batches; grads end scaled by 1/len(microbatches)."""
+    def step(self, microbatches: list[dict], forward_only: bool = False) -> None:
+        """One forward/backward over all micro-batches; grads end scaled by 1/len(microbatches).
+        forward_only: validation (the loss is still computed per micro-batch, no backward)."""
         microbatches = equal_rows(microbatches, self.parts[0].config.special_tokens.pad)
         shapes = {(*b["tokens"].shape, "document_ids" in b) for b in microbatches}
         if len(shapes) != 1 or len(microbatches) != self.n_micro:
@@ -209,7 +210,8 @@ class EmuPipeline:
         index = torch.arange(len(microbatches))  # chunked into (1,) per micro-batch
         try:
             # Ranks without the first (last) stage ignore the inputs (targets).
-            self.schedule.step(index, target=index)
+            run = self.schedule.eval if forward_only else self.schedule.step
+            run(index, target=index)
         finally:
             self.feed.microbatches = []
 

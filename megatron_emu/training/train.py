@@ -9,31 +9,30 @@ The same code runs single-process, under torchrun and under srun.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
+import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor.parallel import loss_parallel
 from tqdm import tqdm
 
 from megatron_emu.config import OptimizerConfig, TrainConfig
+from megatron_emu.data.blend import parse_split
 from megatron_emu.data.loader import build_pretrain_loader, ensure_synthetic_corpus
 from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
 from megatron_emu.kernels import apply_fused_norms, build_adamw, build_parallel_adamw
 from megatron_emu.model.attention import configure_attention
 from megatron_emu.model.emu import build_emu
-from megatron_emu.parallel.data_parallel import clip_grad_norm_global, gradient_sync, reduce_partial_grads
-from megatron_emu.parallel.loss import mixed_loss
 from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh, build_mesh, init_distributed
 from megatron_emu.parallel.parallelize import ParallelModel, parallelize_emu
 from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_compile
 from megatron_emu.training.checkpoint import Checkpointer, Layout
 from megatron_emu.training.evaluate import image_grounding
+from megatron_emu.training.step import StepResult, pipeline_loss_fn, train_step, validation_loss
 from megatron_emu.training.metrics import IterationStats, training_flops
 from megatron_emu.training.optim import LRScheduler, apply_freezing
 from megatron_emu.training.precision import Precision
@@ -42,20 +41,13 @@ log = logging.getLogger("megatron_emu")
 
 
 @dataclass
-class StepResult:
-    lm_loss: float
-    l2_loss: float
-    grad_norm: float
-    images: int  # images encoded in this step (for FLOPs)
-    sequences: int  # seq_length rows computed in this step (fewer than samples when packed)
-
-
-@dataclass
 class TrainSummary:
     """What a run reports at the end; `history` holds (iteration, lm, l2) per step."""
 
     history: list[tuple[int, float, float]] = field(default_factory=list)
+    validation: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, lm, l2)
     grounding: tuple[float, float] | None = None  # text CE with true / shuffled images
+    grounding_data: str = "validation split"  # or the next training micro-batches (no valid split)
 
     def format(self, window: int = 10) -> str:
         if not self.history:  # e.g. resumed from a checkpoint at --train-iters
@@ -69,7 +61,8 @@ class TrainSummary:
             f"(means of the first and last {min(window, len(self.history))} iterations)"
         )
         if self.grounding:
-            text += f"\nheld-out text CE: {self.grounding[0]:.4f} with the true images, {self.grounding[1]:.4f} with shuffled images"
+            text += (f"\ntext CE on the {self.grounding_data}: {self.grounding[0]:.4f} with the true images, "
+                     f"{self.grounding[1]:.4f} with shuffled images")
         return text
 
 
@@ -134,81 +127,6 @@ def build_parallel_optimizer(pmodel: ParallelModel, config: OptimizerConfig, fus
 
 
 # ---------------------------------------------------------------------------
-# One optimizer step
-# ---------------------------------------------------------------------------
-def pipeline_loss_fn(losses: list, config: TrainConfig):
-    """The last stage's loss: the schedule calls it per micro-batch with the stage outputs."""
-    special, vocab = config.model.special_tokens, config.model.llm.vocab_size
-
-    def loss_fn(outputs, _index):
-        logits, regression, targets, tokens, *documents = outputs  # document ids: packed rows
-        loss = mixed_loss(logits, regression, targets, tokens, special, config.l2_loss_weight, vocab,
-                          documents[0] if documents else None)
-        losses.append((loss.lm.detach(), loss.l2.detach()))
-        return loss.total
-
-    return loss_fn
-
-
-def forward_backward(pmodel: ParallelModel, microbatches: list[dict], config: TrainConfig, precision: Precision) -> None:
-    """Gradients of the mean loss over the micro-batches, accumulated in .grad."""
-    if pmodel.schedule is not None:
-        with precision.autocast():
-            pmodel.schedule.step(microbatches)  # grads scaled by 1/n inside
-        return
-    special, n, vocab = config.model.special_tokens, len(microbatches), config.model.llm.vocab_size
-    for i, batch in enumerate(microbatches):
-        gradient_sync(pmodel.parts, enabled=i == n - 1)  # DP reduces once, on the last one
-        documents = batch.get("document_ids")  # packed rows
-        with precision.autocast():
-            out = pmodel.parts[0](batch["tokens"], batch["images"], documents)
-            loss = mixed_loss(*out, batch["tokens"], special, config.l2_loss_weight, vocab, documents)
-        precision.backward(loss.total / n)
-        pmodel.losses.append((loss.lm.detach(), loss.l2.detach()))
-
-
-def train_step(pmodel: ParallelModel, optimizer, microbatches: list[dict], config: TrainConfig,
-               precision: Precision | None = None) -> StepResult:
-    """Forward/backward every micro-batch, clip by the global norm, one optimizer step."""
-    precision = precision or Precision(config.performance, microbatches[0]["tokens"].device.type)
-    optimizer.zero_grad(set_to_none=True)
-    pmodel.losses.clear()
-    tp = pmodel.pmesh.dims.tp if pmodel.pmesh is not None else 1
-    # Vocab-parallel cross-entropy: forward and backward both run under loss_parallel.
-    with loss_parallel() if tp > 1 else contextlib.nullcontext():
-        forward_backward(pmodel, microbatches, config, precision)
-    reduce_partial_grads(pmodel.parts, pmodel.pmesh)
-    precision.unscale_(optimizer)  # fp16: true gradients before clipping
-    grad_norm = clip_grad_norm_global(pmodel.parts, config.optimizer.clip_grad, pmodel.pmesh)
-    precision.step(optimizer)  # fp16: skipped when gradients overflowed
-    images = sum(batch["images"].shape[0] for batch in microbatches)
-    rows = sum(batch["tokens"].shape[0] for batch in microbatches)
-    lm, l2, images, rows = reduce_step_stats(pmodel, len(microbatches), images, rows)
-    return StepResult(lm, l2, grad_norm, images, rows)
-
-
-def reduce_step_stats(pmodel: ParallelModel, n_micro: int, images: int, rows: int) -> tuple[float, float, int, int]:
-    """Mean lm / l2 over the global batch, its image and row counts, identical on every rank.
-
-    Each value is counted once: losses on the loss-computing ranks of TP rank 0,
-    images and rows on TP rank 0 of the first pipeline rank; one all-reduce sums the DP ranks.
-    """
-    recorded = pmodel.losses[-n_micro:]
-    lm = sum(float(l) for l, _ in recorded)
-    l2 = sum(float(r) for _, r in recorded)
-    pmesh = pmodel.pmesh
-    if pmesh is None:
-        return lm / n_micro, l2 / n_micro, images, rows
-    tp0 = pmesh.tp_rank == 0
-    counts = pmodel.computes_loss and tp0, pmesh.pp_rank == 0 and tp0
-    stats = torch.tensor([lm * counts[0], l2 * counts[0], images * counts[1], rows * counts[1]],
-                         dtype=torch.float64, device=pmesh.device)
-    dist.all_reduce(stats)
-    total = n_micro * pmesh.dims.dp
-    return float(stats[0]) / total, float(stats[1]) / total, int(stats[2]), int(stats[3])
-
-
-# ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
 def pretrain(config: TrainConfig) -> TrainSummary:
@@ -227,11 +145,12 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     optimizer = (build_adamw(pmodel.parts[0], config.optimizer, device.type, config.performance.fused_kernels)
                  if pmesh is None else build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels))
     scheduler = LRScheduler(optimizer, config.optimizer, config.train_iters)
-    build_loader = lambda consumed: build_pretrain_loader(  # noqa: E731
+    build_loader = lambda consumed, split="train": build_pretrain_loader(  # noqa: E731
         config.data, tokenizer, dp_rank=dp_rank, dp_size=dims.dp, seed=config.seed,
-        tokens_per_image=config.model.tokens_per_image, consumed_samples=consumed,
+        tokens_per_image=config.model.tokens_per_image, consumed_samples=consumed, split=split,
     )
     loader = build_loader(0)
+    valid = validation_batches(config, build_loader, n_micro)
     checkpointer = Checkpointer(config.checkpoint, config, Layout.from_mesh(pmesh))
     resumed = checkpointer.load(pmodel.parts, optimizer, scheduler, loader)
     if resumed.consumed_samples != loader.consumed_samples:  # saved at another DP size
@@ -260,6 +179,11 @@ def pretrain(config: TrainConfig) -> TrainSummary:
             stats = iteration_stats(config, iteration + 1, elapsed, lr, result, world_size)
             if is_logger:
                 tqdm.write(stats.format(), file=sys.stdout)
+        if valid and config.eval_interval and (iteration + 1) % config.eval_interval == 0:
+            lm, l2 = validation_loss(pmodel, [[move_batch(b, device) for b in step] for step in valid], config, precision)
+            summary.validation.append((iteration + 1, lm, l2))
+            if is_logger:
+                tqdm.write(format_validation(iteration + 1, lm, l2), file=sys.stdout)
         if checkpointer.should_save(iteration + 1):
             checkpointer.save(iteration + 1, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
         checkpointer.poll()
@@ -268,14 +192,39 @@ def pretrain(config: TrainConfig) -> TrainSummary:
         checkpointer.save(config.train_iters, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
     checkpointer.wait()
     if dims.pp == 1 and dims.tp == 1:
-        held_out = [move_batch(next(loader), device) for _ in range(4)]  # never trained on
-        summary.grounding = image_grounding(pmodel.parts[0], held_out, config.model.special_tokens)
+        # Held out: the validation split; without one, the training stream's next micro-batches
+        # (not trained on in this run, though earlier epochs may have seen their samples).
+        held_out = [b for step in valid for b in step] if valid else [next(loader) for _ in range(4)]
+        summary.grounding_data = "validation split" if valid else "next training micro-batches"
+        summary.grounding = image_grounding(pmodel.parts[0], [move_batch(b, device) for b in held_out],
+                                            config.model.special_tokens)
     if is_logger:
         print(summary.format(), flush=True)
     # Never silent: what the sequence builder had to cut to fit --seq-length (this DP rank).
     log.info("data cut to fit --seq-length: %(dropped_images)d images dropped, "
              "%(truncated_tokens)d text tokens truncated", loader.totals)
     return summary
+
+
+def validation_batches(config: TrainConfig, build_loader, n_micro: int) -> list[list[dict]]:
+    """The first --eval-iters global batches of the valid split (this DP rank's micro-batches),
+    kept on the host: every validation scores the same samples, so the curve is comparable."""
+    has_valid = parse_split(config.data.split)[1] > 0
+    if config.eval_interval and not has_valid:
+        raise ValueError(f"--eval-interval {config.eval_interval} needs validation samples: set --split "
+                         f"(e.g. 969,30,1); the current split {config.data.split or '1,0,0'} has none")
+    if not has_valid:
+        return []
+    loader = build_loader(0, "valid")
+    return [[next(loader) for _ in range(n_micro)] for _ in range(max(config.eval_iters, 1))]
+
+
+def format_validation(iteration: int, lm: float, l2: float) -> str:
+    """Megatron's validation block."""
+    line = (f" validation loss at iteration {iteration} | lm loss value: {lm:.6E} | "
+            f"lm loss PPL: {math.exp(min(lm, 50.0)):.6E} | l2 loss value: {l2:.6E} |")
+    rule = "-" * len(line)
+    return f"{rule}\n{line}\n{rule}"
 
 
 def iteration_stats(config: TrainConfig, iteration: int, seconds: float, lr: float, result: StepResult, devices: int = 1) -> IterationStats:
