@@ -217,6 +217,11 @@ def test_export_refuses_a_tokenizer_of_another_vocab(ours, tmp_path):
     with pytest.raises(ValueError, match="vocab mismatch: 90 pieces, the model expects 512"):
         export_hf(ours[0], str(out), str(tmp_path / "sp.model"))
     assert not out.exists()
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ValueError, match="garbage.model: not a sentencepiece model"):
+        export_hf(ours[0], str(out), str(garbage))
+    assert not out.exists()
 
 
 def test_vit_parity_against_timm_eva():

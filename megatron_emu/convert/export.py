@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -48,6 +49,20 @@ def hf_llama_config(llm: LLaMAConfig, special_ids: dict[str, int]):
         hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=special_ids["[PAD]"], torch_dtype="float32",
     )
+
+
+def check_tokenizer(sp_model: str, llm: LLaMAConfig) -> dict[str, int]:
+    """Fail fast (milliseconds, before any tensor is copied) on a tokenizer that cannot fit;
+    returns the added tokens' ids, the spec's: base vocabulary + 0, 1, ..."""
+    import sentencepiece
+
+    try:
+        pieces = sentencepiece.SentencePieceProcessor(model_file=sp_model).vocab_size()
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{sp_model}: not a sentencepiece model ({e})") from None
+    if pieces != llm.base_vocab_size:
+        raise ValueError(f"{sp_model}: vocab mismatch: {pieces} pieces, the model expects {llm.base_vocab_size}")
+    return {n: llm.base_vocab_size + i for i, n in enumerate(SPECIAL_TOKEN_NAMES[: llm.num_special_tokens])}
 
 
 def export_tokenizer(sp_model: str, llm: LLaMAConfig, directory: str) -> dict[str, int]:
@@ -111,14 +126,19 @@ def export_hf(checkpoint: str, output: str, tokenizer_model: str, max_shard_byte
     config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, make_vocab_size_divisible_by=1))
     llm_names = [n for n in source.entries if llama_to_hf(n) is not None]
     visual_names = [n for n in source.entries if llama_to_hf(n) is None]
-    with atomic_output_dir(output) as tmp:
-        ids = export_tokenizer(tokenizer_model, config.llm, tmp)
+    ids = check_tokenizer(tokenizer_model, config.llm)
+    with atomic_output_dir(output) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
+        # The transformers tokenizer conversion (~0.5 s of Python at 32000 pieces) runs
+        # while the shards copy, which mostly wait on the disk; its errors still fail the
+        # export before anything is published.
+        tokenizer = pool.submit(export_tokenizer, tokenizer_model, config.llm, tmp)
         hf_llama_config(config.llm, ids).save_pretrained(tmp)
         _export_group(source, llm_names, llama_to_hf, tmp, max_shard_bytes, dtype, config.llm.vocab_size if padded else None)
         os.makedirs(os.path.join(tmp, VISUAL_DIR))
         _export_group(source, visual_names, lambda n: n, os.path.join(tmp, VISUAL_DIR), max_shard_bytes, dtype)
         with open(os.path.join(tmp, VISUAL_DIR, "config.json"), "w") as f:
             json.dump({"format": VISUAL_FORMAT, "model": dataclasses.asdict(config)}, f, indent=2)
+        tokenizer.result()
 
 
 def read_visual_config(directory: str) -> ModelConfig:
