@@ -318,17 +318,16 @@ class DirectFile:
             os.ftruncate(self.fd, size)
             os.fsync(self.fd)
         finally:
-            self.writer.shutdown(wait=True)
-            os.close(self.fd)
-            for buffer in self.buffers:
-                _give_buffer(buffer)
-            self.buffers = []
+            self._release()
 
     def abort(self) -> None:
         """Stop after an error: wait for the writer thread, release the buffers, keep nothing."""
         if self.closed:
             return
         self.closed = True
+        self._release()
+
+    def _release(self) -> None:
         self.writer.shutdown(wait=True)
         os.close(self.fd)
         for buffer in self.buffers:
