@@ -20,6 +20,7 @@ from torch import nn
 
 from megatron_emu.config import LLaMAConfig
 from megatron_emu.model.attention import DocumentMask, document_mask, document_starts, scaled_dot_product_attention
+from megatron_emu.model.kv_cache import KVCache
 from megatron_emu.model.norms import RMSNorm
 
 
@@ -36,13 +37,19 @@ class Positions(NamedTuple):
 
     cos: torch.Tensor  # (S, D), or (B, 1, S, D) for packed rows
     sin: torch.Tensor
-    documents: DocumentMask | None  # packed rows only
+    documents: DocumentMask | None = None  # packed rows only
+    cache: KVCache | None = None  # inference: the keys and values of the tokens before these
 
 
-def token_positions(rope: torch.Tensor, seq_length: int, document_ids: torch.Tensor | None = None) -> Positions:
-    """rope: (2, P, D) tables; document_ids: (B, S) for packed rows, else None."""
+def token_positions(rope: torch.Tensor, seq_length: int, document_ids: torch.Tensor | None = None,
+                    cache: KVCache | None = None) -> Positions:
+    """rope: (2, P, D) tables; document_ids: (B, S) for packed rows; cache: the tokens come
+    after cache.length earlier ones (inference)."""
     if document_ids is None:
-        return Positions(rope[0, :seq_length], rope[1, :seq_length], None)
+        start = cache.length if cache is not None else 0
+        return Positions(rope[0, start:start + seq_length], rope[1, start:start + seq_length], None, cache)
+    if cache is not None:
+        raise ValueError("packed rows (document ids) and a KV cache do not combine")
     index = torch.arange(seq_length, device=document_ids.device).expand_as(document_ids)  # (B, S)
     first = torch.where(document_starts(document_ids), index, 0).cummax(dim=1).values  # each document's start
     position = index - first  # (B, S): 0 at every document's first token
@@ -74,6 +81,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         cos, sin = positions.cos.to(q.dtype), positions.sin.to(q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if positions.cache is not None:  # keys/values of the earlier tokens, then these
+            k, v = positions.cache.extend(self, k, v)  # (B, h, S_cached + S, D)
         out = scaled_dot_product_attention(q, k, v, causal=True, documents=positions.documents)  # (B, h, S, D)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
@@ -122,13 +131,18 @@ class LLaMA(nn.Module):
         c = self.config
         return rotary_tables(c.head_dim, c.max_positions, c.rope_theta, device=device)
 
-    def forward_layers(self, h: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S, H) -> (B, S, H); document_ids (B, S) for packed rows."""
-        if h.shape[1] > self.config.max_positions:
-            raise ValueError(f"sequence length {h.shape[1]} exceeds max positions {self.config.max_positions}")
-        positions = token_positions(self.rope, h.shape[1], document_ids)
+    def forward_layers(self, h: torch.Tensor, document_ids: torch.Tensor | None = None,
+                       cache: KVCache | None = None) -> torch.Tensor:
+        """(B, S, H) -> (B, S, H); document_ids (B, S) for packed rows; cache: inference,
+        `h` continues the tokens the cache holds (which it then holds too)."""
+        total = h.shape[1] + (cache.length if cache is not None else 0)
+        if total > self.config.max_positions:
+            raise ValueError(f"sequence length {total} exceeds max positions {self.config.max_positions}")
+        positions = token_positions(self.rope, h.shape[1], document_ids, cache)
         for layer in self.layers.values():
             h = layer(h, positions)
+        if cache is not None:
+            cache.length = total
         return h
 
     def init_rope(self) -> None:
