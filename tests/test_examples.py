@@ -1,0 +1,42 @@
+"""The example launch scripts' pretrain_emu.py flags parse into a valid configuration
+(the scripts themselves need a cluster; their flags must not rot)."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from megatron_emu.arguments import parse_args
+from megatron_emu.parallel.mesh import ParallelDims
+
+EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[1] / "examples").rglob("*") if p.suffix in (".sh", ".sbatch"))
+
+
+def pretrain_flags(script: Path) -> list[str]:
+    """The arguments after pretrain_emu.py, continuation lines joined, shell variables
+    replaced by their defaults (`X=${X:-default}` or `${X:-default}`) or by /X (paths)."""
+    text = script.read_text().replace("\\\n", " ")
+    defaults = dict(re.findall(r"^(\w+)=\$\{\w+:-([^}]*)\}", text, flags=re.M))
+    line = next(l for l in text.splitlines() if "pretrain_emu.py" in l and not l.lstrip().startswith("#"))
+    args = line.split("pretrain_emu.py", 1)[1].replace('"$@"', "")
+    args = re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", args)
+    args = re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m.group(1), "/" + m.group(1)), args)
+    return shlex.split(args)
+
+
+def world_size(script: Path) -> int:
+    """torchrun's --nproc-per-node times the #SBATCH --nodes (1 when not given)."""
+    text = script.read_text()
+    per_node = int(re.search(r"--nproc-per-node[ =](\d+)", text).group(1))
+    nodes = re.search(r"^#SBATCH --nodes=(\d+)", text, flags=re.M)
+    return per_node * (int(nodes.group(1)) if nodes else 1)
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_flags_make_a_valid_layout(script):
+    flags = pretrain_flags(script)
+    assert "--preset" in flags, flags  # found the command line
+    config = parse_args(flags)
+    dims = ParallelDims.from_config(config.parallel, world_size(script), config.model)
+    assert dims.validate(config.model, config.data) >= 1  # micro-batches per step; raises on a bad layout
