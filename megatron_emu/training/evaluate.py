@@ -21,11 +21,12 @@ def image_grounding(model: Emu, batches: list[dict], special: SpecialTokens) -> 
     vocab = model.config.llm.vocab_size  # padded LM-head rows are never predicted
     for batch in batches:
         tokens, images, documents = batch["tokens"], batch["images"], batch.get("document_ids")
-        if images.shape[0] < 2:
-            continue
+        # Every micro-batch runs both passes, counted or not: under data parallelism (FSDP2)
+        # every rank must run the same number of forwards, whatever its images.
         for seen, ce in ((images, true_ce), (images.roll(1, dims=0), shuffled_ce)):
             logits = model(tokens, seen, documents).logits
-            ce.append(cross_entropy_loss(logits, tokens, special, vocab, documents))
+            if images.shape[0] >= 2:  # one image rolled onto itself compares nothing
+                ce.append(cross_entropy_loss(logits, tokens, special, vocab, documents))
     model.train(was_training)
     if not true_ce:
         raise ValueError("image_grounding needs micro-batches with at least two images")
