@@ -9,20 +9,16 @@ cross-attention width taken from the checkpoint).
 
 from __future__ import annotations
 
-import json
 import os
 
 from megatron_emu.convert.streams import atomic_output_dir
+from megatron_emu.files import read_json
 
 
 def _unet_config(state: dict, decoder_save: str, unet_config_dir: str) -> dict:
     if unet_config_dir:
         path = os.path.join(unet_config_dir, "config.json")
-        try:
-            with open(path) as f:
-                config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: --unet-config must name a diffusers UNet directory ({e})") from None
+        config = read_json(path, "--unet-config must name a diffusers UNet directory")
     elif state.get("unet_config"):
         config = dict(state["unet_config"])
     else:

@@ -24,6 +24,7 @@ from megatron_emu.config import (
 from megatron_emu.convert.direct_io import FileSpan
 from megatron_emu.convert.keys import hf_to_llama, llama_to_hf
 from megatron_emu.convert.streams import DCPSource, SafetensorsSource, atomic_output_dir, plan_shards, write_sharded
+from megatron_emu.files import read_json
 
 VISUAL_DIR = "visual"
 VISUAL_FORMAT = "megatron_emu.emu-visual/1"
@@ -143,10 +144,7 @@ def export_hf(checkpoint: str, output: str, tokenizer_model: str, max_shard_byte
 
 def read_visual_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, VISUAL_DIR, "config.json")
-    try:
-        record = json.load(open(path))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not an Emu export ({e})") from None
+    record = read_json(path, "not an Emu export")
     if record.get("format") != VISUAL_FORMAT:
         raise ValueError(f"{path}: format {record.get('format')!r}, expected {VISUAL_FORMAT!r}")
     return model_config_from_dict(record["model"])

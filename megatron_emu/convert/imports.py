@@ -28,6 +28,7 @@ from megatron_emu.convert.direct_io import FileSpan
 from megatron_emu.convert.keys import emu_v1_to_ours, eva_to_ours, hf_to_llama
 from megatron_emu.convert.streams import SafetensorsSource, atomic_output_dir, open_source
 from megatron_emu.data.tokenizer import resize_token_embeddings
+from megatron_emu.files import read_json
 from megatron_emu.model.emu import build_emu
 from megatron_emu.model.init import init_parameters
 from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, iteration_dir, write_latest
@@ -41,10 +42,7 @@ _VOCAB_ROWS = ("llm.tok_embeddings.weight", "llm.output.weight")
 def check_hf_llama_config(path: str, config: ModelConfig) -> None:
     """Every field of the transformers config.json that fixes a shape must match the preset."""
     file = os.path.join(path, "config.json")
-    try:
-        hf = json.load(open(file))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: unreadable ({e})") from None
+    hf = read_json(file, "unreadable")
     llm = config.llm
     expected = {
         "hidden_size": llm.hidden, "num_hidden_layers": llm.layers, "num_attention_heads": llm.heads,

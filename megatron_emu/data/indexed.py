@@ -19,6 +19,8 @@ import os
 import numpy as np
 import torch
 
+from megatron_emu.files import read_json
+
 MODE_TEXT = 0
 MODE_IMAGE = 1
 FORMAT = "megatron_emu.multimodal.v1"
@@ -83,11 +85,7 @@ def write_meta(prefix: str, meta: dict) -> None:
 
 def read_meta(prefix: str) -> dict:
     path = prefix + ".json"
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: missing or unreadable dataset metadata ({e.__class__.__name__})") from None
+    meta = read_json(path, "missing or unreadable dataset metadata", reason_type_only=True)
     if meta.get("format") != FORMAT or meta.get("kind") not in KINDS:
         raise ValueError(f"{path}: not a {FORMAT} dataset description")
     return meta

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from megatron_emu.files import read_json
+
 log = logging.getLogger("megatron_emu")
 
 # SD v1.5's training noise schedule (its scheduler/scheduler_config.json).
@@ -50,14 +52,8 @@ def load_sd_components(path: str) -> SDComponents:
 
 def load_schedule(path: str) -> dict:
     """The noise schedule of a scheduler/ folder; must be SD's epsilon-prediction DDPM family."""
-    import json
-
     config_path = os.path.join(path, "scheduler_config.json")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_path}: missing or unreadable scheduler config ({e.__class__.__name__})") from None
+    config = read_json(config_path, "missing or unreadable scheduler config", reason_type_only=True)
     schedule = {k: config.get(k, v) for k, v in SD15_SCHEDULE.items()}
     if schedule["prediction_type"] != "epsilon":
         raise ValueError(f"{config_path}: prediction_type {schedule['prediction_type']!r}, the decoder trains epsilon prediction")

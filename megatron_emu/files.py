@@ -1,0 +1,16 @@
+"""Small file helpers shared across the package."""
+
+from __future__ import annotations
+
+import json
+
+
+def read_json(path: str, problem: str, reason_type_only: bool = False) -> dict:
+    """The JSON in `path`. A missing or malformed file is one ValueError naming the file:
+    "{path}: {problem} ({reason})"; reason_type_only gives the error's type, not its text."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        reason = e.__class__.__name__ if reason_type_only else e
+        raise ValueError(f"{path}: {problem} ({reason})") from None
