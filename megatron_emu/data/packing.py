@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_emu.data.samples import Sample, SeqSpec, collate, count_kinds
+from megatron_emu.data.samples import Sample, SeqSpec, batch_tensors, sample_counts
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -40,19 +40,15 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 def collate_packed(samples: list[Sample], spec: SeqSpec, image_size: int = 224) -> dict:
     """collate()'s batch with the samples packed into rows, plus document_ids (rows, S)."""
     rows = first_fit_decreasing([len(s.tokens) for s in samples], spec.seq_length)
-    joined = [Sample([t for i in row for t in samples[i].tokens], [im for i in row for im in samples[i].images],
-                     samples[row[0]].kind) for row in rows]
-    batch = collate(joined, spec, image_size)  # tokens, images in row-major order, loss_mask
+    joined = [([t for i in row for t in samples[i].tokens], [im for i in row for im in samples[i].images])
+              for row in rows]
+    batch = batch_tensors(joined, spec, image_size)  # tokens, images in row-major order, loss_mask
     document_ids = torch.empty_like(batch["tokens"])  # (R, S)
     for r, row in enumerate(rows):
         ids = [d for d, i in enumerate(row) for _ in samples[i].tokens]
         document_ids[r, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         document_ids[r, len(ids):] = len(row)  # the trailing [PAD] is a document of its own
-    # Counts over the real samples, not the joined rows.
-    batch.update(document_ids=document_ids, num_samples_by_kind=count_kinds(samples),
-                 dropped_images=sum(s.dropped_images for s in samples),
-                 truncated_tokens=sum(s.truncated_tokens for s in samples))
-    return batch
+    return {**batch, "document_ids": document_ids, **sample_counts(samples)}
 
 
 def pad_rows(batch: dict, rows: int, pad_id: int) -> dict:

@@ -220,29 +220,31 @@ def make_view(data: MultimodalIndexed, spec: SeqSpec, view: str = ""):
 
 
 def collate(samples: list[Sample], spec: SeqSpec, image_size: int = 224) -> dict:
-    """Pad to seq_length with [PAD]; images of all samples in order of appearance."""
-    tokens = torch.full((len(samples), spec.seq_length), spec.pad_id, dtype=torch.long)  # (B, L)
-    for b, s in enumerate(samples):
-        tokens[b, : len(s.tokens)] = torch.as_tensor(s.tokens, dtype=torch.long)
-    all_images = [img for s in samples for img in s.images]
+    """One sample per row, padded to seq_length with [PAD]; images in order of appearance."""
+    rows = [(s.tokens, s.images) for s in samples]
+    return {**batch_tensors(rows, spec, image_size), **sample_counts(samples)}
+
+
+def batch_tensors(rows: list[tuple[list[int], list[np.ndarray]]], spec: SeqSpec, image_size: int = 224) -> dict:
+    """(tokens, images) per row -> tokens (B, L) padded with [PAD], the rows' images stacked
+    in order of appearance, and the cross-entropy loss mask."""
+    tokens = torch.full((len(rows), spec.seq_length), spec.pad_id, dtype=torch.long)  # (B, L)
+    for b, (row, _) in enumerate(rows):
+        tokens[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    all_images = [img for _, images in rows for img in images]
     if all_images:
         images = torch.from_numpy(np.stack(all_images))  # (N, 3, S, S) uint8
     else:
         images = torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
     ignored = torch.tensor([spec.pad_id, spec.image_id, spec.img_start_id, spec.img_end_id])
-    return {
-        "tokens": tokens,
-        "images": images,
-        # 1 where the token is a cross-entropy target (spec section 4's ignore set).
-        "loss_mask": (~torch.isin(tokens, ignored)).float(),  # (B, L)
-        "num_samples_by_kind": count_kinds(samples),
-        "dropped_images": sum(s.dropped_images for s in samples),
-        "truncated_tokens": sum(s.truncated_tokens for s in samples),
-    }
+    # 1 where the token is a cross-entropy target (spec section 4's ignore set).
+    return {"tokens": tokens, "images": images, "loss_mask": (~torch.isin(tokens, ignored)).float()}
 
 
-def count_kinds(samples: list[Sample]) -> dict[str, int]:
+def sample_counts(samples: list[Sample]) -> dict:
+    """Samples per kind, and what the views had to cut (never silent)."""
     kinds: dict[str, int] = {}
     for s in samples:
         kinds[s.kind] = kinds.get(s.kind, 0) + 1
-    return kinds
+    return {"num_samples_by_kind": kinds, "dropped_images": sum(s.dropped_images for s in samples),
+            "truncated_tokens": sum(s.truncated_tokens for s in samples)}
