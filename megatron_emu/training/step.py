@@ -61,6 +61,13 @@ def forward_backward(pmodel: ParallelModel, microbatches: list[dict], config: Tr
         pmodel.losses.append((loss.lm.detach(), loss.l2.detach()))
 
 
+def vocab_parallel_loss(pmodel: ParallelModel):
+    """Under TP the cross-entropy is vocab-parallel: its forward and backward both run
+    inside loss_parallel(); without TP, nothing to enter."""
+    tp = pmodel.pmesh.dims.tp if pmodel.pmesh is not None else 1
+    return loss_parallel() if tp > 1 else contextlib.nullcontext()
+
+
 def microbatch_loss(pmodel: ParallelModel, batch: dict, config: TrainConfig) -> EmuLoss:
     """The mixed loss of one micro-batch on the whole (non-pipelined) model."""
     documents = batch.get("document_ids")  # packed rows
@@ -75,9 +82,7 @@ def train_step(pmodel: ParallelModel, optimizer, microbatches: list[dict], confi
     precision = precision or Precision(config.performance, microbatches[0]["tokens"].device.type)
     optimizer.zero_grad(set_to_none=True)
     pmodel.losses.clear()
-    tp = pmodel.pmesh.dims.tp if pmodel.pmesh is not None else 1
-    # Vocab-parallel cross-entropy: forward and backward both run under loss_parallel.
-    with loss_parallel() if tp > 1 else contextlib.nullcontext():
+    with vocab_parallel_loss(pmodel):
         forward_backward(pmodel, microbatches, config, precision)
     reduce_partial_grads(pmodel.parts, pmodel.pmesh)
     precision.unscale_(optimizer)  # fp16: true gradients before clipping
@@ -116,16 +121,16 @@ def validation_loss(pmodel: ParallelModel, steps: list[list[dict]], config: Trai
     """Mean lm / l2 loss over `steps` (each: one global batch's micro-batches for this rank),
     forward only, through the same layout (the pipeline schedule's forward-only `eval`)."""
     precision = precision or Precision(config.performance, steps[0][0]["tokens"].device.type)
-    tp = pmodel.pmesh.dims.tp if pmodel.pmesh is not None else 1
     lm = l2 = 0.0
     for microbatches in steps:
         pmodel.losses.clear()
-        with loss_parallel() if tp > 1 else contextlib.nullcontext(), precision.autocast():
+        with vocab_parallel_loss(pmodel), precision.autocast():
             if pmodel.schedule is not None:
                 pmodel.schedule.step(microbatches, forward_only=True)
             else:
-                pmodel.losses.extend((loss.lm, loss.l2) for loss in
-                                     (microbatch_loss(pmodel, batch, config) for batch in microbatches))
+                for batch in microbatches:
+                    loss = microbatch_loss(pmodel, batch, config)
+                    pmodel.losses.append((loss.lm, loss.l2))
         step_lm, step_l2, _, _ = reduce_step_stats(pmodel, len(microbatches), 0, 0)
         lm, l2 = lm + step_lm / len(steps), l2 + step_l2 / len(steps)
     pmodel.losses.clear()
