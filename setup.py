@@ -19,6 +19,10 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.66",
         "pillow>=10.0",
+        # checksums of checkpoint and dataset files (xxh3: several GB/s per core)
+        "xxhash>=3.4",
+        # JPEG-stored images are decoded in the loader's workers (libjpeg-turbo)
+        "simplejpeg>=1.7",
     ],
     extras_require={
         "decoder": ["diffusers>=0.30", "transformers>=4.45"],
@@ -27,10 +31,13 @@ setup(
         "hf": ["transformers>=4.45", "protobuf>=4.0"],
         "video": ["av>=12.0"],  # decoding video files in tools/preprocess_data.py
         "parquet": ["pyarrow>=15.0"],  # parquet inputs in tools/preprocess_data.py
+        # watching a run: --tensorboard-dir, --wandb-project, tools/plot_logs.py
+        "monitor": ["tensorboard>=2.16", "wandb>=0.17", "matplotlib>=3.8"],
         # pytest plus what the tests import: transformers + protobuf (HF parity and
         # conversion), diffusers (decoder),
         # av / pyarrow: the video-file and parquet readers of tools/preprocess_data.py.
-        "test": ["pytest>=8.0", "transformers>=4.45", "protobuf>=4.0", "diffusers>=0.30", "av>=12.0", "pyarrow>=15.0"],
+        "test": ["pytest>=8.0", "transformers>=4.45", "protobuf>=4.0", "diffusers>=0.30", "av>=12.0", "pyarrow>=15.0",
+                 "tensorboard>=2.16", "wandb>=0.17", "matplotlib>=3.8"],
         # CUDA-only kernels. NVIDIA apex comes with the NGC PyTorch container; the
         # registry's package named `apex` is unrelated and must never be installed.
         "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]>=1.9"],
