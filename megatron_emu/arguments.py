@@ -5,10 +5,12 @@ Each concern adds its flags in its own function and reads them back in `to_confi
 
 import argparse
 import dataclasses
+import signal
 
 from megatron_emu.config import (
     CheckpointConfig,
     DataConfig,
+    FailsafeConfig,
     ModelConfig,
     OptimizerConfig,
     ParallelConfig,
@@ -66,6 +68,11 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--freeze-vision", action="store_true")
     g.add_argument("--freeze-causal-former", action="store_true")
     g.add_argument("--freeze-llm", action="store_true")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on resume, take the LR schedule (--lr, --min-lr, warmup, decay, per-module LRs, "
+                        "--weight-decay) from the flags, not from the checkpoint")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                   help="on resume, take the LR schedule from the checkpoint, whatever the flags say")
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +91,9 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Megatron's sharded optimizer; here = --data-parallel-sharding fsdp")
     g.add_argument("--num-distributed-optimizer-instances", type=int, default=1, help="hsdp: number of replicas")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="timeout of every process group: a rank that stops answering makes the others fail "
+                        "after this long, naming the collective (default 10; fractions allowed)")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +107,24 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
     g.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
     g.add_argument("--ckpt-save-threads", type=int, default=1, help="writer threads per rank")
+    g.add_argument("--allow-checkpoint-rewind", action="store_true",
+                   help="allow saving iteration N into a --save whose latest is above N (moves latest back)")
+
+
+def add_failsafe_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("fail-safe and exit", "README: Running for days")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false", help="do not skip steps whose loss or grad norm is NaN/inf (default: skip)")
+    g.add_argument("--max-skipped-iterations", type=int, default=10,
+                   help="stop with an error after this many skipped steps in a row (default 10)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM or --exit-signal: finish the step, save a checkpoint, exit 0")
+    g.add_argument("--exit-signal", default="SIGTERM",
+                   help="the signal SLURM sends before the time limit (sbatch --signal=B:USR1@120 -> SIGUSR1)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit 0 once the run has trained this many minutes")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit 0 at the first iteration divisible by this")
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -162,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Flags left unset take the preset's recipe (megatron_emu/config.py RECIPES).",
     )
     for add in (add_model_args, add_data_args, add_optimizer_args, add_parallel_args, add_checkpoint_args, add_training_args,
-                add_performance_args):
+                add_performance_args, add_failsafe_args):
         add(parser)
     return parser
 
@@ -207,10 +235,13 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
             freeze_vision=args.freeze_vision,
             freeze_causal_former=args.freeze_causal_former,
             freeze_llm=args.freeze_llm,
+            override_opt_param_scheduler=args.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
         ),
         parallel=parallel_config(args),
         checkpoint=checkpoint_config(args),
         performance=performance_config(args),
+        failsafe=failsafe_config(args),
         train_iters=args.train_iters,
         l2_loss_weight=args.l2_loss_weight,
         seed=args.seed,
@@ -244,6 +275,26 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
         keep_last=args.keep_last,
         async_save=args.async_save,
         save_threads=args.ckpt_save_threads,
+        allow_checkpoint_rewind=args.allow_checkpoint_rewind,
+    )
+
+
+def failsafe_config(args: argparse.Namespace) -> FailsafeConfig:
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ValueError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are mutually exclusive")
+    if not hasattr(signal, args.exit_signal) or not args.exit_signal.startswith("SIG"):
+        raise ValueError(f"--exit-signal {args.exit_signal!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+    if args.max_skipped_iterations < 1:
+        raise ValueError(f"--max-skipped-iterations must be >= 1, got {args.max_skipped_iterations}")
+    if args.exit_interval is not None and args.exit_interval < 1:
+        raise ValueError(f"--exit-interval must be >= 1, got {args.exit_interval}")
+    return FailsafeConfig(
+        check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad,
+        max_skipped_iterations=args.max_skipped_iterations,
+        exit_signal_handler=args.exit_signal_handler,
+        exit_signal=args.exit_signal,
+        exit_duration_in_mins=args.exit_duration_in_mins,
+        exit_interval=args.exit_interval,
     )
 
 
@@ -263,6 +314,7 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
         decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
         data_parallel_sharding=sharding or "ddp",
         num_distributed_optimizer_instances=args.num_distributed_optimizer_instances,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,
     )
 
 

@@ -223,6 +223,10 @@ class OptimizerConfig:
     freeze_vision: bool = False
     freeze_causal_former: bool = False
     freeze_llm: bool = False
+    # A resumed run whose schedule flags differ from the checkpoint's is refused unless one of
+    # these says which wins (Megatron's names): the flags, or the checkpoint's settings.
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
 
 
 @dataclass
@@ -242,6 +246,8 @@ class ParallelConfig:
     decoder_last_pipeline_num_layers: int | None = None  # LLaMA layers on the last stage
     data_parallel_sharding: str = "ddp"  # ddp | fsdp (ZeRO-3, FSDP2) | hsdp (shard inside groups, replicate across)
     num_distributed_optimizer_instances: int = 1  # hsdp: number of replicas (the rest of DP shards)
+    # Every process group's timeout: a rank that stops answering fails the others after this long.
+    distributed_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -257,6 +263,20 @@ class CheckpointConfig:
     keep_last: int = 0  # prune all but the newest N iterations after a save (0 = keep all)
     async_save: bool = False  # write in a background thread while training goes on
     save_threads: int = 1  # writer threads per rank
+    # Saving iteration N where --save's latest is above N would move `latest` backwards.
+    allow_checkpoint_rewind: bool = False
+
+
+@dataclass
+class FailsafeConfig:
+    """How a long run treats bad steps and how it stops (training/failsafe.py, training/signals.py)."""
+
+    check_for_nan_in_loss_and_grad: bool = True  # skip a step whose loss or grad norm is not finite
+    max_skipped_iterations: int = 10  # consecutive skipped steps before the run stops with an error
+    exit_signal_handler: bool = False  # on SIGTERM / exit_signal: finish the step, save, exit 0
+    exit_signal: str = "SIGTERM"  # e.g. SIGUSR1 for sbatch --signal=B:USR1@120
+    exit_duration_in_mins: float | None = None  # save and exit 0 after this much wall time
+    exit_interval: int | None = None  # save and exit 0 at the first iteration divisible by this
 
 
 @dataclass
@@ -270,6 +290,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     performance: "PerformanceConfig" = field(default_factory=lambda: PerformanceConfig())
+    failsafe: FailsafeConfig = field(default_factory=FailsafeConfig)
     train_iters: int = 300
     l2_loss_weight: float = 1.0
     seed: int = 1234

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -149,6 +150,7 @@ class ParallelMesh:
     dims: ParallelDims
     mesh: DeviceMesh  # ("pp", "dp", "tp")
     device: torch.device
+    timeout: timedelta = timedelta(minutes=10)  # of every group (--distributed-timeout-minutes)
 
     @property
     def tp_mesh(self) -> DeviceMesh:
@@ -178,18 +180,40 @@ class ParallelMesh:
         """The mesh FSDP2 shards over: 1-D dp, or 2-D (replicate, shard) for hsdp and ddp."""
         if self.dims.sharding == "fsdp":
             return self.dp_mesh
-        return self.dp_mesh._unflatten(0, (self.dims.dp_replicate, self.dims.dp_shard), ("dp_replicate", "dp_shard"))
+        names = ("dp_replicate", "dp_shard")
+        return self.dp_mesh._unflatten(0, (self.dims.dp_replicate, self.dims.dp_shard), names,
+                                       backend_override=group_options(names, self.device, self.timeout))
+
+    def new_gloo_group(self):
+        """A CPU group over every rank (checkpoint coordination, exit flags), with the same timeout."""
+        return dist.new_group(backend="gloo", timeout=self.timeout)
 
 
-def build_mesh(dims: ParallelDims, device: torch.device) -> ParallelMesh:
-    mesh = init_device_mesh(device.type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=("pp", "dp", "tp"))
-    return ParallelMesh(dims, mesh, device)
+def group_options(names, device: torch.device, timeout: timedelta) -> dict:
+    """DeviceMesh backend overrides that carry `timeout`: torch's new groups otherwise take
+    a default of their own (30 minutes for gloo), not the one init_process_group was given."""
+    if device.type == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        backend = "nccl"
+    else:
+        options = dist.ProcessGroupGloo._Options()
+        backend = "gloo"
+    options._timeout = timeout
+    return {name: (backend, options) for name in names}
 
 
-def init_distributed(device_name: str) -> tuple[int, torch.device]:
+def build_mesh(dims: ParallelDims, device: torch.device, timeout: timedelta = timedelta(minutes=10)) -> ParallelMesh:
+    names = ("pp", "dp", "tp")
+    mesh = init_device_mesh(device.type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=names,
+                            backend_override=group_options(names, device, timeout))
+    return ParallelMesh(dims, mesh, device, timeout)
+
+
+def init_distributed(device_name: str, timeout: timedelta = timedelta(minutes=10)) -> tuple[int, torch.device]:
     """Join the process group started by torchrun/srun (if any): (world size, this rank's device).
 
-    NCCL on GPU, gloo on CPU: the same code path, chosen from the device.
+    NCCL on GPU, gloo on CPU: the same code path, chosen from the device. `timeout`
+    (--distributed-timeout-minutes): how long a collective waits for a silent rank.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
@@ -201,5 +225,5 @@ def init_distributed(device_name: str) -> tuple[int, torch.device]:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return world_size, device

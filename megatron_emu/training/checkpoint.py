@@ -4,6 +4,11 @@
     DIR/iter_0000100/                       DCP files (.metadata, __R_0.distcp) + run_config.json
     DIR/iter_0000100.tmp/                   a save in progress (never loaded; swept on the next save)
 
+Refused with one clear error (training/failsafe.py holds the checks): a save from NaN/inf
+parameters or optimizer states, a save that would move `latest` backwards, and a --load
+without a checkpoint (except the run's own, still empty --save: a requeued job's first run).
+A save that fails (disk full) removes its partial directory and leaves `latest` as it was.
+
 Every rank writes its own shards; rank 0 renames the finished directory and then
 replaces `latest` (temp file + os.replace), so a save killed at any moment leaves the
 previous `latest` loadable. Model and optimizer state are keyed by fully-qualified
@@ -16,7 +21,9 @@ the layout is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -39,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from megatron_emu.config import CheckpointConfig
 from megatron_emu.training.checkpoint_files import (
+    LATEST_NAME,
     RUN_CONFIG_NAME,
     check_model_config,
     check_shards,
@@ -49,6 +57,8 @@ from megatron_emu.training.checkpoint_files import (
     iteration_dir,
     write_latest,
 )
+from megatron_emu.training.checkpoint_guard import disk_full, no_checkpoint_message, sweep_interrupted_saves
+from megatron_emu.training.failsafe import RunStopped, agree_count, nonfinite_state
 
 log = logging.getLogger("megatron_emu")
 
@@ -216,32 +226,75 @@ class Checkpointer:
         """Write iteration `iteration`; with --async-save return once the state is staged."""
         self.wait()  # one save in flight at a time
         root = self.config.save
-        final = iteration_dir(root, iteration)
-        tmp = final + ".tmp"
-        if self.layout.rank == 0:
-            os.makedirs(root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
-            os.makedirs(tmp)
-            self._write_run_config(tmp, iteration, consumed_samples)
+        self.refuse_rewind(iteration)
+        state = self._state_to_save(models, optimizer, scheduler, loader, iteration, consumed_samples)
+        self._refuse_nonfinite(state, iteration)
+        tmp = iteration_dir(root, iteration) + ".tmp"
+        with self._cleanup_on_failure(iteration):
+            if self.layout.rank == 0:
+                os.makedirs(root, exist_ok=True)
+                sweep_interrupted_saves(root)  # leftovers of a killed save: `.tmp` dirs, latest's temp files
+                os.makedirs(tmp)
+                self._write_run_config(tmp, iteration, consumed_samples)
         self._barrier()  # the clean tmp dir exists before anyone writes into it
 
-        state = self._state_to_save(models, optimizer, scheduler, loader, iteration, consumed_samples)
         writer = dcp.FileSystemWriter(tmp, thread_count=self.config.save_threads)
         if self.config.async_save:
             future = dcp.async_save(state, storage_writer=writer, process_group=self.process_group)
             self._pending = (future, iteration)
         else:
-            dcp.save(state, storage_writer=writer, process_group=self.process_group)
-            self._finalize(iteration)
+            with self._cleanup_on_failure(iteration):
+                dcp.save(state, storage_writer=writer, process_group=self.process_group)
+                self._finalize(iteration)
             self._barrier()  # every rank returns with the new `latest` in place
+
+    def refuse_rewind(self, iteration: int, starting: bool = False) -> None:
+        """`latest` never moves backwards unless --allow-checkpoint-rewind: every rank reads it
+        (one small file) and refuses alike."""
+        root = self.config.save
+        latest = read_latest(root) if root and os.path.isdir(root) else None
+        if latest is None or latest <= iteration or self.config.allow_checkpoint_rewind:
+            return
+        what = f"this run starts at iteration {iteration}" if starting else f"saving iteration {iteration}"
+        raise ValueError(f"--save {root} holds iteration {latest} ({LATEST_NAME}); {what} would move it backwards: "
+                         f"resume it with --load {root}, choose another --save, or pass --allow-checkpoint-rewind")
+
+    def _refuse_nonfinite(self, state: dict, iteration: int) -> None:
+        """Never save NaN/inf parameters or optimizer states: refuse on every rank alike, keep `latest`."""
+        bad = nonfinite_state({**{f"model.{k}": v for k, v in state["model"].items()},
+                               **{f"optim.{k}": v for k, v in state["optim"].items()}})
+        total = agree_count(len(bad), self.process_group)
+        if total:
+            latest = read_latest(self.config.save) if os.path.isdir(self.config.save) else None
+            here = f"; on this rank e.g. {', '.join(bad[:2])}" if bad else ""
+            raise RunStopped(f"refusing to save iteration {iteration} to {self.config.save}: {total} tensors hold NaN/inf"
+                             f"{here}; latest stays at iteration {latest}")
+
+    @contextlib.contextmanager
+    def _cleanup_on_failure(self, iteration: int):
+        """A failed save leaves no partial directory and `latest` as it was; a full device says so."""
+        try:
+            yield
+        except Exception as e:
+            root = self.config.save
+            tmp = iteration_dir(root, iteration) + ".tmp"
+            if self.layout.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                sweep_interrupted_saves(root)
+            if not disk_full(e, root):
+                raise
+            latest = read_latest(root) if os.path.isdir(root) else None
+            raise OSError(errno.ENOSPC, f"cannot save iteration {iteration}: no space left on the device holding "
+                          f"{root}; removed the partial save {tmp}, latest stays at iteration {latest}") from None
 
     def wait(self) -> None:
         """Block until an async save has finished and is published as `latest`."""
         if self._pending is not None:
             future, iteration = self._pending
             self._pending = None
-            future.result()
-            self._finalize(iteration)
+            with self._cleanup_on_failure(iteration):
+                future.result()
+                self._finalize(iteration)
 
     def poll(self) -> None:
         """Publish a finished async save without blocking (call once per iteration)."""
@@ -294,6 +347,8 @@ class Checkpointer:
         self._prune(root, keep=self.config.keep_last, current=iteration)
 
     def _prune(self, root: str, keep: int, current: int) -> None:
+        """Keep the newest `keep` iterations and always `current`, the one `latest` names (a
+        checkpoint is saved only from finite state, so the newest saved is the newest good one)."""
         if keep <= 0:
             return
         for old in list_iterations(root)[:-keep]:
@@ -302,16 +357,20 @@ class Checkpointer:
 
     # -- loading ----------------------------------------------------------------
     def resolve_load_dir(self) -> str | None:
-        """The iteration directory to load, or None when --load has no checkpoint yet."""
+        """The iteration directory to load, or None to start from scratch, which only the run's
+        own --save may do while it holds no checkpoint at all (a requeued job's first run)."""
         root = self.config.load
         if not root:
             return None
         if os.path.exists(os.path.join(root, ".metadata")):  # an iteration directory itself
             return root
-        iteration = read_latest(root)
+        iteration = read_latest(root) if os.path.isdir(root) else None
         if iteration is None:
-            log.warning("--load %s holds no checkpoint (no %s); starting from scratch", root, "latest_checkpointed_iteration.txt")
-            return None
+            own_save = bool(self.config.save) and os.path.realpath(root) == os.path.realpath(self.config.save)
+            if own_save and not list_iterations(root):
+                log.info("--load %s is this run's --save and holds no checkpoint yet: starting from scratch", root)
+                return None
+            raise ValueError(no_checkpoint_message(root, own_save))
         directory = iteration_dir(root, iteration)
         if not os.path.isdir(directory):
             raise ValueError(f"{root}: latest_checkpointed_iteration.txt names iteration {iteration} but {directory} is missing")

@@ -1,12 +1,16 @@
 """AdamW with per-module learning rates, no decay on norms/biases/position tables,
 and Megatron's warmup + decay schedule."""
 
+import dataclasses
+import logging
 import math
 
 import torch
 from torch import nn
 
 from megatron_emu.config import OptimizerConfig
+
+log = logging.getLogger("megatron_emu")
 
 # Parameters with fewer than 2 dims (norm weights, biases) never decay; neither do
 # these learned tables, which play the role of positions / fixed tokens.
@@ -88,11 +92,29 @@ def lr_factor(iteration: int, config: OptimizerConfig, train_iters: int) -> floa
     return min_ratio + (1.0 - min_ratio) * decay
 
 
+def schedule_settings(config: OptimizerConfig, train_iters: int) -> dict:
+    """What the schedule depends on, keyed by the attribute of OptimizerConfig (= the flag)."""
+    lrs = family_lrs(config)
+    return {
+        "lr": config.lr, "lr_vision": lrs["vision"], "lr_causal_former": lrs["causal_former"],
+        "min_lr": config.min_lr, "lr_warmup_iters": config.lr_warmup_iters,
+        "lr_decay_style": config.lr_decay_style, "lr_decay_iters": config.lr_decay_iters or train_iters,
+        "weight_decay": config.weight_decay,
+    }
+
+
 class LRScheduler:
-    """Sets every group's lr to max_lr * factor(iteration); min_lr scales with each group's peak."""
+    """Sets every group's lr to max_lr * factor(iteration); min_lr scales with each group's peak.
+
+    The factor is a function of the iteration number: a skipped (non-finite) step still uses
+    up its iteration, so the schedule stays where --train-iters expects it (Megatron instead
+    holds its scheduler on a skipped step).
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, config: OptimizerConfig, train_iters: int):
         self.optimizer, self.config, self.train_iters = optimizer, config, train_iters
+        # The flags' per-group peaks and decays, to restore over a checkpoint's (--override-opt-param-scheduler).
+        self._flag_groups = [(group["max_lr"], group["weight_decay"]) for group in optimizer.param_groups]
         self.iteration = 0
         self.step(0)
 
@@ -103,7 +125,31 @@ class LRScheduler:
             group["lr"] = group["max_lr"] * factor
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration}
+        return {"iteration": self.iteration, "settings": schedule_settings(self.config, self.train_iters)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at the saved iteration. The optimizer's groups were loaded with the checkpoint's
+        peaks and decays; a setting that differs from the flags is an error naming the flag unless
+        --override-opt-param-scheduler (the flags win) or --use-checkpoint-opt-param-scheduler."""
+        saved = state.get("settings")
+        if saved is not None:
+            self._reconcile(saved)
         self.step(state["iteration"])
+
+    def _reconcile(self, saved: dict) -> None:
+        c = self.config
+        current = schedule_settings(c, self.train_iters)
+        differ = {k: (saved[k], current[k]) for k in current if k in saved and saved[k] != current[k]}
+        if c.override_opt_param_scheduler:
+            for group, (max_lr, weight_decay) in zip(self.optimizer.param_groups, self._flag_groups):
+                group["max_lr"], group["weight_decay"] = max_lr, weight_decay
+            if differ:
+                log.info("--override-opt-param-scheduler: the flags' schedule replaces the checkpoint's (%s)",
+                         ", ".join(differ))
+        elif c.use_checkpoint_opt_param_scheduler:
+            self.config = dataclasses.replace(c, **{k: saved[k] for k in current if k in saved})
+        elif differ:
+            shown = "; ".join(f"--{k.replace('_', '-')}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(f"the LR schedule differs from the checkpoint's: {shown}; pass "
+                             f"--override-opt-param-scheduler to use the flags or --use-checkpoint-opt-param-scheduler "
+                             f"to keep the checkpoint's")

@@ -60,11 +60,16 @@ class Precision:
         """Divide the gradients by the loss scale (before clipping); a no-op unless fp16."""
         self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer) -> bool:
-        """optimizer.step() unless fp16 gradients overflowed; returns whether it stepped."""
+    def step(self, optimizer, skip: bool = False) -> bool:
+        """optimizer.step() unless `skip` (a non-finite step) or fp16 gradients overflowed;
+        returns whether it stepped. fp16 updates the loss scale either way."""
         if not self.config.fp16:
-            optimizer.step()
-            return True
+            if not skip:
+                optimizer.step()
+            return not skip
+        if skip:  # found-inf was recorded by unscale_: update() lowers the scale after it
+            self.scaler.update(self.config.loss_scale)
+            return False
         # Filled by unscale_ (called before clipping): one flag per device.
         found_inf = sum(v.item() for v in self.scaler._found_inf_per_device(optimizer).values())
         self.scaler.step(optimizer)  # skipped when any gradient is inf/nan

@@ -20,6 +20,7 @@ from megatron_emu.model.loss import EmuLoss
 from megatron_emu.parallel.data_parallel import clip_grad_norm_global, gradient_sync, reduce_partial_grads
 from megatron_emu.parallel.loss import mixed_loss
 from megatron_emu.parallel.parallelize import ParallelModel
+from megatron_emu.training.failsafe import step_is_finite
 from megatron_emu.training.precision import Precision
 
 
@@ -30,6 +31,8 @@ class StepResult:
     grad_norm: float
     images: int  # images encoded in this step (for FLOPs)
     sequences: int  # seq_length rows computed in this step (fewer than samples when packed)
+    skipped: bool = False  # no optimizer update: non-finite loss / grad norm, or fp16 overflow
+    nonfinite: bool = False  # the loss or the gradient norm was NaN/inf
 
 
 def pipeline_loss_fn(losses: list, config: TrainConfig):
@@ -78,7 +81,10 @@ def microbatch_loss(pmodel: ParallelModel, batch: dict, config: TrainConfig) -> 
 
 def train_step(pmodel: ParallelModel, optimizer, microbatches: list[dict], config: TrainConfig,
                precision: Precision | None = None) -> StepResult:
-    """Forward/backward every micro-batch, clip by the global norm, one optimizer step."""
+    """Forward/backward every micro-batch, clip by the global norm, one optimizer step.
+
+    The step is skipped (parameters and Adam states untouched) when the loss or the gradient
+    norm is not finite: both are reduced over every rank first, so all ranks skip together."""
     precision = precision or Precision(config.performance, microbatches[0]["tokens"].device.type)
     optimizer.zero_grad(set_to_none=True)
     pmodel.losses.clear()
@@ -87,11 +93,13 @@ def train_step(pmodel: ParallelModel, optimizer, microbatches: list[dict], confi
     reduce_partial_grads(pmodel.parts, pmodel.pmesh)
     precision.unscale_(optimizer)  # fp16: true gradients before clipping
     grad_norm = clip_grad_norm_global(pmodel.parts, config.optimizer.clip_grad, pmodel.pmesh)
-    precision.step(optimizer)  # fp16: skipped when gradients overflowed
     images = sum(batch["images"].shape[0] for batch in microbatches)
     rows = sum(batch["tokens"].shape[0] for batch in microbatches)
     lm, l2, images, rows = reduce_step_stats(pmodel, len(microbatches), images, rows)
-    return StepResult(lm, l2, grad_norm, images, rows)
+    nonfinite = not step_is_finite(lm, l2, grad_norm)
+    skip = nonfinite and config.failsafe.check_for_nan_in_loss_and_grad
+    stepped = precision.step(optimizer, skip=skip)  # fp16: also skipped when gradients overflowed
+    return StepResult(lm, l2, grad_norm, images, rows, skipped=not stepped, nonfinite=nonfinite)
 
 
 def reduce_step_stats(pmodel: ParallelModel, n_micro: int, images: int, rows: int) -> tuple[float, float, int, int]:

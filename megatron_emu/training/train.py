@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 import math
 
 import torch
@@ -32,6 +33,8 @@ from megatron_emu.parallel.parallelize import ParallelModel, parallelize_emu
 from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_compile
 from megatron_emu.training.checkpoint import Checkpointer, Layout
 from megatron_emu.training.evaluate import image_grounding
+from megatron_emu.training.failsafe import SkipTracker, check_save_before_training
+from megatron_emu.training.signals import ExitConditions
 from megatron_emu.training.step import StepResult, pipeline_loss_fn, train_step, validation_loss
 from megatron_emu.training.metrics import IterationStats, training_flops
 from megatron_emu.training.optim import LRScheduler, apply_freezing
@@ -48,6 +51,7 @@ class TrainSummary:
     validation: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, lm, l2)
     grounding: tuple[float, float] | None = None  # text CE with true / shuffled images
     grounding_data: str = "validation split"  # or the next training micro-batches (no valid split)
+    exit_reason: str | None = None  # why the run stopped before --train-iters (saved, exit 0)
 
     def format(self, window: int = 10) -> str:
         if not self.history:  # e.g. resumed from a checkpoint at --train-iters
@@ -130,10 +134,13 @@ def build_parallel_optimizer(pmodel: ParallelModel, config: OptimizerConfig, fus
 # The loop
 # ---------------------------------------------------------------------------
 def pretrain(config: TrainConfig) -> TrainSummary:
-    world_size, device = init_distributed(config.device)
+    timeout = timedelta(minutes=config.parallel.distributed_timeout_minutes)
+    world_size, device = init_distributed(config.device, timeout)
     dims = ParallelDims.from_config(config.parallel, world_size, config.model)
     n_micro = dims.validate(config.model, config.data)  # all sizes checked before any work
-    pmesh = build_mesh(dims, device) if world_size > 1 else None
+    pmesh = build_mesh(dims, device, timeout) if world_size > 1 else None
+    cpu_group = pmesh.new_gloo_group() if pmesh is not None else None  # checkpoint coordination, exit flags
+    exits = ExitConditions(config.failsafe, cpu_group)  # signal handlers from here on
     if config.performance.fp16 and dims.pp > 1:
         raise ValueError("--fp16 loss scaling is not supported with pipeline parallelism; use --bf16")
     configure_attention(config.performance.attention_backend, device.type, config.performance.use_flash_attn)
@@ -151,11 +158,16 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     )
     loader = build_loader(0)
     valid = validation_batches(config, build_loader, n_micro)
-    checkpointer = Checkpointer(config.checkpoint, config, Layout.from_mesh(pmesh))
+    checkpointer = Checkpointer(config.checkpoint, config, Layout.from_mesh(pmesh), cpu_group)
     resumed = checkpointer.load(pmodel.parts, optimizer, scheduler, loader)
     if resumed.consumed_samples != loader.consumed_samples:  # saved at another DP size
         loader = build_loader(resumed.consumed_samples)
     start_iteration = resumed.iteration
+    if config.checkpoint.save:  # found now, not at the first save after hours of work
+        checkpointer.refuse_rewind(start_iteration, starting=True)
+        check_save_before_training(config.checkpoint.save, pmodel.parts, optimizer, dims.dp * dims.tp,
+                                   dist.get_rank() if world_size > 1 else 0, cpu_group)
+    skips = SkipTracker(config.failsafe.max_skipped_iterations)
     params = sum(p.numel() for _, p in pmodel.named_parameters())  # DTensor numel is the global size
     log.info("model %s: %.1fM parameters on this rank's stages, %s; %d micro-batches of %d per step per DP rank",
              config.preset, params / 1e6, device, n_micro, config.data.micro_batch_size)
@@ -164,10 +176,12 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     summary = TrainSummary()
     bar = tqdm(total=config.train_iters, desc="pretrain", unit="it", disable=not (sys.stderr.isatty() and is_logger))
     last_log = time.perf_counter()
+    last = start_iteration  # the last iteration run
     for iteration in range(start_iteration, config.train_iters):
         microbatches = [move_batch(next(loader), device) for _ in range(n_micro)]
         lr = optimizer.param_groups[0]["lr"]
         result = train_step(pmodel, optimizer, microbatches, config, precision)
+        skips.record(iteration + 1, result.skipped, result.nonfinite)  # raises after too many in a row
         scheduler.step(iteration + 1)
         summary.history.append((iteration + 1, result.lm_loss, result.l2_loss))
         bar.update(1)
@@ -176,7 +190,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
             steps = 1 if iteration == 0 else config.log_interval
             elapsed = (now - last_log) / steps
             last_log = now
-            stats = iteration_stats(config, iteration + 1, elapsed, lr, result, world_size)
+            stats = iteration_stats(config, iteration + 1, elapsed, lr, result, world_size, skips.take_counts())
             if is_logger:
                 tqdm.write(stats.format(), file=sys.stdout)
         if valid and config.eval_interval and (iteration + 1) % config.eval_interval == 0:
@@ -187,10 +201,18 @@ def pretrain(config: TrainConfig) -> TrainSummary:
         if checkpointer.should_save(iteration + 1):
             checkpointer.save(iteration + 1, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
         checkpointer.poll()
+        last = iteration + 1
+        summary.exit_reason = exits.reason(last)  # the same on every rank
+        if summary.exit_reason:
+            break
     bar.close()
-    if config.checkpoint.save and start_iteration < config.train_iters and not checkpointer.should_save(config.train_iters):
-        checkpointer.save(config.train_iters, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
+    if config.checkpoint.save and last > start_iteration and not checkpointer.should_save(last):
+        checkpointer.save(last, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
     checkpointer.wait()
+    if summary.exit_reason:
+        saved = f"saved {config.checkpoint.save}" if config.checkpoint.save else "nothing saved (no --save)"
+        log.info("stopping at iteration %d of %d: %s; %s", last, config.train_iters, summary.exit_reason, saved)
+        return summary
     if dims.pp == 1 and dims.tp == 1:
         # Held out: the validation split; without one, the training stream's next micro-batches
         # (not trained on in this run, though earlier epochs may have seen their samples).
@@ -227,7 +249,8 @@ def format_validation(iteration: int, lm: float, l2: float) -> str:
     return f"{rule}\n{line}\n{rule}"
 
 
-def iteration_stats(config: TrainConfig, iteration: int, seconds: float, lr: float, result: StepResult, devices: int = 1) -> IterationStats:
+def iteration_stats(config: TrainConfig, iteration: int, seconds: float, lr: float, result: StepResult, devices: int = 1,
+                    skipped: tuple[int, int] = (0, 0)) -> IterationStats:
     d = config.data
     # Rows actually computed: the global batch, or fewer when samples are packed.
     tokens = result.sequences * d.seq_length
@@ -246,4 +269,6 @@ def iteration_stats(config: TrainConfig, iteration: int, seconds: float, lr: flo
         grad_norm=result.grad_norm,
         tokens_per_s=tokens / seconds,
         tflops_per_device=flops / seconds / 1e12 / devices,
+        skipped_iterations=skipped[0],  # (skipped, nan) since the last log line
+        nan_iterations=skipped[1],
     )
