@@ -183,8 +183,9 @@ def test_async_save_snapshots_the_state_at_the_call(tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in fresh[0].state_dict().items())
 
 
-def test_load_without_a_checkpoint_starts_from_scratch(tmp_path):
-    config = run_config(load=str(tmp_path / "nothing-here"))
+def test_load_of_the_runs_own_empty_save_starts_from_scratch(tmp_path):
+    # Any other --load without a checkpoint is an error: tests/test_failsafe_checkpoint.py
+    config = run_config(load=str(tmp_path / "nothing-here"), save=str(tmp_path / "nothing-here"))
     assert Checkpointer(config.checkpoint, config).load(*build(config, seed=0)).iteration == 0
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -275,7 +276,7 @@ class Checkpointer:
         """A failed save leaves no partial directory and `latest` as it was; a full device says so."""
         try:
             yield
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             root = self.config.save
             tmp = iteration_dir(root, iteration) + ".tmp"
             if self.layout.rank == 0:

@@ -37,7 +37,8 @@ def _causes(e: BaseException):
         seen.add(id(e))
         yield e
         todo += [e.__cause__, e.__context__]
-        todo += [f for f in getattr(e, "failures", {}).values() if isinstance(f, BaseException)]
+        for failure in getattr(e, "failures", {}).values():  # (exception, stack summary) per rank
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
 
 
 def disk_full(e: BaseException, root: str) -> bool:
