@@ -3,6 +3,7 @@ and the one-line errors of pretrain_emu.py: single process, faults injected."""
 
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 import pretrain_emu
 from megatron_emu.arguments import parse_args
 from megatron_emu.training.checkpoint_files import iteration_dir, list_iterations, read_latest
+from megatron_emu.training import train
 from megatron_emu.training.failsafe import RunStopped
 from megatron_emu.training.train import pretrain
 from tests.failsafe_faults import FLAGS, nan_loss_at
@@ -76,3 +78,30 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --load {tmp_path / 'typo'}: no such directory; only the run's own, still empty --save may "
                    "start from scratch (leave out --load, or give an iteration directory)"]
+
+
+# -- stopping on purpose: signal, duration, interval -------------------------------------
+@pytest.mark.parametrize("flags, stop_at, reason", [
+    (["--exit-interval", "2"], 2, "--exit-interval 2 reached"),
+    (["--exit-duration-in-mins", "0"], 1, "--exit-duration-in-mins 0.0 reached"),
+    (["--exit-signal-handler", "--exit-signal", "SIGUSR1"], 2, "exit signal received"),
+])
+def test_an_exit_condition_saves_and_returns(tmp_path, monkeypatch, flags, stop_at, reason):
+    save = str(tmp_path / "ckpt")
+    real_step, calls = train.train_step, [0]
+
+    def step_then_signal(*args, **kwargs):  # SLURM's --signal=B:USR1 arriving during step 2
+        calls[0] += 1
+        if calls[0] == 2 and "--exit-signal" in flags:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        summary = pretrain(parse_args(FLAGS + ["--train-iters", "6", "--save", save, "--save-interval", "4", *flags]))
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert len(summary.history) == stop_at and summary.exit_reason.startswith(reason)
+    assert read_latest(save) == stop_at  # saved where it stopped (not at a --save-interval)
