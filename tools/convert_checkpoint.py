@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tokenizer_model and args.to != "hf":  # an ignored flag would look like it had been used
+        parser.error(f"--tokenizer-model is read only by --to hf (the export writes the tokenizer); "
+                     f"{'--to ' + args.to if args.to else '--from ' + ' '.join(args.source)} does not use it")
     start = time.perf_counter()
     if args.to == "hf":
         from megatron_emu.convert.export import export_hf
