@@ -19,7 +19,7 @@ def pretrain_flags(script: Path) -> list[str]:
     text = script.read_text().replace("\\\n", " ")
     defaults = dict(re.findall(r"^(\w+)=\$\{\w+:-([^}]*)\}", text, flags=re.M))
     line = next(l for l in text.splitlines() if "pretrain_emu.py" in l and not l.lstrip().startswith("#"))
-    args = line.split("pretrain_emu.py", 1)[1].replace('"$@"', "")
+    args = line.split("pretrain_emu.py", 1)[1].replace('"$@"', "").rstrip().removesuffix("&")  # run in the background
     args = re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", args)
     args = re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m.group(1), "/" + m.group(1)), args)
     return shlex.split(args)
