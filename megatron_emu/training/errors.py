@@ -14,6 +14,7 @@ import sys
 import traceback
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_emu.training.failsafe import RunStopped
 
@@ -47,6 +48,9 @@ def collective_site(e: BaseException) -> str:
 
 def describe(e: BaseException, timeout_minutes: float | None = None) -> tuple[str, int] | None:
     """(one line, exit code) for an error a user can act on; None for a bug."""
+    if isinstance(e, CheckpointException):  # DCP gathers each rank's failure: describe the first
+        failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        return describe(failures[0], timeout_minutes) if failures else None
     if isinstance(e, RunStopped):
         return str(e), RUN_ERROR
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -65,7 +69,7 @@ def exit_on_error(run, timeout_minutes: float | None = None):
     """run() and return its result; an error users can act on becomes one line and an exit code."""
     try:
         return run()
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, CheckpointException) as e:
         found = describe(e, timeout_minutes)
         if found is None:
             raise

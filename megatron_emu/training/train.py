@@ -202,7 +202,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
             checkpointer.save(iteration + 1, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
         checkpointer.poll()
         last = iteration + 1
-        summary.exit_reason = exits.reason(last)  # the same on every rank
+        summary.exit_reason = exits.reason(last) if last < config.train_iters else None  # same on every rank
         if summary.exit_reason:
             break
     bar.close()
