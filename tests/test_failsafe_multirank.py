@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from megatron_emu.arguments import parse_args
 from megatron_emu.training import step
@@ -115,3 +116,25 @@ def test_a_silent_rank_fails_the_others_naming_the_collective(tmp_path):
     assert run.returncode != 0
     assert re.search(r"error: rank 0: all_reduce \(called from megatron_emu/training/step.py:\d+ in reduce_step_stats\) "
                      r"got no answer within --distributed-timeout-minutes 0.05", output), output
+
+
+def _mesh_timeout_worker(rank: int, world_size: int) -> None:
+    from datetime import timedelta
+    import time
+
+    from megatron_emu.config import ParallelConfig, get_preset
+    from megatron_emu.parallel.mesh import ParallelDims, build_mesh
+
+    layout = ParallelConfig(data_parallel_sharding="hsdp", num_distributed_optimizer_instances=1)
+    pmesh = build_mesh(ParallelDims.from_config(layout, world_size, get_preset("tiny")), torch.device("cpu"),
+                       timedelta(seconds=2))
+    groups = [pmesh.dp_mesh.get_group(), pmesh.sharding_mesh()["dp_shard"].get_group(), pmesh.new_gloo_group()]
+    for group in groups:
+        if rank == 1:
+            time.sleep(4)  # silent for longer than the groups' 2 s (torch's default: 30 minutes)
+        with pytest.raises(RuntimeError):  # rank 0: timed out; rank 1: its peer has given up
+            dist.all_reduce(torch.ones(1), group=group)
+
+
+def test_every_group_gets_the_distributed_timeout():
+    spawn(2, _mesh_timeout_worker)
