@@ -32,19 +32,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=None, help="default: the preset's recipe")
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--seq-length", type=int, default=None)
-    p.add_argument("--images-per-sample", type=int, default=2)
+    p.add_argument("--images-per-sample", type=int, default=2,
+                   help="images (video frames) per sample of the data mix: FLOPs and the pipeline balance")
     p.add_argument("--fp32", action="store_true", help="plan fp32 training (default: bf16)")
     p.add_argument("--top", type=int, default=12, help="rows to print")
     p.add_argument("--json", action="store_true", help="also print every row as JSON lines")
     return p.parse_args(argv)
 
 
-def flags(row) -> str:
+def flags(row, images_per_sample: float) -> str:
     d = row.dims
     text = (f"--tensor-model-parallel-size {d.tp} --pipeline-model-parallel-size {d.pp} "
             f"--data-parallel-sharding {d.sharding}")
     if d.pp > 1:
-        text += f" --pipeline-schedule {d.schedule}"
+        text += f" --pipeline-schedule {d.schedule} --pipeline-balance auto"
+        if images_per_sample != 2:
+            text += f" --pipeline-balance-images-per-sample {images_per_sample:g}"
     if row.recompute == "selective":
         text += " --recompute-activations"
     elif row.recompute == "full":
@@ -93,7 +96,7 @@ def main(argv=None) -> list:
     if best.fits:
         print(f"\nrecommended: {best.dims.describe()}, recompute {best.recompute or 'off'}: "
               f"{best.memory.row()['total']} GiB per GPU, ~{best.time['tokens_per_s']:,.0f} tokens/s\n"
-              f"  pretrain_emu.py --preset {args.preset} {flags(best)}{' --bf16' if not args.fp32 else ''}")
+              f"  pretrain_emu.py --preset {args.preset} {flags(best, args.images_per_sample)}{' --bf16' if not args.fp32 else ''}")
     else:
         print("\nno layout fits in memory: add GPUs, lower --micro-batch-size or --seq-length")
     if args.json:

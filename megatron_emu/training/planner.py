@@ -226,21 +226,8 @@ def in_flight_microbatches(dims: ParallelDims, pp_rank: int, n_micro: int) -> in
 # -- throughput model -------------------------------------------------------------------
 def stage_flops(model: ModelConfig, work: Workload, layers: int, first: bool, last: bool) -> float:
     """Forward + backward (+ recompute) FLOPs of one micro-batch through one stage."""
-    b, s = work.micro_batch_size, work.seq_length
-    images = b * work.images_per_sample
-    stacks = [(metrics.llm_block_flops(model, s), layers, b)]
-    flops = 0.0
-    if first:
-        stacks += [(metrics.vision_block_flops(model), model.vision.layers, images),
-                   (metrics.causal_former_block_flops(model), model.causal_former.layers, images)]
-        flops += 3 * images * (metrics.patch_embed_flops(model) + metrics.causal_former_proj_flops(model))
-    if last:
-        flops += 3 * b * metrics.heads_flops(model, s)
-    for block, count, runs in stacks:
-        recomputed = count if work.recompute_num_layers is None else min(count, work.recompute_num_layers)
-        extra = {None: 0, "selective": count * block.core, "full": recomputed * (block.total - block.last)}
-        flops += runs * (3 * count * block.total + extra[work.recompute])
-    return flops
+    return metrics.stage_flops(model, work.micro_batch_size, work.seq_length, work.images_per_sample, layers,
+                               first, last, work.recompute, work.recompute_num_layers)
 
 
 def allreduce_seconds(nbytes: float, ranks: int, gbs: float) -> float:
@@ -293,8 +280,10 @@ class PlanRow:
     fits: bool
 
 
-def candidate_dims(model: ModelConfig, data: DataConfig, gpus: int, shardings=("ddp", "fsdp")):
-    """Every layout the trainer accepts (ParallelDims.validate) for `gpus` ranks."""
+def candidate_dims(model: ModelConfig, data: DataConfig, gpus: int, images_per_sample: float = 2.0,
+                   shardings=("ddp", "fsdp")):
+    """Every layout the trainer accepts (ParallelDims.validate) for `gpus` ranks; pipelines
+    are split by cost (--pipeline-balance auto) at the workload's images per sample."""
     divisors = [d for d in range(1, gpus + 1) if gpus % d == 0]
     for tp in (d for d in divisors if d <= 8):
         for pp in (d for d in divisors if tp * d <= gpus and d <= model.llm.layers):
@@ -302,9 +291,10 @@ def candidate_dims(model: ModelConfig, data: DataConfig, gpus: int, shardings=("
                 for schedule in ("1f1b", "interleaved") if pp > 1 else ("1f1b",):
                     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                               sequence_parallel=False, pipeline_schedule=schedule,
-                                              data_parallel_sharding=sharding)
+                                              data_parallel_sharding=sharding, pipeline_balance="auto",
+                                              pipeline_balance_images_per_sample=images_per_sample)
                     try:
-                        dims = ParallelDims.from_config(parallel, gpus, model)
+                        dims = ParallelDims.from_config(parallel, gpus, model, data.seq_length)
                         dims.validate(model, data)
                     except ValueError:
                         continue
@@ -316,7 +306,7 @@ def plan(model: ModelConfig, work: Workload, gpus: int, hw: Hardware, headroom: 
     data = DataConfig(seq_length=work.seq_length, micro_batch_size=work.micro_batch_size,
                       global_batch_size=work.global_batch_size)
     rows = []
-    for dims in candidate_dims(model, data, gpus):
+    for dims in candidate_dims(model, data, gpus, work.images_per_sample):
         for recompute in (None, "selective", "full"):
             w = dataclasses.replace(work, recompute=recompute, recompute_num_layers=None)
             memory = max((estimate_memory(model, w, dims, r) for r in range(dims.pp)), key=lambda m: m.total)
