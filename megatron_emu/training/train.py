@@ -136,7 +136,7 @@ def build_parallel_optimizer(pmodel: ParallelModel, config: OptimizerConfig, fus
 def pretrain(config: TrainConfig) -> TrainSummary:
     timeout = timedelta(minutes=config.parallel.distributed_timeout_minutes)
     world_size, device = init_distributed(config.device, timeout)
-    dims = ParallelDims.from_config(config.parallel, world_size, config.model)
+    dims = ParallelDims.from_config(config.parallel, world_size, config.model, config.data.seq_length)
     n_micro = dims.validate(config.model, config.data)  # all sizes checked before any work
     pmesh = build_mesh(dims, device, timeout) if world_size > 1 else None
     cpu_group = pmesh.new_gloo_group() if pmesh is not None else None  # checkpoint coordination, exit flags
