@@ -143,3 +143,15 @@ def test_a_full_disk_is_named_and_the_partial_save_removed(tmp_path, monkeypatch
     assert sorted(os.listdir(tmp_path)) == ["iter_0000001", LATEST_NAME]  # stray temp file swept too
     assert read_latest(str(tmp_path)) == 1
     Checkpointer(config.checkpoint, config).load(*build(config, seed=3))  # still loadable
+
+
+def test_a_full_disk_before_the_shards_is_named_too(tmp_path, monkeypatch):
+    config, parts = saved(tmp_path)
+
+    def no_room(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Checkpointer, "_write_run_config", no_room)
+    with pytest.raises(OSError, match=f"cannot save iteration 2: no space left on the device holding {tmp_path}"):
+        Checkpointer(config.checkpoint, config).save(2, *parts)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", LATEST_NAME] and read_latest(str(tmp_path)) == 1

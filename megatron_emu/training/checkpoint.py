@@ -231,13 +231,20 @@ class Checkpointer:
         state = self._state_to_save(models, optimizer, scheduler, loader, iteration, consumed_samples)
         self._refuse_nonfinite(state, iteration)
         tmp = iteration_dir(root, iteration) + ".tmp"
-        with self._cleanup_on_failure(iteration):
-            if self.layout.rank == 0:
-                os.makedirs(root, exist_ok=True)
-                sweep_interrupted_saves(root)  # leftovers of a killed save: `.tmp` dirs, latest's temp files
-                os.makedirs(tmp)
-                self._write_run_config(tmp, iteration, consumed_samples)
-        self._barrier()  # the clean tmp dir exists before anyone writes into it
+        setup_error = None
+        if self.layout.rank == 0:
+            try:
+                with self._cleanup_on_failure(iteration):
+                    os.makedirs(root, exist_ok=True)
+                    sweep_interrupted_saves(root)  # leftovers of a killed save: `.tmp` dirs, latest's temp files
+                    os.makedirs(tmp)
+                    self._write_run_config(tmp, iteration, consumed_samples)
+            except Exception as e:
+                setup_error = e
+        # Also the barrier: the clean tmp dir exists before anyone writes into it. A failure
+        # on rank 0 stops every rank here instead of leaving them waiting in DCP.
+        if agree_count(int(setup_error is not None), self.process_group):
+            raise setup_error or RunStopped(f"rank 0 could not prepare {tmp} (its log says why); latest unchanged")
 
         writer = dcp.FileSystemWriter(tmp, thread_count=self.config.save_threads)
         if self.config.async_save:
@@ -279,7 +286,7 @@ class Checkpointer:
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             root = self.config.save
             tmp = iteration_dir(root, iteration) + ".tmp"
-            if self.layout.rank == 0:
+            if self.layout.rank == 0 and os.path.isdir(root):
                 shutil.rmtree(tmp, ignore_errors=True)
                 sweep_interrupted_saves(root)
             if not disk_full(e, root):
