@@ -119,9 +119,9 @@ class MultimodalIndexed:
         if expected_bytes != os.path.getsize(prefix + ".bin"):
             raise ValueError(f"{prefix}.idx: describes {expected_bytes} bytes but {prefix}.bin has "
                              f"{os.path.getsize(prefix + '.bin')} (truncated or mismatched pair)")
-        image_items = int(3 * self.image_size ** 2 // np.dtype(self.dtype).itemsize)
-        if np.any(self.lengths[self.modes == MODE_IMAGE] != image_items):
-            raise ValueError(f"{prefix}.idx: image items are not {self.image_size}x{self.image_size} uint8")
+        # Checked per image when read, not here: a pass over every item would make opening a
+        # 10^9-item dataset take seconds and keep its whole index resident in every process.
+        self.image_items = int(3 * self.image_size ** 2 // np.dtype(self.dtype).itemsize)
 
     def __len__(self) -> int:
         return len(self.doc_index) - 1
@@ -134,6 +134,9 @@ class MultimodalIndexed:
         of at most max_tokens ids from `offset`."""
         mode = int(self.modes[item])
         if mode == MODE_IMAGE:
+            if int(self.lengths[item]) != self.image_items:
+                raise ValueError(f"{self.prefix}.idx: item {item} is not a {self.image_size}x{self.image_size} "
+                                 "uint8 image")
             raw = self.ds.get(item)[0]
             # Copied: a view would outlive megatron-core's mmap, which closes with the dataset.
             return mode, raw.view(np.uint8).reshape(3, self.image_size, self.image_size).copy()

@@ -157,7 +157,7 @@ def build_pretrain_loader(data: DataConfig, tokenizer, *, dp_rank: int, dp_size:
     for weight, prefix in parse_data_path(data_path):
         prefix, view = _split_view(prefix)
         ds = MultimodalIndexed(prefix, tokenizer.fingerprint, tokenizer.vocab_size)
-        whole = make_view(ds, spec, view)
+        whole = make_view(ds, spec, view, data.cache_dir)
         if len(whole) == 0:
             raise ValueError(f"{prefix}.idx: no samples for view {view or ds.kind}")
         views.append(SplitView(whole, *split_range(len(whole), fractions, split)))
