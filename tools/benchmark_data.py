@@ -9,6 +9,11 @@ N DataLoader workers the loader scales with the cores given to it.
 
   python tools/benchmark_data.py --seq-length 1024 --micro-batch-size 8 --num-batches 40
   python tools/benchmark_data.py --jpeg-images 2000 --jpeg-size 500x400 --jpeg-only
+
+Scale mode (tools/data_scale.py): start-up time and peak RSS of a fresh loader process
+against dataset size, on fake datasets (a real .idx written with numpy, a sparse .bin):
+
+  python tools/benchmark_data.py --scale --scale-pairs 1e4,1e6,1e8 --scale-interleaved 1e4,1e6,1e7
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ def parse_args(argv):
     p.add_argument("--jpeg-shards", type=int, default=4)
     p.add_argument("--jpeg-only", action="store_true", help="only the JPEG preprocess measurement")
     p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--scale", action="store_true", help="only the start-up / RSS against dataset size measurement")
+    p.add_argument("--scale-pairs", default="1e4,1e5,1e6,1e7,1e8", help="pair dataset sizes (documents)")
+    p.add_argument("--scale-interleaved", default="1e4,1e5,1e6,1e7", help="interleaved dataset sizes (documents)")
+    p.add_argument("--scale-dir", default="", help="where the fake datasets go (default: a temp dir; deleted after)")
     return p.parse_args(argv)
 
 
@@ -133,12 +142,14 @@ def run_data_benchmark(args_list: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     result = {"seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
               "target_samples_per_s_per_core": TARGET_SAMPLES_PER_S_PER_CORE}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.scale_dir or None) as tmp:
         cache = args.cache_dir or tmp
         tok = EmuTokenizer(build_tiny_tokenizer(cache))
-        if not args.jpeg_only:
+        if args.scale:
+            result["scale"] = _scale(args, tok, tmp)
+        elif not args.jpeg_only:
             result.update(_loader_and_synthetic_preprocess(args, tok, cache, tmp))
-        if args.jpeg_images:
+        if args.jpeg_images and not args.scale:
             result["preprocess_jpeg"] = _time_jpeg_preprocess(args, tok, tmp)
     result["versions"] = {"torch": torch.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__,
                           "python": sys.version.split()[0]}
@@ -174,6 +185,16 @@ def _loader_and_synthetic_preprocess(args, tok, cache, tmp) -> dict:
                            "documents_per_s": round(args.preprocess_docs / dt, 1)}}
 
 
+def _scale(args, tok, tmp) -> dict:
+    from tools.data_scale import bundled_plan_speed, check_disk, run_scale
+
+    sizes = {kind: [int(float(x)) for x in spec.split(",") if x]
+             for kind, spec in (("pairs", args.scale_pairs), ("interleaved", args.scale_interleaved))}
+    sizes = {k: v for k, v in sizes.items() if v}
+    check_disk(tmp, sizes)
+    return {"bundled_plan_chunks": bundled_plan_speed(tok, args.cache_dir), "sizes": run_scale(sizes, tmp, tok)}
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -187,6 +208,11 @@ def _cpu_name() -> str:
 
 def main():
     result = run_data_benchmark(sys.argv[1:])
+    if "scale" in result:
+        from tools.data_scale import print_table
+
+        print_table(result["scale"]["sizes"])
+        print("plan_chunks on the bundled corpus:", json.dumps(result["scale"]["bundled_plan_chunks"]))
     if "loader" in result:
         print(f"{'sample type':28s} {'samples/s/core':>15s} {'tokens/s/core':>14s} {'images/s/core':>14s}")
         for r in result["loader"]:

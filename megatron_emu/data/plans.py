@@ -40,14 +40,13 @@ def chunk_plan(lengths: np.ndarray, modes: np.ndarray, doc_index: np.ndarray, se
     the same rows as the reference loop in tests/test_data_plans.py."""
     cap, tpi = seq_length - 2, tokens_per_image
     is_image = modes == MODE_IMAGE
-    size = np.where(is_image, tpi, lengths).astype(np.int64)  # units per item
-    end = np.cumsum(size)  # item i covers units [end[i] - size[i], end[i])
-    start = end - size
+    size = np.where(is_image, np.int32(tpi), lengths.astype(np.int32, copy=False))  # units per item
+    end = np.cumsum(size, dtype=np.int64)  # item i covers units [end[i] - size[i], end[i])
     local = np.asarray(doc_index, dtype=np.int64) - int(doc_index[0])
-    edge = np.concatenate(([0], end))[local]  # (docs + 1,) unit where each document starts
+    edge = np.where(local > 0, end[np.maximum(local - 1, 0)], 0)  # (docs + 1,) unit where each document starts
     images = np.flatnonzero(is_image)
-    img_start = np.append(start[images], _NEVER)  # (images + 1,)
-    img_end = np.append(start[images] + tpi, _NEVER)
+    img_end = np.append(end[images], _NEVER)  # (images + 1,)
+    img_start = img_end - tpi
     doc_images = np.searchsorted(images, local)  # (docs + 1,) image numbers per document
 
     doc = np.flatnonzero(edge[1:] > edge[:-1])  # documents with something to lay out
@@ -80,22 +79,22 @@ def chunk_plan(lengths: np.ndarray, modes: np.ndarray, doc_index: np.ndarray, se
         return np.zeros((0, 4), dtype=np.int64)
     starts, ends, stops = (np.concatenate(a) for a in (starts, ends, stops))
     order = np.argsort(starts, kind="stable")
-    return _to_items(starts[order], ends[order], stops[order], start, end, is_image, cap) + \
+    return _to_items(starts[order], ends[order], stops[order], size, end, is_image, cap) + \
         np.array([doc_index[0], 0, doc_index[0], 0], dtype=np.int64)
 
 
-def _to_items(starts, ends, stops, start, end, is_image, cap) -> np.ndarray:
+def _to_items(starts, ends, stops, size, end, is_image, cap) -> np.ndarray:
     """Unit ranges [starts, ends) -> (first_item, first_offset, last_item, last_stop), block-local."""
     first = np.searchsorted(end, starts, side="right")  # the item holding unit `starts`
     last = np.searchsorted(end, ends - 1, side="right")  # the item holding the chunk's last unit
-    last_stop = np.where(is_image[last], 0, ends - start[last])
+    last_stop = np.where(is_image[last], 0, ends - (end[last] - size[last]))
     # A chunk filled exactly by an image closes only when the next (non-empty) item arrives;
     # if that is text, the chunk records it with zero tokens taken (as the layout loop does).
-    after = np.searchsorted(end, np.minimum(ends, end[-1] - 1), side="right")
-    closes_on_text = is_image[last] & (ends - starts == cap) & (ends < stops) & ~is_image[after]
-    last = np.where(closes_on_text, after, last)
-    last_stop = np.where(closes_on_text, 0, last_stop)
-    return np.stack([first, starts - start[first], last, last_stop], axis=1).astype(np.int64)
+    full = np.flatnonzero(is_image[last] & (ends - starts == cap) & (ends < stops))
+    after = np.searchsorted(end, ends[full], side="right")  # the next non-empty item
+    on_text = full[~is_image[after]]
+    last[on_text], last_stop[on_text] = after[~is_image[after]], 0
+    return np.stack([first, starts - (end[first] - size[first]), last, last_stop], axis=1)
 
 
 def pair_window_plan(modes: np.ndarray, doc_index: np.ndarray, pairs_per_window: int) -> np.ndarray:
