@@ -56,7 +56,7 @@ def test_plan_is_reused_and_a_changed_key_rebuilds(tok, data, monkeypatch):
     real = plan_cache._build
     monkeypatch.setattr(plan_cache, "_build", lambda *a: builds.append(a[1]) or real(*a))
     spec = SeqSpec.from_tokenizer(tok, 192)
-    first = InterleavedView(data, spec).chunks
+    first = InterleavedView(data, spec).plan.array
     assert isinstance(first, np.memmap) and len(builds) == 1
     InterleavedView(data, spec)
     assert len(builds) == 1  # reused
@@ -67,14 +67,14 @@ def test_plan_is_reused_and_a_changed_key_rebuilds(tok, data, monkeypatch):
     write_meta(data.prefix, dict(read_meta(data.prefix), tokenizer="another-tokenizer"))  # re-tokenized
     InterleavedView(data, spec)
     os.utime(data.prefix + ".idx", ns=(1, 1))  # the .idx replaced
-    np.testing.assert_array_equal(InterleavedView(data, spec).chunks, first)
+    np.testing.assert_array_equal(InterleavedView(data, spec).plan.array, first)
     assert len(builds) == 6
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip a byte", "garbage description", "description only"])
 def test_damaged_plan_is_rebuilt_not_trusted(tok, data, damage):
     spec = SeqSpec.from_tokenizer(tok, 64)
-    good = np.array(InterleavedView(data, spec).chunks)
+    good = np.array(InterleavedView(data, spec).plan.array)
     (name,) = [p for p in plan_files(data) if p.endswith(".bin")]
     path = os.path.join(os.path.dirname(data.prefix), name)
     if damage == "truncate":
@@ -89,7 +89,7 @@ def test_damaged_plan_is_rebuilt_not_trusted(tok, data, damage):
     else:
         os.remove(path)
     with pytest.warns(UserWarning, match=r"\.plan-chunks-.*\.bin: .*rebuilding the plan"):
-        again = InterleavedView(data, spec).chunks
+        again = InterleavedView(data, spec).plan.array
     np.testing.assert_array_equal(again, good)
     assert not any(".tmp" in p for p in plan_files(data))
 
@@ -100,7 +100,7 @@ def test_read_only_dataset_puts_its_plan_in_the_cache_dir(tok, data, tmp_path, m
     monkeypatch.setattr(os, "access", lambda p, mode: False if p == dataset_dir else real_access(p, mode))
     view = PairsWindowView(data, SeqSpec.from_tokenizer(tok, 512), cache_dir=str(tmp_path / "cache"))
     assert plan_files(data) == []
-    assert os.path.dirname(view.windows.filename).startswith(str(tmp_path / "cache" / "plans"))
+    assert os.path.dirname(view.plan.array.filename).startswith(str(tmp_path / "cache" / "plans"))
 
 
 RACER = """
@@ -137,3 +137,14 @@ def test_a_wrong_sized_image_is_refused_when_read_naming_dataset_and_item(tok, t
     data = MultimodalIndexed(prefix)
     with pytest.raises(ValueError, match=r"bad\.idx: item 1 is not a 112x112 uint8 image"):
         data.read_item(1)
+
+
+def test_views_pickle_their_plan_as_a_file_name_for_spawned_workers(tok, data):
+    import pickle
+
+    view = InterleavedView(data, SeqSpec.from_tokenizer(tok, 40))  # many chunks
+    blob = pickle.dumps(view.plan)
+    assert len(blob) < 1024 < view.plan.array.nbytes
+    again = pickle.loads(blob).array
+    assert isinstance(again, np.memmap) and again.filename == view.plan.array.filename
+    np.testing.assert_array_equal(again, view.plan.array)

@@ -139,3 +139,20 @@ def _build(prefix, path, key, width, build_block, docs_per_block) -> None:
         for ext in (".bin", ".json"):
             if os.path.exists(tmp + ext):
                 os.remove(tmp + ext)
+
+
+class MappedPlan:
+    """Pickles as its file name (a memmap would pickle its whole contents), so DataLoader
+    workers started with spawn / forkserver map the same file instead of receiving a copy."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __reduce__(self):
+        if isinstance(self.array, np.memmap):
+            return _remap, (self.array.filename, self.array.shape)
+        return MappedPlan, (np.asarray(self.array),)
+
+
+def _remap(filename: str, shape: tuple) -> MappedPlan:
+    return MappedPlan(np.memmap(filename, dtype=np.int64, mode="r", shape=shape))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from megatron_emu.data.indexed import MODE_IMAGE, MODE_TEXT, MultimodalIndexed
-from megatron_emu.data.plan_cache import cached_plan
+from megatron_emu.data.plan_cache import MappedPlan, cached_plan
 from megatron_emu.data.plans import chunk_plan, pair_window_plan
 
 MAX_IMAGES_PER_CHUNK = 5
@@ -138,13 +138,13 @@ class InterleavedView:
     def __init__(self, data: MultimodalIndexed, spec: SeqSpec, max_images: int = MAX_IMAGES_PER_CHUNK,
                  cache_dir: str = ""):
         self.data, self.spec, self.max_images = data, spec, max_images
-        self.chunks = plan_chunks(data, spec, max_images, cache_dir)  # (num_chunks, 4), memory-mapped
+        self.plan = MappedPlan(plan_chunks(data, spec, max_images, cache_dir))  # (num_chunks, 4), memory-mapped
 
     def __len__(self) -> int:
-        return len(self.chunks)
+        return len(self.plan.array)
 
     def build(self, index: int, key: tuple) -> Sample:
-        first, offset, last, stop = (int(x) for x in self.chunks[index])
+        first, offset, last, stop = (int(x) for x in self.plan.array[index])
         items = []
         for i in range(first, last + 1):
             lo = offset if i == first else 0
@@ -173,14 +173,14 @@ class PairsWindowView:
                  max_tokens: int = PAIRS_WINDOW_TOKENS, cache_dir: str = ""):
         self.data, self.spec = data, spec
         self.seq_length = min(max_tokens, spec.seq_length)
-        self.windows = plan_pair_windows(data, pairs_per_window, cache_dir)  # (num_windows, pairs_per_window)
+        self.plan = MappedPlan(plan_pair_windows(data, pairs_per_window, cache_dir))  # (windows, pairs_per_window)
 
     def __len__(self) -> int:
-        return len(self.windows)
+        return len(self.plan.array)
 
     def build(self, index: int, key: tuple) -> Sample:
         items = []
-        for image_item in (int(i) for i in self.windows[index] if i >= 0):
+        for image_item in (int(i) for i in self.plan.array[index] if i >= 0):
             items.append(self.data.read_item(image_item))
             items.append(self.data.read_item(image_item + 1))  # full: assemble counts what is cut
         return assemble(items, self.spec, self.kind, seq_length=self.seq_length)
