@@ -114,3 +114,45 @@ def test_assignment_is_round_robin_and_covers_every_shard_once():
     shards = [Shard(i, "pairs", f"f{i}", f"f{i}") for i in range(10)]
     jobs = [assigned_shards(shards, i, 4) for i in range(4)]
     assert [[s.index for s in j] for j in jobs] == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
+
+
+SBATCH = os.path.join(ROOT, "examples/slurm/preprocess_pairs.sbatch")
+
+
+def sbatch_commands(tmp_path, env: dict) -> list[list[str]]:
+    """The python command lines the example script runs under `env`, recorded by a
+    `python` shim on PATH (bash runs the script verbatim: its variables, quoting, branches)."""
+    import subprocess
+
+    bindir, record = tmp_path / "bin", tmp_path / "commands.jsonl"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "python").write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import json, os, sys; "
+                                   "open(os.environ[\"RECORD\"], \"a\").write(json.dumps(sys.argv[1:]) + chr(10))' \"$@\"\n")
+    (bindir / "python").chmod(0o755)
+    record.unlink(missing_ok=True)
+    env = dict(os.environ, **env, PATH=f"{bindir}:{os.environ['PATH']}", RECORD=str(record),
+               SLURM_SUBMIT_DIR=str(tmp_path), SLURM_CPUS_PER_TASK="1")
+    subprocess.run(["bash", SBATCH], env=env, check=True)
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def test_the_sbatch_example_runs_as_an_array_then_merges(tok, tmp_path, inputs, monkeypatch, capsys):
+    """The example's own command lines: 3 array tasks, then the merge job, == one run."""
+    import validate_data
+
+    paths = dict(INPUT=str(tmp_path / "part*.jsonl"), OUT=str(tmp_path / "out/d"), TOKENIZER=tok.model_path)
+    for task in range(3):
+        array = dict(SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_COUNT="3")
+        [command] = sbatch_commands(tmp_path, dict(paths, **array))
+        assert command[0] == "tools/preprocess_data.py" and "--resume" in command
+        for name, value in array.items():
+            monkeypatch.setenv(name, value)
+        assert preprocess_data.main(command[1:])["shards"] == len(range(task, NUM_FILES, 3))
+    for name in array:
+        monkeypatch.delenv(name)
+    merge, validate = sbatch_commands(tmp_path, dict(paths, MERGE="1"))
+    assert merge[0] == "tools/preprocess_data.py" and validate[0] == "tools/validate_data.py"
+    preprocess_data.main(merge[1:])
+    assert validate_data.main(validate[1:]) == 0
+    run(tok, inputs, tmp_path / "single/d")
+    same_dataset(tmp_path / "single/d", tmp_path / "out/d")
