@@ -20,7 +20,7 @@ import simplejpeg
 from PIL import Image
 
 IMAGE_FORMATS = ("raw", "jpeg")
-JPEG_QUALITY = 90  # with 4:2:0 chroma (libjpeg's default, what web JPEGs use); PSNR in BENCHMARKS.md
+JPEG_QUALITY = 90  # with 4:2:0 chroma (libjpeg's default, what web JPEGs use): PSNR >= 30 dB (BENCHMARKS.md)
 JPEG_SUBSAMPLING = "420"
 
 
