@@ -4,6 +4,8 @@ The one code path behind tools/preprocess_data.py and the bundled synthetic corp
 shards are processed independently into partial datasets (`<out>.parts/NNNNN.*`),
 which are then merged in shard order, so the output does not depend on --workers and
 an interrupted run resumes by skipping the shards whose partial files are complete.
+The same parts make multi-node preprocessing: job i of n writes the parts of shards
+i, i+n, ... and merge_parts joins everyone's afterwards, byte for byte one job's output.
 """
 
 from __future__ import annotations
