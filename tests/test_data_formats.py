@@ -78,8 +78,8 @@ def test_a_224px_baseline_jpeg_is_stored_as_it_came_others_re_encoded(tok, tmp_p
     exact = simplejpeg.encode_jpeg(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), quality=75,
                                    colorspace="RGB")
     (tmp_path / "exact.jpg").write_bytes(exact)
-    big = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(big, "JPEG", quality=95)
+    big = io.BytesIO()  # 448 px: libjpeg's draft() decodes it at 224, yet it is not a 224 px input
+    Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)).save(big, "JPEG", quality=95)
     (tmp_path / "big.jpg").write_bytes(big.getvalue())
     progressive = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(progressive, "JPEG", progressive=True)
@@ -92,6 +92,7 @@ def test_a_224px_baseline_jpeg_is_stored_as_it_came_others_re_encoded(tok, tmp_p
     stored = [image_bytes(data, i) for i in range(len(data.lengths)) if data.modes[i] == MODE_IMAGE]
     assert stored[0].rstrip(b"\0") == exact.rstrip(b"\0")  # byte for byte (zero padding to whole tokens only)
     assert stored[1] != big.getvalue() and stored[2] != progressive.getvalue()  # re-encoded at 224, baseline
+    assert Image.open(io.BytesIO(stored[1])).size == (224, 224)
     for doc in range(3):
         assert data.read_document(doc)[1][1].shape == (3, 224, 224)
 

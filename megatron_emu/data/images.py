@@ -57,11 +57,12 @@ def prepare_image(image, image_size: int = 224, min_size: int = 32, name: str = 
     return _prepare(image, image_size, min_size, name)[0]
 
 
-def _prepare(image, image_size: int, min_size: int, name: str) -> tuple[np.ndarray, object]:
-    """(uint8 (3, S, S), the opened PIL image) -- the latter tells whether the input can be kept."""
+def _prepare(image, image_size: int, min_size: int, name: str) -> tuple[np.ndarray, bool]:
+    """(uint8 (3, S, S), whether the input's own bytes may be stored as the JPEG)."""
     source = image
     try:
-        image = opened = open_image(image, name)
+        image = open_image(image, name)
+        keepable = _keepable_jpeg(image, image_size)  # before draft(), which changes size and mode
         if getattr(image, "format", None) == "JPEG":
             # Let libjpeg downscale by 2/4/8 in the DCT while decoding, never below S: a
             # large photo decodes several times faster (no effect at ~500x400).
@@ -81,15 +82,15 @@ def _prepare(image, image_size: int, min_size: int, name: str) -> tuple[np.ndarr
         side = min(w, h)
         left, top = (w - side) / 2, (h - side) / 2
         image = image.resize((image_size, image_size), Image.BICUBIC, box=(left, top, left + side, top + side))
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy(), opened  # (3, S, S)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy(), keepable  # (3, S, S)
 
 
 def stored_image(image, image_size: int, image_format: str, name: str = ""):
     """An input image -> what the dataset stores: uint8 (3, S, S) (raw) or JPEG bytes (jpeg)."""
-    pixels, opened = _prepare(image, image_size, 32, name)
+    pixels, keepable = _prepare(image, image_size, 32, name)
     if image_format == "raw":
         return pixels
-    if isinstance(image, (str, os.PathLike, bytes, bytearray)) and _keepable_jpeg(opened, image_size):
+    if keepable and isinstance(image, (str, os.PathLike, bytes, bytearray)):
         if isinstance(image, (bytes, bytearray)):
             return bytes(image)
         with open(image, "rb") as f:
