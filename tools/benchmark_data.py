@@ -110,13 +110,15 @@ def _time_jpeg_preprocess(args, tok, tmp) -> dict:
     _mcore()  # its import (seconds) is not preprocessing work
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     report = preprocess(shards, os.path.join(tmp, "bench_jpeg"), "pairs", tok.model_path,
-                        workers=args.preprocess_workers, progress=False)
+                        workers=args.preprocess_workers, progress=False, image_format=args.image_format)
     dt, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     if report["documents_out"] != args.jpeg_images:
         raise RuntimeError(f"JPEG benchmark lost documents: {report['skipped']}")
     n = report["documents_out"]
     return {"input": f"WebDataset tars of {w}x{h} JPEG (q90, mean {mean_bytes / 1024:.0f} KiB) + caption",
             "documents": n, "workers": args.preprocess_workers, "shards": len(paths),
+            "stored_as": args.image_format, "stored_bytes_per_image": round(os.path.getsize(
+                os.path.join(tmp, "bench_jpeg.bin")) / n),
             "documents_per_s": round(n / dt, 1), "documents_per_s_per_core": round(n / dt / args.preprocess_workers, 1),
             # CPU time of this process and its (joined) workers: per-core speed even on a busy machine
             "documents_per_cpu_s": round(n / cpu, 1), "load_average": os.getloadavg()[0]}
