@@ -19,7 +19,8 @@ from megatron_emu.data.loader import build_pretrain_loader
 from megatron_emu.data.preprocess import Shard, preprocess, synthetic_shards
 from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
 
-MIN_PSNR_DB = 30.0  # the floor stated for JPEG_QUALITY 90, 4:2:0 (BENCHMARKS.md: 30.6 dB worst, 32.1 mean, on noisy photo-like images)
+# The floor stated for JPEG_QUALITY 90, 4:2:0 (BENCHMARKS.md: 30.6 dB worst, 32.1 mean, on noisy photo-like images).
+MIN_PSNR_DB = 30.0
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,8 @@ def test_flipped_raw_pixel_is_caught_by_the_checksum_alone(tok, tmp_path, capsys
         f.write(bytes([byte[0] ^ 0xFF]))
     code, problems, _ = validate(tok, capsys, prefix)
     assert code == 1 and problems[0].startswith(f"{prefix}.bin: checksum")
-    assert problems[1] == f"{prefix}.bin: no document shows the change: the changed bytes are valid pixel or token values"
+    assert problems[1] == (f"{prefix}.bin: no document shows the change: the changed bytes are valid pixel or "
+                           "token values")
 
 
 def test_cli_exit_code_and_lines(tok, tmp_path):

@@ -14,7 +14,8 @@ Examples:
   # Multi-node: job i of n writes its parts (SLURM array variables give i and n), then one merge
   python tools/preprocess_data.py --input-type pairs --input 'laion/{00000..09999}.tar' --output-prefix data/laion \
       --shard-index 3 --num-shards 64 --resume
-  python tools/preprocess_data.py --input-type pairs --input 'laion/{00000..09999}.tar' --output-prefix data/laion --merge
+  python tools/preprocess_data.py --input-type pairs --input 'laion/{00000..09999}.tar' --output-prefix data/laion \
+      --merge
 
 Writes <prefix>.bin, <prefix>.idx, <prefix>.json (format metadata, checksums) and <prefix>.report.json.
 """
