@@ -135,7 +135,7 @@ def test_a_wrong_sized_image_is_refused_when_read_naming_dataset_and_item(tok, t
     meta = json.load(open(prefix + ".json"))
     write_meta(prefix, dict(meta, image_size=112))  # the description disagrees with the stored images
     data = MultimodalIndexed(prefix)
-    with pytest.raises(ValueError, match=r"bad\.idx: item 1 is not a 112x112 uint8 image"):
+    with pytest.raises(ValueError, match=r"bad: document 0, sequence 1: not a 112x112 uint8 image"):
         data.read_item(1)
 
 

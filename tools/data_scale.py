@@ -6,7 +6,8 @@ Fake datasets, cheap at any size:
   blocks, so writing one costs a few seconds per 10^7 items and little memory;
 - the .bin is a sparse file of the size the index describes (os.truncate): it occupies no
   disk and reads as zeros (black images, token 0);
-- the .json is the usual dataset description (tokenizer fingerprint, sizes).
+- the .json is the usual dataset description (tokenizer fingerprint, sizes, the .idx's
+  checksum, which the loader verifies at open; the sparse .bin's checksum is not computed).
 Pairs: [caption of 8..47 tokens, image]; interleaved: 8 items per document
 [T, I, T, T, I, T, I, T] with text items of 5..101 tokens. Images are 32x32 so that
 10^8 documents stay below the file system's maximum file size (the index, the plans and
@@ -77,8 +78,11 @@ def make_fake(prefix: str, kind: str, num_docs: int, tokenizer) -> None:
         f.truncate(pointer)  # sparse
     from megatron_emu.data.indexed import write_meta
 
+    # The .idx checksum is real (the loader verifies it at open, and that is part of what is
+    # measured); the sparse .bin's is not computed: hashing terabytes of holes measures nothing.
     write_meta(prefix, {"kind": kind, "image_size": IMAGE_SIZE, "tokenizer": tokenizer.fingerprint,
-                        "vocab_size": tokenizer.vocab_size, "fake": True})
+                        "vocab_size": tokenizer.vocab_size, "num_documents": num_docs, "fake": True},
+               bin_xxh3="not computed (sparse fake .bin)")
 
 
 CHILD = """
