@@ -19,6 +19,7 @@ from megatron_emu.config import (
     TrainConfig,
     get_preset,
 )
+from megatron_emu.training.monitor import require
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -160,6 +161,11 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
 
 
 def logging_config(args: argparse.Namespace) -> LoggingConfig:
+    # A missing sink package stops the run now, not after the model is built.
+    if args.tensorboard_dir:
+        require("torch.utils.tensorboard", "--tensorboard-dir")
+    if args.wandb_project:
+        require("wandb", "--wandb-project")
     return LoggingConfig(
         tensorboard_dir=args.tensorboard_dir,
         tensorboard_log_interval=args.tensorboard_log_interval,

@@ -27,14 +27,13 @@ from megatron_emu.training.timers import Interval, Timers, format_timers, hostna
 
 log = logging.getLogger("megatron_emu")
 
-# IterationStats field -> Megatron's TensorBoard tag; fields added later (e.g. skipped or
-# NaN iteration counters) go in under their own name with spaces.
-STATS_TAGS = {
-    "lm_loss": "lm loss", "l2_loss": "l2 loss", "lr": "learning-rate", "global_batch_size": "batch-size",
-    "grad_norm": "grad-norm", "consumed_samples": "consumed-samples", "elapsed_ms": "iteration-time",
-    "tokens_per_s": "tokens-per-sec", "tflops_per_device": "tflops-per-device",
-}
-NOT_SCALARS = ("iteration", "train_iters")
+# IterationStats fields written every --tensorboard-log-interval by `step` (lm / l2 loss,
+# learning rate, grad norm, batch size, consumed samples) are left out at the log line;
+# the rest go in under Megatron's tags, and fields added later (e.g. skipped or NaN
+# iteration counters) under their own name with spaces.
+STATS_TAGS = {"elapsed_ms": "iteration-time", "tokens_per_s": "tokens-per-sec", "tflops_per_device": "tflops-per-device"}
+NOT_SCALARS = ("iteration", "train_iters", "lm_loss", "l2_loss", "lr", "global_batch_size", "grad_norm",
+               "consumed_samples")
 FAMILY_NAMES = {"llm": "LLaMA", "vision": "EVA-CLIP", "causal_former": "Causal Former"}
 
 
@@ -46,7 +45,7 @@ def is_writer_rank(pmesh: ParallelMesh | None) -> bool:
 
 
 def stats_scalars(stats: IterationStats) -> dict[str, float]:
-    """Every number of the log line, under Megatron's tags (iteration-time in seconds, as Megatron)."""
+    """The log line's numbers that only exist at log iterations (iteration-time in seconds, as Megatron)."""
     values = {}
     for name, value in vars(stats).items():
         if name in NOT_SCALARS or not isinstance(value, (int, float)):
