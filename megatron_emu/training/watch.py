@@ -66,8 +66,9 @@ class TrainingMonitor:
         self.hosts = hostnames() if self.logging.log_straggler else []
         self._timer_interval, self._straggler_interval = Interval(start_iteration), Interval(start_iteration)
         self._straggler_from = start_iteration + 1
-        self._peak_tflops: float | None = None
         self._memory_reported = False
+        # Before the loop: on CPU the peak is a measured matmul, which must not land in a timed iteration.
+        self._peak_tflops = self.peak_tflops() if self.sinks.active else 0.0
 
     # -- per step -----------------------------------------------------------------------
     def step(self, iteration: int, lr: float, result: StepResult, microbatches: list[dict], loader) -> None:
@@ -121,15 +122,17 @@ class TrainingMonitor:
                     for j, name in enumerate(self.timers.active) if per_iteration[:, j].max() >= 0})
         self.memory(iteration, consumed)
 
+    def peak_tflops(self) -> float:
+        """The MFU denominator (0: none known, no MFU scalar)."""
+        try:
+            peak, source = device_peak_tflops(self.device, getattr(torch, self.config.performance.compute_dtype))
+        except ValueError as error:  # a GPU without a known peak
+            log.warning("no MFU scalar: %s", error)
+            return 0.0
+        log.info("MFU denominator: %.2f TFLOP/s per device (%s)", peak, source)
+        return peak
+
     def mfu(self, tflops_per_device: float) -> float | None:
-        if self._peak_tflops is None:
-            try:
-                dtype = getattr(torch, self.config.performance.compute_dtype)
-                self._peak_tflops, source = device_peak_tflops(self.device, dtype)
-                log.info("MFU denominator: %.2f TFLOP/s per device (%s)", self._peak_tflops, source)
-            except ValueError as error:  # a GPU without a known peak: no MFU, said once
-                log.warning("no MFU scalar: %s", error)
-                self._peak_tflops = 0.0
         return tflops_per_device / self._peak_tflops if self._peak_tflops else None
 
     def memory(self, iteration: int, consumed: int) -> None:
