@@ -242,3 +242,25 @@ def test_slow_data_rank_is_the_straggler_as_data_loader_wait(watched_pp2):
     wait = re.search(r"    data-loader-wait:\n     rank  0: (\S+)\n     rank  1: (\S+)\n", block)
     assert float(wait[1]) > 2 * float(wait[2]), block
     assert "pipeline-p2p-wait:" in block
+
+
+def test_timer_block_and_straggler_report_formats():
+    """Four ranks: rank 2 loads data slowly; a phase nobody ran in the interval is left out."""
+    from megatron_emu.training.timers import format_timers, straggler_report
+
+    names = ["data-loader-wait", "forward-backward", "grads-reduce", "optimizer", "validation"]
+    times = torch.tensor([[1.0, 100.0, 0.5, 10.0, 0.0]] * 4)
+    times[2, 0] = 80.0
+    assert format_timers(names, times, 1).splitlines() == [
+        "(min, max) time across ranks (ms):",
+        "    data-loader-wait ...............................: (1.00, 80.00)",
+        "    forward-backward ...............................: (100.00, 100.00)",
+        "    grads-reduce ...................................: (0.50, 0.50)",
+        "    optimizer ......................................: (10.00, 10.00)",
+    ]
+    assert "     rank  2: 80.00" in format_timers(names, times, 2).splitlines()
+    report = straggler_report(names, times, ["a", "b", "c", "d"], 10.0, 11, 20)
+    assert report == ("straggler report (iterations 11-20, step time = sum of timed phases, threshold +10%): "
+                      "median 111.5 ms | rank 2 (c): 190.5 ms (+70.9%): data-loader-wait 80.0 ms, "
+                      "forward-backward 100.0 ms, grads-reduce 0.5 ms, optimizer 10.0 ms")
+    assert straggler_report(names, times, list("abcd"), 80.0, 11, 20).endswith("| no straggler")

@@ -142,20 +142,20 @@ class Interval:
 
 
 def format_timers(names: list[str], per_iteration: torch.Tensor, level: int) -> str:
-    """Megatron's timer block: (min, max) over ranks at level 1, every rank at level 2."""
+    """Megatron's timer block: (min, max) over ranks at level 1, every rank at level 2.
+    A phase no rank ran in this interval (validation, checkpoint save) is left out."""
+    ran = [j for j in range(len(names)) if (per_iteration[:, j] > 0).any()]
     if level == 1:
         lines = ["(min, max) time across ranks (ms):"]
-        for j, name in enumerate(names):
-            ran = per_iteration[:, j][per_iteration[:, j] >= 0]
-            if len(ran):
-                lines.append(f"    {(name + ' ').ljust(48, '.')}: ({ran.min():.2f}, {ran.max():.2f})")
+        for j in ran:
+            times = per_iteration[:, j][per_iteration[:, j] >= 0]
+            lines.append(f"    {(names[j] + ' ').ljust(48, '.')}: ({times.min():.2f}, {times.max():.2f})")
         return "\n".join(lines)
     lines = ["times across ranks (ms):"]
-    for j, name in enumerate(names):
-        if (per_iteration[:, j] >= 0).any():
-            lines.append(f"    {name}:")
-            lines += [f"     rank {r:2d}: {per_iteration[r, j]:.2f}" for r in range(per_iteration.shape[0])
-                      if per_iteration[r, j] >= 0]
+    for j in ran:
+        lines.append(f"    {names[j]}:")
+        lines += [f"     rank {r:2d}: {per_iteration[r, j]:.2f}" for r in range(per_iteration.shape[0])
+                  if per_iteration[r, j] >= 0]
     return "\n".join(lines)
 
 
