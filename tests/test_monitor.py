@@ -264,3 +264,15 @@ def test_timer_block_and_straggler_report_formats():
                       "median 111.5 ms | rank 2 (c): 190.5 ms (+70.9%): data-loader-wait 80.0 ms, "
                       "forward-backward 100.0 ms, grads-reduce 0.5 ms, optimizer 10.0 ms")
     assert straggler_report(names, times, list("abcd"), 80.0, 11, 20).endswith("| no straggler")
+
+
+def test_memory_line_is_megatrons():
+    from megatron_emu.training.monitor import memory_line
+
+    mb = 1024 * 1024
+    cuda = {"mem-allocated-bytes": 10 * mb, "mem-max-allocated-bytes": 20 * mb, "mem-reserved-bytes": 30 * mb,
+            "mem-max-reserved-bytes": 40 * mb}
+    assert memory_line(3, 10, cuda) == ("[Rank 3] (after 10 iterations) memory (MB) | allocated: 10.0 | "
+                                        "max allocated: 20.0 | reserved: 30.0 | max reserved: 40.0")
+    assert memory_line(0, 1, {"mem-max-rss-bytes": 512 * mb}) == (
+        "[Rank 0] (after 1 iterations) memory (MB) | max RSS (CPU: peak resident set of this process): 512.0")
