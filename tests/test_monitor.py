@@ -276,3 +276,14 @@ def test_memory_line_is_megatrons():
                                         "max allocated: 20.0 | reserved: 30.0 | max reserved: 40.0")
     assert memory_line(0, 1, {"mem-max-rss-bytes": 512 * mb}) == (
         "[Rank 0] (after 1 iterations) memory (MB) | max RSS (CPU: peak resident set of this process): 512.0")
+
+
+def test_a_run_that_dies_keeps_its_scalars(tmp_path):
+    """The training process raises before closing its sinks: what it logged is on disk."""
+    code = ("import sys; from megatron_emu.config import LoggingConfig; from megatron_emu.training.monitor import Sinks; "
+            "sinks = Sinks(LoggingConfig(tensorboard_dir=sys.argv[1]), LoggingConfig(), is_writer=True); "
+            "[sinks.scalars(it, 8 * it, {'lm loss': 1.0 / it}) for it in (1, 2, 3)]; raise RuntimeError('died')")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 1 and "RuntimeError: died" in result.stderr
+    assert scalars_at(read_events(str(tmp_path)), "lm loss") == {1: 1.0, 2: 0.5, 3: pytest.approx(1 / 3)}

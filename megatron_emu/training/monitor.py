@@ -12,6 +12,7 @@ peak resident set on CPU (torch keeps no allocator statistics there).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import importlib
 import json
@@ -56,6 +57,7 @@ class Sinks:
         if wandb is not None:
             self.wandb = wandb.init(project=logging.wandb_project, name=logging.wandb_exp_name or None,
                                     dir=logging.wandb_save_dir or None, config=json.loads(text))
+        atexit.register(self.close)  # a run that dies mid-way still flushes what it logged
 
     @property
     def active(self) -> bool:
@@ -75,6 +77,7 @@ class Sinks:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+        self.tensorboard = self.wandb = None
 
 
 # -- memory ----------------------------------------------------------------------------
