@@ -157,7 +157,7 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
                    help="memory: CUDA allocator stats on GPU, the process's peak RSS on CPU")
     g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
                    help="0: no per-phase timers; 1: min/max over ranks; 2: every rank's times")
-    g.add_argument("--no-barrier-with-L1-time", dest="barrier_with_l1_time", action="store_false",
+    g.add_argument("--no-barrier-with-level-1-timing", dest="barrier_with_l1_time", action="store_false",
                    help="no barrier before timed phases (their times then include waiting for other ranks)")
     g.add_argument("--log-straggler", action="store_true",
                    help="report ranks whose step time is above the median by --straggler-threshold percent")
