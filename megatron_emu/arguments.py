@@ -81,6 +81,12 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
                    help="LLaMA layers on the first stage (which also holds the ViT and Causal Former)")
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, help="LLaMA layers on the last stage")
+    g.add_argument("--pipeline-balance", default="even", choices=["even", "auto"],
+                   help="even: LLaMA layers split evenly (after the ends above); auto: placed so that every stage's "
+                        "forward + backward FLOPs, ViT and Causal Former on the first and heads on the last, are "
+                        "as equal as whole layers allow")
+    g.add_argument("--pipeline-balance-images-per-sample", type=float, default=2.0,
+                   help="auto: images (and video frames) per sample of the data mix (default 2, the paper's mix)")
     g.add_argument("--data-parallel-sharding", default=None, choices=["ddp", "fsdp", "hsdp"],
                    help="ddp: replicas; fsdp: FSDP2 ZeRO-3; hsdp: shard within groups, replicate across (default ddp)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
@@ -325,6 +331,8 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
         num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
         decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
         decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
+        pipeline_balance=args.pipeline_balance,
+        pipeline_balance_images_per_sample=args.pipeline_balance_images_per_sample,
         data_parallel_sharding=sharding or "ddp",
         num_distributed_optimizer_instances=args.num_distributed_optimizer_instances,
     )

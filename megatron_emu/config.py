@@ -240,6 +240,11 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: int | None = None  # interleaved: LLaMA layers per virtual stage
     decoder_first_pipeline_num_layers: int | None = None  # LLaMA layers on the first (multimodal) stage
     decoder_last_pipeline_num_layers: int | None = None  # LLaMA layers on the last stage
+    pipeline_balance: str = "even"  # even | auto (LLaMA layers placed by stage cost, parallel/balance.py)
+    # auto: images (video frames) per sample of the data mix. The paper's per-step mix, LAION-2B 128 +
+    # LAION-COCO 128 pairs at 1 image, MMC4 64 at ~3 per 1024-token chunk (up to 5), WebVid 16 +
+    # YT-Storyboard 16 at 8 frames: (256 + 64 * 3 + 32 * 8) / 352 = 2.0.
+    pipeline_balance_images_per_sample: float = 2.0
     data_parallel_sharding: str = "ddp"  # ddp | fsdp (ZeRO-3, FSDP2) | hsdp (shard inside groups, replicate across)
     num_distributed_optimizer_instances: int = 1  # hsdp: number of replicas (the rest of DP shards)
 

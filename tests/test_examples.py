@@ -38,5 +38,5 @@ def test_example_flags_make_a_valid_layout(script):
     flags = pretrain_flags(script)
     assert "--preset" in flags, flags  # found the command line
     config = parse_args(flags)
-    dims = ParallelDims.from_config(config.parallel, world_size(script), config.model)
+    dims = ParallelDims.from_config(config.parallel, world_size(script), config.model, config.data.seq_length)
     assert dims.validate(config.model, config.data) >= 1  # micro-batches per step; raises on a bad layout

@@ -132,7 +132,7 @@ def build_parallel_optimizer(pmodel: ParallelModel, config: OptimizerConfig, fus
 # ---------------------------------------------------------------------------
 def pretrain(config: TrainConfig) -> TrainSummary:
     world_size, device = init_distributed(config.device)
-    dims = ParallelDims.from_config(config.parallel, world_size, config.model)
+    dims = ParallelDims.from_config(config.parallel, world_size, config.model, config.data.seq_length)
     n_micro = dims.validate(config.model, config.data)  # all sizes checked before any work
     pmesh = build_mesh(dims, device) if world_size > 1 else None
     if config.performance.fp16 and dims.pp > 1:
