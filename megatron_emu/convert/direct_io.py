@@ -51,7 +51,9 @@ def _take_buffer() -> mmap.mmap:
     with _pool_lock:
         if _free_buffers:
             return _free_buffers.pop()
-    return mmap.mmap(-1, CHUNK)  # anonymous, page-aligned
+    # Anonymous, page-aligned, and private: Python's default MAP_SHARED would let processes
+    # forked after a conversion (gloo test ranks) share the pooled buffers, and overwrite each other's reads.
+    return mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def _give_buffer(buffer: mmap.mmap) -> None:
