@@ -24,11 +24,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import xxhash
 
-from megatron_emu.convert.direct_io import FileSpan, read_spans
+from megatron_emu.convert.direct_io import FileSpan, RangeCheck, read_spans
 from megatron_emu.files import read_json
 
 log = logging.getLogger("megatron_emu")
@@ -74,6 +75,13 @@ def hash_range(path: str, offset: int, length: int, progress: Callable[[int], No
     return hasher.hexdigest()
 
 
+def item_checks(record: dict, prefix: str = "") -> dict[tuple[str, tuple], RangeCheck]:
+    """(fqn, chunk offsets) -> the recorded checksum of that DCP item, for keys under `prefix`
+    (what the exporter's reader verifies as it reads the items)."""
+    return {(item["key"], tuple(item["chunk"])): RangeCheck(item["offset"], item["length"], item[ALGORITHM], item_label(item))
+            for entry in record["files"].values() for item in entry.get("items", []) if item["key"].startswith(prefix)}
+
+
 def _first_bad_item(path: str, items: list[dict]) -> dict | None:
     for item in items:
         if hash_range(path, item["offset"], item["length"]) != item["xxh3_64"]:
@@ -95,6 +103,20 @@ def verify_file(directory: str, name: str, expected: dict, progress: Callable[[i
     bad = _first_bad_item(path, expected.get("items", []))
     where = f" in tensor {item_label(bad)} (bytes {bad['offset']}-{bad['offset'] + bad['length']})" if bad else ""
     raise ValueError(f"{path}: checksum mismatch{where}: the checkpoint is corrupted")
+
+
+def verify_directory(directory: str, record: dict, progress: Callable[[int], None] | None = None, jobs: int = 2) -> list[str]:
+    """Every file of the record, `jobs` at a time (the reads and xxhash release the GIL);
+    returns one error line per file that differs, [] when all match."""
+    def check(name: str) -> str | None:
+        try:
+            verify_file(directory, name, record["files"][name], progress)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return [e for e in pool.map(check, sorted(record["files"])) if e]
 
 
 def total_bytes(record: dict, names: list[str] | None = None) -> int:
