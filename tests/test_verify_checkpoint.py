@@ -15,7 +15,7 @@ from megatron_emu.convert.streams import DCPSource, SafetensorsSource
 from megatron_emu.data.tokenizer import build_tiny_tokenizer
 from megatron_emu.training.checkpoint_files import iteration_dir
 from megatron_emu.training.checksums import CHECKSUMS_NAME
-from tests.test_checkpoint_checksums import corrupt_tensor, saved_checkpoint
+from tests.test_checkpoint_checksums import assert_records_every_file, corrupt_tensor, saved_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TENSOR = "model.llm.output.weight"
@@ -112,3 +112,17 @@ def test_export_warns_without_checksums_and_still_exports(intact, tmp_path, capl
     os.remove(copy / CHECKSUMS_NAME)
     export_hf(str(copy), str(tmp_path / "hf"), build_tiny_tokenizer())
     assert "no checksums.json" in caplog.text and (tmp_path / "hf" / "config.json").exists()
+
+
+def test_an_imported_checkpoint_records_checksums_as_it_is_written(tmp_path):
+    from megatron_emu.config import get_preset
+    from megatron_emu.convert.imports import import_checkpoint
+
+    import_checkpoint([], get_preset("tiny"), str(tmp_path / "imported"), seed=0, max_shard_bytes=2**20)  # several groups
+    directory = iteration_dir(str(tmp_path / "imported"), 0)
+    record = assert_records_every_file(directory)
+    assert sum(n.endswith(".distcp") for n in record["files"]) > 1
+    name, _ = corrupt_tensor(directory, TENSOR)
+    result = verify(str(tmp_path / "imported"))
+    assert result.returncode == 1
+    assert f"{os.path.join(directory, name)}: checksum mismatch in tensor {TENSOR}" in result.stderr

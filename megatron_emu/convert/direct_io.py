@@ -288,10 +288,16 @@ def read_spans(spans: Iterable[FileSpan]) -> Iterator[memoryview]:
 
 
 class DirectFile:
-    """A new file written sequentially (`write`, `tell`, `close`), data fsynced at close."""
+    """A new file written sequentially (`write`, `tell`, `close`), data fsynced at close.
 
-    def __init__(self, path: str):
+    With checksums=True the bytes are hashed (xxh3_64) as they are written: the whole file
+    in the writer thread (`file_digest` after close), and in the caller's thread the bytes
+    since the last `segment_digest()` call (a DCP item)."""
+
+    def __init__(self, path: str, checksums: bool = False):
         self.path = path
+        self.file_hash = xxhash.xxh3_64() if checksums else None
+        self.segment_hash = xxhash.xxh3_64() if checksums else None
         self.direct = hasattr(os, "O_DIRECT")
         self.fd = self._open(truncate=True)
         self.buffers = [_take_buffer(), _take_buffer()]
@@ -311,8 +317,10 @@ class DirectFile:
                 self.direct = False  # the filesystem has no O_DIRECT
         return os.open(self.path, flags, 0o644)
 
-    def _pwrite(self, buffer: mmap.mmap, length: int, offset: int) -> None:
+    def _pwrite(self, buffer: mmap.mmap, length: int, offset: int, data_length: int) -> None:
         with memoryview(buffer) as whole:
+            if self.file_hash is not None:  # the data, not the padding to the block size
+                self.file_hash.update(whole[:data_length])
             view = whole[:length]
             while view:
                 try:
@@ -329,10 +337,18 @@ class DirectFile:
     def tell(self) -> int:
         return self.flushed + self.fill
 
+    def segment_digest(self) -> str:
+        digest = self.segment_hash.hexdigest()
+        self.segment_hash.reset()
+        return digest
+
+    def file_digest(self) -> str:
+        return self.file_hash.hexdigest()
+
     def _flush(self, length: int) -> None:
         """Hand the current buffer to the writer thread and switch to the other one."""
         i = self.current
-        self.pending[i] = self.writer.submit(self._pwrite, self.buffers[i], length, self.flushed)
+        self.pending[i] = self.writer.submit(self._pwrite, self.buffers[i], length, self.flushed, self.fill)
         self.flushed += self.fill
         self.current, self.fill = 1 - i, 0
         if self.pending[self.current] is not None:
@@ -358,6 +374,8 @@ class DirectFile:
             source = data.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
         else:
             source = np.frombuffer(data, dtype=np.uint8)
+        if self.segment_hash is not None:
+            self.segment_hash.update(source)
         done, total = 0, len(source)
         while done < total:
             n = min(CHUNK - self.fill, total - done)

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.futures import Future
 
-from megatron_emu.training.checksums import ALGORITHM, CHECKSUMS_NAME, FORMAT, hash_range, new_hasher
+from megatron_emu.training.checksums import ALGORITHM, item_entry, new_hasher, write_record
 
 
 class _HashingStream:
@@ -113,8 +112,7 @@ class ChecksummingWriter(dcp.FileSystemWriter):
         for name, stream in self.streams.items():
             if name.endswith(".metadata.tmp"):  # written under a temporary name, then renamed
                 files[name[: -len(".tmp")]] = stream.record()
-        self._add_other_files(files)
-        self._write_checksums(files)
+        write_record(self.path, files)
 
     @staticmethod
     def _record(files: dict[str, dict], result) -> _StorageInfo:
@@ -124,23 +122,5 @@ class ChecksummingWriter(dcp.FileSystemWriter):
             return info
         entry = files.setdefault(info.relative_path, {**info.file_record, "items": []})
         if info.item_digest is not None:
-            chunk = list(result.index.offset) if result.index.offset is not None else []
-            entry["items"].append({"key": result.index.fqn, "chunk": chunk, "offset": info.offset,
-                                   "length": info.length, ALGORITHM: info.item_digest})
+            entry["items"].append(item_entry(result.index, info.offset, info.length, info.item_digest))
         return _StorageInfo(info.relative_path, info.offset, info.length, info.transform_descriptors)
-
-    def _add_other_files(self, files: dict[str, dict]) -> None:
-        for name in sorted(os.listdir(self.path)):
-            path = os.path.join(self.path, name)
-            if name not in files and name != CHECKSUMS_NAME and os.path.isfile(path):
-                size = os.path.getsize(path)
-                files[name] = {"size": size, ALGORITHM: hash_range(path, 0, size)}
-
-    def _write_checksums(self, files: dict[str, dict]) -> None:
-        for entry in files.values():
-            entry.get("items", []).sort(key=lambda item: item["offset"])
-        record = {"format": FORMAT, "algorithm": ALGORITHM, "files": dict(sorted(files.items()))}
-        with open(os.path.join(self.path, CHECKSUMS_NAME), "w") as f:
-            json.dump(record, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())

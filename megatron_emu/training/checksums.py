@@ -21,6 +21,7 @@ checksums existed, or imported) is accepted with a warning.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -62,6 +63,30 @@ def read_checksums(directory: str) -> dict | None:
 
 def warn_unverified(directory: str) -> None:
     log.warning("%s: no %s (saved before checksums, or imported): its bytes are not verified", directory, CHECKSUMS_NAME)
+
+
+def item_entry(index, offset: int, length: int, digest: str) -> dict:
+    """The record of one DCP item (`index`: its MetadataIndex) at [offset, offset + length)."""
+    chunk = list(index.offset) if index.offset is not None else []
+    return {"key": index.fqn, "chunk": chunk, "offset": offset, "length": length, ALGORITHM: digest}
+
+
+def write_record(directory: str, files: dict[str, dict]) -> None:
+    """checksums.json for `files` (name -> {"size", "xxh3_64", "items"}: digests taken as the
+    writer wrote them) and every other file in `directory`: small ones written before the
+    record (run_config.json), hashed now from the page cache."""
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name not in files and name != CHECKSUMS_NAME and os.path.isfile(path):
+            size = os.path.getsize(path)
+            files[name] = {"size": size, ALGORITHM: hash_range(path, 0, size)}
+    for entry in files.values():
+        entry.get("items", []).sort(key=lambda item: item["offset"])
+    record = {"format": FORMAT, "algorithm": ALGORITHM, "files": dict(sorted(files.items()))}
+    with open(os.path.join(directory, CHECKSUMS_NAME), "w") as f:
+        json.dump(record, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def hash_range(path: str, offset: int, length: int, progress: Callable[[int], None] | None = None) -> str:
