@@ -29,7 +29,8 @@ import os
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
-from megatron_emu.convert.direct_io import FileSpan, RangeCheck, verify_mapped
+from megatron_emu.convert.direct_io import FileSpan
+from megatron_emu.convert.range_check import RangeCheck, verify_mapped
 
 
 _RECORDS = 8192  # bytes at each end of a torch.save zip holding its records (pickle, central directory)

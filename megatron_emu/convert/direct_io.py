@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import xxhash
 
+from megatron_emu.convert.range_check import RangeCheck
+
 ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffer addresses (a page)
 CHUNK = 8 * 2**20  # bytes per write: 8 MiB measured fastest here (2.3-2.7 GB/s; 16-128 MiB: 1.0-2.1)
 # Buffers of read_spans (CHUNK each): reads go on while the caller waits for its writes.
@@ -60,57 +62,6 @@ def _take_buffer() -> mmap.mmap:
 def _give_buffer(buffer: mmap.mmap) -> None:
     with _pool_lock:
         _free_buffers.append(buffer)
-
-
-@dataclasses.dataclass(frozen=True)
-class RangeCheck:
-    """The xxh3_64 digest recorded for bytes [offset, offset + length) of a span's file, a range
-    around the span (the DCP item, a torch.save zip, around its tensor's bytes). read_spans
-    hashes the range's bytes before the span, the span's own as they pass, and those after
-    it, and refuses a mismatch naming the file and `label` (the tensor): the bytes are checked
-    in the same read that copies them."""
-
-    offset: int
-    length: int
-    digest: str
-    label: str
-
-    def begin(self, span: FileSpan):
-        hasher = xxhash.xxh3_64()
-        hasher.update(_pread(span.path, self.offset, span.offset - self.offset))
-        return hasher
-
-    def end(self, hasher, span: FileSpan) -> None:
-        after = span.offset + span.nbytes
-        hasher.update(_pread(span.path, after, self.offset + self.length - after))
-        self.compare(hasher.hexdigest(), span.path)
-
-    def compare(self, digest: str, path: str) -> None:
-        if digest != self.digest:
-            raise ValueError(f"{path}: checksum mismatch in tensor {self.label} "
-                             f"(bytes {self.offset}-{self.offset + self.length}): the checkpoint is corrupted")
-
-
-def _pread(path: str, offset: int, length: int) -> bytes:
-    """A few bytes (an item's zip records) through the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-    if len(data) != length:
-        raise ValueError(f"{path}: truncated (bytes up to {offset + length} needed, the file ends at {offset + len(data)})")
-    return data
-
-
-def verify_mapped(fd: int, path: str, check: RangeCheck) -> None:
-    """Hash the checked range of an open file through a mapping (for items that are mapped,
-    not copied: their pages are then in the page cache for the view that reads them)."""
-    base = check.offset - check.offset % mmap.ALLOCATIONGRANULARITY
-    with mmap.mmap(fd, check.offset + check.length - base, access=mmap.ACCESS_READ, offset=base) as region:
-        with memoryview(region) as view:
-            digest = xxhash.xxh3_64(view[check.offset - base:]).hexdigest()
-    check.compare(digest, path)
 
 
 @dataclasses.dataclass(frozen=True)

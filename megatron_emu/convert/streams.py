@@ -128,7 +128,6 @@ class DCPSource:
                 dcp.load({"model": rest}, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
         return {n: state[n] if n in state else rest[n] for n in names}
 
-
     def _verify_items(self, names: list[str]) -> None:
         """Check the items dcp.load is about to read (it reads them whole, so do we)."""
         from megatron_emu.training.checksums import hash_range

@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import xxhash
 
-from megatron_emu.convert.direct_io import FileSpan, RangeCheck, read_spans
+from megatron_emu.convert.direct_io import FileSpan, read_spans
+from megatron_emu.convert.range_check import RangeCheck
 from megatron_emu.files import read_json
 
 log = logging.getLogger("megatron_emu")
