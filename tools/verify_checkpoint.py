@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify") as bar:
         for directory, record in records.items():
             if record is None:
-                tqdm.write(f"warning: {directory}: no checksums.json (saved before checksums, or imported): not verified")
+                tqdm.write(f"warning: {directory}: no checksums.json (saved before checksums existed): not verified")
                 unverified += 1
                 continue
             errors = verify_directory(directory, record, bar.update, args.jobs)

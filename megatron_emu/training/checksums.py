@@ -16,7 +16,7 @@ at ~20 GB/s on one core here, well above the disk's speed: verifying costs a rea
 Who verifies: `Checkpointer.load` (each rank a share of the files, before DCP reads them),
 the exporter (every model item as its bytes stream through, convert/export.py) and
 tools/verify_checkpoint.py (everything). A checkpoint without checksums.json (saved before
-checksums existed, or imported) is accepted with a warning.
+checksums existed) is accepted with a warning.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def read_checksums(directory: str) -> dict | None:
 
 
 def warn_unverified(directory: str) -> None:
-    log.warning("%s: no %s (saved before checksums, or imported): its bytes are not verified", directory, CHECKSUMS_NAME)
+    log.warning("%s: no %s (saved before checksums existed): its bytes are not verified", directory, CHECKSUMS_NAME)
 
 
 def item_entry(index, offset: int, length: int, digest: str) -> dict:
