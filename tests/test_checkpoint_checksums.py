@@ -75,7 +75,7 @@ def test_load_refuses_a_changed_tensor_naming_file_and_tensor(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was loaded
 
 
-def test_no_verify_checkpoint_loads_without_reading_twice(tmp_path):
+def test_no_verify_checkpoint_skips_the_check(tmp_path):
     assert parse_args(["--no-verify-checkpoint"]).checkpoint.verify is False
     assert parse_args([]).checkpoint.verify is True
     config, directory = saved_checkpoint(tmp_path)

@@ -14,7 +14,7 @@ differs can be narrowed to the tensor that differs. xxh3_64 (the xxhash package)
 at ~20 GB/s on one core here, well above the disk's speed: verifying costs a read.
 
 Who verifies: `Checkpointer.load` (each rank a share of the files, before DCP reads them),
-the exporter (every model item as its bytes stream through, convert/export.py) and
+the exporter (every model item as its bytes stream through: convert/streams.DCPSource) and
 tools/verify_checkpoint.py (everything). A checkpoint without checksums.json (saved before
 checksums existed) is accepted with a warning.
 """
