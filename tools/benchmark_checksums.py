@@ -3,6 +3,7 @@
 verification next to the load itself, on a synthetic state dict.
 
   python tools/benchmark_checksums.py --gib 4 --repeats 3 --workdir /tmp/ckbench
+  python tools/benchmark_checksums.py --exporter-reads CKPT --repeats 4
 
 Each repeat saves the same state with dcp.FileSystemWriter (plain) and ChecksummingWriter
 (hashes as it writes, + checksums.json), in alternating order, fsync on as in training;
@@ -43,12 +44,41 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def exporter_reads(checkpoint: str, repeats: int) -> dict:
+    """The exporter's read path alone: every model tensor stored whole, read as FileSpans
+    through read_spans with its checksum verified on the way and without (checks dropped),
+    alternating; warm page cache. Wall and CPU seconds (process_time: both threads)."""
+    import dataclasses
+
+    from megatron_emu.convert.direct_io import read_spans
+    from megatron_emu.convert.streams import DCPSource
+
+    source = DCPSource(checkpoint)
+    with_check = [s for s in source.read(list(source.entries), spans=True).values() if hasattr(s, "check")]
+    without = [dataclasses.replace(s, check=None) for s in with_check]
+    set_cached(source.path, True)
+    times: dict[str, list[float]] = {}
+    for repeat in range(repeats):
+        for kind, spans in (("verified", with_check), ("unverified", without))[:: 1 if repeat % 2 == 0 else -1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in read_spans(spans):
+                pass
+            times.setdefault(f"read spans {kind} wall s", []).append(round(time.perf_counter() - wall, 2))
+            times.setdefault(f"read spans {kind} cpu s", []).append(round(time.process_time() - cpu, 2))
+    times["span bytes"] = sum(s.nbytes for s in with_check)
+    return times
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gib", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", default="/tmp/checksum-benchmark")
+    p.add_argument("--exporter-reads", metavar="CKPT", help="instead: time the exporter's span reads of CKPT with and without verification")
     args = p.parse_args(argv)
+    if args.exporter_reads:
+        print(json.dumps(exporter_reads(args.exporter_reads, args.repeats)))
+        return
     warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
     state = synthetic_state(args.gib)
     paths = {kind: os.path.join(args.workdir, kind) for kind in ("plain", "checksummed")}

@@ -201,8 +201,9 @@ def read_spans(spans: Iterable[FileSpan]) -> Iterator[memoryview]:
     """The bytes of each span in turn, in pieces of at most CHUNK bytes (never across spans);
     each piece is valid until the next is asked for. A background thread reads up to
     READ_AHEAD - 1 pieces ahead into reused buffers, so the disk keeps reading while the
-    caller waits for its writes. A span with a `check` is hashed as it passes; a mismatch
-    is a ValueError raised before its last piece is handed out."""
+    caller waits for its writes. A span with a `check` is hashed by that thread as it reads
+    (in order: one thread), and a mismatch is a ValueError raised before the span's last
+    piece is handed out."""
     owners, pieces = [], []  # owners[i]: (span, first piece of it, last piece of it)
     for span in spans:
         cut = list(_pieces(span))
@@ -212,24 +213,29 @@ def read_spans(spans: Iterable[FileSpan]) -> Iterator[memoryview]:
         return
     reader, buffers = _SpanReader(), [_take_buffer() for _ in range(READ_AHEAD)]
     pool, reads = ThreadPoolExecutor(max_workers=1), collections.deque()
+    hasher = None
+
+    def read_and_check(i: int) -> memoryview:
+        nonlocal hasher
+        view = reader.read(buffers[i % READ_AHEAD], *pieces[i])
+        span, first, last = owners[i]
+        if span.check is not None:
+            hasher = span.check.begin(span) if first else hasher
+            hasher.update(view)
+            if last:
+                span.check.end(hasher, span)
+        return view
 
     def read(i: int) -> None:
-        reads.append(pool.submit(reader.read, buffers[i % READ_AHEAD], *pieces[i]))
+        reads.append(pool.submit(read_and_check, i))
 
     try:
         for i in range(min(READ_AHEAD - 1, len(pieces))):
             read(i)
-        hasher = None
         for i in range(len(pieces)):
             view = reads.popleft().result()
             if i + READ_AHEAD - 1 < len(pieces):
                 read(i + READ_AHEAD - 1)  # into the buffer of piece i - 1, which the caller is done with
-            span, first, last = owners[i]
-            if span.check is not None:
-                hasher = span.check.begin(span) if first else hasher
-                hasher.update(view)
-                if last:
-                    span.check.end(hasher, span)
             yield view
     finally:
         pool.shutdown(wait=True)  # a read in flight finishes before its buffer is reused
