@@ -240,6 +240,11 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: int | None = None  # interleaved: LLaMA layers per virtual stage
     decoder_first_pipeline_num_layers: int | None = None  # LLaMA layers on the first (multimodal) stage
     decoder_last_pipeline_num_layers: int | None = None  # LLaMA layers on the last stage
+    pipeline_balance: str = "even"  # even | auto (LLaMA layers placed by stage cost, parallel/balance.py)
+    # auto: images (video frames) per sample of the data mix. The paper's per-step mix, LAION-2B 128 +
+    # LAION-COCO 128 pairs at 1 image, MMC4 64 at ~3 per 1024-token chunk (up to 5), WebVid 16 +
+    # YT-Storyboard 16 at 8 frames: (256 + 64 * 3 + 32 * 8) / 352 = 2.0.
+    pipeline_balance_images_per_sample: float = 2.0
     data_parallel_sharding: str = "ddp"  # ddp | fsdp (ZeRO-3, FSDP2) | hsdp (shard inside groups, replicate across)
     num_distributed_optimizer_instances: int = 1  # hsdp: number of replicas (the rest of DP shards)
 
@@ -261,6 +266,43 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where a run's scalars go besides the log line, and what is timed (training/monitor.py,
+    training/timers.py). Megatron-LM's flag names."""
+
+    tensorboard_dir: str = ""  # "" = no TensorBoard
+    tensorboard_log_interval: int = 1  # iterations between per-step scalars
+    tensorboard_queue_size: int = 1000  # events buffered before the writer flushes
+    log_validation_ppl_to_tensorboard: bool = False
+    log_timers_to_tensorboard: bool = False
+    log_memory_to_tensorboard: bool = False
+    wandb_project: str = ""  # "" = no Weights & Biases
+    wandb_exp_name: str = ""
+    wandb_save_dir: str = ""
+    # 0: no per-phase timers (nothing added to the step); 1: min/max over ranks; 2: every rank.
+    timing_log_level: int = 0
+    barrier_with_l1_time: bool = True  # barrier before each timed phase: waits for other ranks stay out
+    log_straggler: bool = False
+    straggler_threshold: float = 10.0  # percent above the median step time
+    straggler_interval: int | None = None  # iterations between reports (None: --log-interval)
+
+    def __post_init__(self) -> None:
+        if self.timing_log_level not in (0, 1, 2):
+            raise ValueError(f"--timing-log-level must be 0, 1 or 2, got {self.timing_log_level}")
+        if self.tensorboard_log_interval < 1 or self.tensorboard_queue_size < 1:
+            raise ValueError("--tensorboard-log-interval and --tensorboard-queue-size must be >= 1")
+        if self.log_straggler and self.timing_log_level == 0:
+            raise ValueError("--log-straggler needs --timing-log-level 1 or 2: a rank's step time is the sum "
+                             "of its timed phases (waits for other ranks excluded)")
+        if self.straggler_interval is not None and self.straggler_interval < 1:
+            raise ValueError(f"--straggler-interval must be >= 1, got {self.straggler_interval}")
+
+    @property
+    def has_sink(self) -> bool:
+        return bool(self.tensorboard_dir or self.wandb_project)
+
+
+@dataclass
 class TrainConfig:
     """Everything one pretraining run needs; filled from Megatron-style flags."""
 
@@ -271,6 +313,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     performance: "PerformanceConfig" = field(default_factory=lambda: PerformanceConfig())
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     train_iters: int = 300
     l2_loss_weight: float = 1.0
     seed: int = 1234

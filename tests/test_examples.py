@@ -10,7 +10,8 @@ import pytest
 from megatron_emu.arguments import parse_args
 from megatron_emu.parallel.mesh import ParallelDims
 
-EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[1] / "examples").rglob("*") if p.suffix in (".sh", ".sbatch"))
+EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[1] / "examples").rglob("*")
+                  if p.suffix in (".sh", ".sbatch") and "pretrain_emu.py" in p.read_text())  # launch scripts
 
 
 def pretrain_flags(script: Path) -> list[str]:
@@ -38,5 +39,5 @@ def test_example_flags_make_a_valid_layout(script):
     flags = pretrain_flags(script)
     assert "--preset" in flags, flags  # found the command line
     config = parse_args(flags)
-    dims = ParallelDims.from_config(config.parallel, world_size(script), config.model)
+    dims = ParallelDims.from_config(config.parallel, world_size(script), config.model, config.data.seq_length)
     assert dims.validate(config.model, config.data) >= 1  # micro-batches per step; raises on a bad layout

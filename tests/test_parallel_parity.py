@@ -90,7 +90,7 @@ def build_run(world: int, parallel: dict, make_config=run_config):
     """(config, ParallelModel, optimizer, pmesh, micro-batches per DP rank) for one layout;
     parallel["performance"]: PerformanceConfig fields (default: fused kernels, fp32)."""
     config = make_config(**parallel)
-    dims = ParallelDims.from_config(config.parallel, world, config.model)
+    dims = ParallelDims.from_config(config.parallel, world, config.model, config.data.seq_length)
     n_micro = dims.validate(config.model, config.data)
     pmesh = build_mesh(dims, torch.device("cpu"))
     losses: list = []
@@ -153,7 +153,7 @@ def check_coverage(name: str, seen: set[str], pmesh, ref) -> None:
 def check_bytes(rank: int, world: int, name: str, parallel: dict) -> None:
     """Per-rank parameter storage shrinks by TP on split layers, by stage under PP, by DP under FSDP."""
     config = run_config(**parallel)
-    dims = ParallelDims.from_config(config.parallel, world, config.model)
+    dims = ParallelDims.from_config(config.parallel, world, config.model, config.data.seq_length)
     n_micro = dims.validate(config.model, config.data)
     full = build_emu(config.model, seed=SEED)
     sizes = {n: p.numel() for n, p in full.named_parameters()}
@@ -258,7 +258,7 @@ def check_meta_init(rank: int, world: int, ref: list[dict], parallel: dict | Non
     rank initialises only its shards, to exactly the single-process build_emu(seed) values."""
     parallel = parallel or META_INIT_LAYOUTS[world]
     config = run_config(**parallel)
-    dims = ParallelDims.from_config(config.parallel, world, config.model)
+    dims = ParallelDims.from_config(config.parallel, world, config.model, config.data.seq_length)
     n_micro = dims.validate(config.model, config.data)
     from megatron_emu.training.metrics import CPUPeakMemory
 
@@ -293,6 +293,8 @@ WORLD2 = {
     "TP2": dict(tensor_model_parallel_size=2),
     "TP2+SP": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "PP2 1F1B": dict(pipeline_model_parallel_size=2),
+    # tiny at 80 tokens, 2 images per sample: ViT + Causal Former cost ~2.6 LLaMA layers -> split [1, 3].
+    "PP2 1F1B auto-balanced": dict(pipeline_model_parallel_size=2, pipeline_balance="auto"),
     "PP2 interleaved": dict(pipeline_model_parallel_size=2, pipeline_schedule="interleaved", num_layers_per_virtual_pipeline_stage=1),
     "PP2 zero-bubble": dict(pipeline_model_parallel_size=2, pipeline_schedule="zero-bubble"),
     "DP2 DDP": dict(data_parallel_sharding="ddp"),

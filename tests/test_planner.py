@@ -14,7 +14,8 @@ from megatron_emu.model.emu import build_emu
 from megatron_emu.parallel.mesh import ParallelDims
 from megatron_emu.training import train
 from megatron_emu.training.metrics import CPUPeakMemory
-from megatron_emu.training.planner import HARDWARE, Workload, estimate_memory, parameter_counts, plan
+from megatron_emu.training.planner import (HARDWARE, Workload, allreduce_seconds, estimate_memory,
+                                           estimate_step_time, parameter_counts, plan, rank_stages)
 from megatron_emu.training.precision import Precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,3 +99,36 @@ def test_plan_orders_fitting_rows_by_throughput():
     fitting = [r.time["tokens_per_s"] for r in rows if r.fits]
     assert fitting == sorted(fitting, reverse=True) and fitting
 
+
+
+def test_step_time_exposes_what_the_schedule_cannot_hide():
+    """Gradients are reduced once per step: without PP the last micro-batch's backward hides
+    part of it; with PP (pipelining reduces after the schedule) nothing does."""
+    config, hw = get_preset("emu-14b"), HARDWARE["a100-80g"]
+    work = Workload(1, 352, 1024, 2)
+
+    def dims(tp, pp):
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  data_parallel_sharding="fsdp", pipeline_balance="auto")
+        return ParallelDims.from_config(parallel, 128, config, seq_length=1024)
+
+    counts = parameter_counts(config)
+    pp2 = dims(2, 2)
+    stage_params = (max(sum(pp2.stage_layers[s] * counts["layer"] for s in rank_stages(pp2, r)) for r in range(2))
+                    + counts["encoder"] + counts["embed"] + counts["head"] / 2) / 2
+    reduce_scatter = allreduce_seconds(4 * stage_params, pp2.dp, hw.inter_node_gbs) / 2
+    time = estimate_step_time(config, work, pp2, hw)
+    assert time["dp_exposed_s"] == pytest.approx(reduce_scatter)  # gathers hide, the reduce-scatter does not
+    assert 0.25 < time["exposed_comm_fraction"] < 0.35 and time["mfu"] < 0.36
+    # Without PP (DDP: no gathers) the last micro-batch's backward hides part of the all-reduce.
+    ddp = ParallelDims.from_config(ParallelConfig(tensor_model_parallel_size=4), 128, config)
+    replicas = (counts["encoder"] + counts["embed"] + config.llm.layers * counts["layer"] + counts["head"]) / 4
+    full_allreduce = allreduce_seconds(4 * replicas, ddp.dp, hw.inter_node_gbs)
+    assert 0 < estimate_step_time(config, work, ddp, hw)["dp_exposed_s"] < full_allreduce
+
+
+def test_plan_states_its_assumptions(capsys):
+    load_tool("plan").main(["--preset", "emu-14b", "--gpus", "128", "--gpu", "a100-80g", "--top", "3"])
+    out = capsys.readouterr().out
+    assert "assumed: matmul-bound blocks at 50% of peak" in out and "exposed comm" in out
+    assert "--pipeline-balance auto" in out

@@ -132,7 +132,7 @@ def prepare_emu(config: TrainConfig, images_per_sample: int, corpus: bool = Fals
     from megatron_emu.training import train
 
     world_size, device = init_distributed(config.device)
-    dims = ParallelDims.from_config(config.parallel, world_size, config.model)
+    dims = ParallelDims.from_config(config.parallel, world_size, config.model, config.data.seq_length)
     n_micro = dims.validate(config.model, config.data)
     pmesh = build_mesh(dims, device) if world_size > 1 else None
     perf = config.performance

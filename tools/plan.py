@@ -32,19 +32,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=None, help="default: the preset's recipe")
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--seq-length", type=int, default=None)
-    p.add_argument("--images-per-sample", type=int, default=2)
+    p.add_argument("--images-per-sample", type=int, default=2,
+                   help="images (video frames) per sample of the data mix: FLOPs and the pipeline balance")
     p.add_argument("--fp32", action="store_true", help="plan fp32 training (default: bf16)")
     p.add_argument("--top", type=int, default=12, help="rows to print")
     p.add_argument("--json", action="store_true", help="also print every row as JSON lines")
     return p.parse_args(argv)
 
 
-def flags(row) -> str:
+EXPOSED_COMM_WARNING = 0.25  # '!' in the table: more of the step than this waits on collectives
+
+
+def assumptions(hw) -> str:
+    """What the step-time model takes for granted, printed with every plan."""
+    return (f"assumed: matmul-bound blocks at {hw.efficiency:.0%} of peak; TP collectives on "
+            f"{hw.intra_node_gbs:g} GB/s per GPU (NVLink, {hw.gpus_per_node} GPUs per node) and fully exposed; "
+            f"DP on {hw.inter_node_gbs:g} GB/s per GPU across nodes; FSDP all-gathers prefetched behind compute; "
+            f"gradients reduced once per step, hidden by the last micro-batch's backward without PP and not at all "
+            f"with PP (reduced after the schedule); 1F1B bubble (PP-1)/v micro-batches")
+
+
+def flags(row, images_per_sample: float) -> str:
     d = row.dims
     text = (f"--tensor-model-parallel-size {d.tp} --pipeline-model-parallel-size {d.pp} "
             f"--data-parallel-sharding {d.sharding}")
     if d.pp > 1:
-        text += f" --pipeline-schedule {d.schedule}"
+        text += f" --pipeline-schedule {d.schedule} --pipeline-balance auto"
+        if images_per_sample != 2:
+            text += f" --pipeline-balance-images-per-sample {images_per_sample:g}"
     if row.recompute == "selective":
         text += " --recompute-activations"
     elif row.recompute == "full":
@@ -57,15 +72,21 @@ def short(dims) -> str:
     return text + (f" {dims.schedule} ({dims.num_stages} stages)" if dims.pp > 1 else "")
 
 
+def exposed_too_much(row) -> bool:
+    return row.time["exposed_comm_fraction"] > EXPOSED_COMM_WARNING
+
+
 def table(rows, top: int) -> str:
-    head = f"{'layout':<44} {'recompute':<9} {'weights+grads+opt':>17} {'activ.':>7} {'transient':>9} {'total GiB':>9} {'fits':>4} {'tokens/s':>9} {'MFU':>5}"
+    head = (f"{'layout':<44} {'recompute':<9} {'weights+grads+opt':>17} {'activ.':>7} {'transient':>9} "
+            f"{'total GiB':>9} {'fits':>4} {'tokens/s':>9} {'MFU':>5} {'exposed comm':>12}")
     lines = [head, "-" * len(head)]
     for row in rows[:top]:
         m = row.memory.row()
         static = m["weights"] + m["grads"] + m["optimizer"]
         lines.append(f"{short(row.dims):<44} {str(row.recompute or '-'):<9} {static:>17.2f} "
                      f"{m['activations']:>7.2f} {m['transient']:>9.2f} {m['total']:>9.2f} {'yes' if row.fits else 'no':>4} "
-                     f"{row.time['tokens_per_s']:>9,.0f} {row.time['mfu']:>5.1%}")
+                     f"{row.time['tokens_per_s']:>9,.0f} {row.time['mfu']:>5.1%} "
+                     f"{row.time['exposed_comm_fraction']:>11.0%}{'!' if exposed_too_much(row) else ' '}")
     return "\n".join(lines)
 
 
@@ -86,14 +107,17 @@ def main(argv=None) -> list:
     if not rows:
         raise ValueError(f"tools/plan.py: no TP x PP x DP layout of {args.gpus} GPUs accepts global batch "
                          f"{work.global_batch_size} / micro-batch {work.micro_batch_size} for {args.preset}")
-    print(f"{args.preset} on {args.gpus} x {hw.name} ({hw.memory_gib:g} GiB, {hw.peak_tflops:g} TFLOP/s bf16, "
-          f"assumed {hw.efficiency:.0%} matmul efficiency); {work}")
+    print(f"{args.preset} on {args.gpus} x {hw.name} ({hw.memory_gib:g} GiB, {hw.peak_tflops:g} TFLOP/s bf16); {work}")
+    print(assumptions(hw))
     print(table(rows, args.top))
     best = rows[0]
+    if best.fits and exposed_too_much(best):
+        print(f"\nwarning: {best.time['exposed_comm_fraction']:.0%} of the recommended step is exposed communication "
+              f"(> {EXPOSED_COMM_WARNING:.0%}): the estimate leans on the bandwidth assumptions above")
     if best.fits:
         print(f"\nrecommended: {best.dims.describe()}, recompute {best.recompute or 'off'}: "
               f"{best.memory.row()['total']} GiB per GPU, ~{best.time['tokens_per_s']:,.0f} tokens/s\n"
-              f"  pretrain_emu.py --preset {args.preset} {flags(best)}{' --bf16' if not args.fp32 else ''}")
+              f"  pretrain_emu.py --preset {args.preset} {flags(best, args.images_per_sample)}{' --bf16' if not args.fp32 else ''}")
     else:
         print("\nno layout fits in memory: add GPUs, lower --micro-batch-size or --seq-length")
     if args.json:

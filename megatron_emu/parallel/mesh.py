@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatron_emu.config import DataConfig, ModelConfig, ParallelConfig
+from megatron_emu.parallel.balance import StageCost, balanced_stage_layers, emu_stage_cost
 
 log = logging.getLogger("megatron_emu")
 
@@ -47,7 +48,9 @@ class ParallelDims:
         return self.pp * self.virtual_stages if self.pp > 1 else 1
 
     @classmethod
-    def from_config(cls, parallel: ParallelConfig, world_size: int, model: ModelConfig) -> "ParallelDims":
+    def from_config(cls, parallel: ParallelConfig, world_size: int, model: ModelConfig,
+                    seq_length: int | None = None) -> "ParallelDims":
+        """`seq_length` (the run's --seq-length) is needed by --pipeline-balance auto only."""
         tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
         if tp < 1 or pp < 1:
             raise ValueError(f"parallel sizes must be >= 1, got TP={tp} PP={pp}")
@@ -69,7 +72,12 @@ class ParallelDims:
             raise ValueError(
                 f"--num-distributed-optimizer-instances {replicas} does not divide the data-parallel size {dp}"
             )
-        virtual, layers = pipeline_layout(parallel, model.llm.layers) if pp > 1 else (1, ())
+        cost = None
+        if parallel.pipeline_balance == "auto":
+            if seq_length is None:
+                raise ValueError("--pipeline-balance auto needs the sequence length to cost the stages")
+            cost = emu_stage_cost(model, seq_length, parallel.pipeline_balance_images_per_sample)
+        virtual, layers = pipeline_layout(parallel, model.llm.layers, cost) if pp > 1 else (1, ())
         return cls(world_size, tp, pp, dp, sharding, replicas, parallel.sequence_parallel,
                    parallel.pipeline_schedule, virtual, layers)
 
@@ -103,16 +111,28 @@ class ParallelDims:
         return text
 
 
-def pipeline_layout(parallel: ParallelConfig, num_layers: int) -> tuple[int, tuple[int, ...]]:
+def pipeline_layout(parallel: ParallelConfig, num_layers: int,
+                    stage_cost: StageCost | None = None) -> tuple[int, tuple[int, ...]]:
     """(virtual stages per PP rank, LLaMA layers of each stage in order).
 
-    --decoder-first/last-pipeline-num-layers fix the ends (Megatron); the remaining
-    layers are split evenly, either over the remaining stages or, with
+    --pipeline-balance auto places every layer by cost (`stage_cost`, parallel/balance.py).
+    Otherwise --decoder-first/last-pipeline-num-layers fix the ends (Megatron) and the
+    remaining layers are split evenly, either over the remaining stages or, with
     --num-layers-per-virtual-pipeline-stage K, into stages of K layers.
     """
     pp, k = parallel.pipeline_model_parallel_size, parallel.num_layers_per_virtual_pipeline_stage
     first, last = parallel.decoder_first_pipeline_num_layers, parallel.decoder_last_pipeline_num_layers
     ends = [n for n in (first, last) if n is not None]
+    # zero-bubble runs the V schedule: two stages per rank.
+    default_stages = 2 * pp if parallel.pipeline_schedule in ("interleaved", "zero-bubble") else pp
+    if parallel.pipeline_balance == "auto":
+        if ends or k is not None:
+            raise ValueError("--pipeline-balance auto places every LLaMA layer itself: drop --decoder-first/last-"
+                             "pipeline-num-layers and --num-layers-per-virtual-pipeline-stage")
+        layers = balanced_stage_layers(num_layers, default_stages, stage_cost)
+        return stages_per_rank(parallel, len(layers)), layers
+    if parallel.pipeline_balance != "even":
+        raise ValueError(f"--pipeline-balance {parallel.pipeline_balance!r}: choose even or auto")
     if any(n < 0 for n in ends) or sum(ends) > num_layers:
         raise ValueError(f"--decoder-first/last-pipeline-num-layers {first}/{last} do not fit {num_layers} layers")
     rest = num_layers - sum(ends)
@@ -121,12 +141,18 @@ def pipeline_layout(parallel: ParallelConfig, num_layers: int) -> tuple[int, tup
             raise ValueError(f"--num-layers-per-virtual-pipeline-stage {k} does not divide the {rest} layers to split")
         middle = rest // k
     else:
-        # zero-bubble runs the V schedule: two stages per rank.
-        stages = 2 * pp if parallel.pipeline_schedule in ("interleaved", "zero-bubble") else pp
-        middle = stages - len(ends)
+        middle = default_stages - len(ends)
         if (middle < 1 and rest) or (middle and rest % middle):
             raise ValueError(f"{rest} LLaMA layers cannot be split evenly over {middle} pipeline stages")
-    total = middle + len(ends)
+    virtual = stages_per_rank(parallel, middle + len(ends))
+    per = rest // middle if middle else 0
+    layers = ([first] if first is not None else []) + [per] * middle + ([last] if last is not None else [])
+    return virtual, tuple(layers)
+
+
+def stages_per_rank(parallel: ParallelConfig, total: int) -> int:
+    """Virtual stages per PP rank for `total` stages, checked against the schedule."""
+    pp = parallel.pipeline_model_parallel_size
     if total % pp:
         raise ValueError(f"{total} pipeline stages cannot be spread over --pipeline-model-parallel-size {pp}")
     virtual = total // pp
@@ -137,9 +163,7 @@ def pipeline_layout(parallel: ParallelConfig, num_layers: int) -> tuple[int, tup
     if parallel.pipeline_schedule == "interleaved" and virtual < 2:
         raise ValueError("--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage "
                          "giving at least 2 stages per rank")
-    per = rest // middle if middle else 0
-    layers = ([first] if first is not None else []) + [per] * middle + ([last] if last is not None else [])
-    return virtual, tuple(layers)
+    return virtual
 
 
 @dataclass

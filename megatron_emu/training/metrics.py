@@ -126,6 +126,29 @@ def training_flops(config: ModelConfig, sequences: int, seq_length: int, images:
     return forward + backward + recompute_flops(config, sequences, seq_length, images, recompute, recompute_num_layers)
 
 
+def stage_flops(config: ModelConfig, micro_batch_size: int, seq_length: int, images_per_sample: float,
+                layers: int, first: bool, last: bool, recompute: str | None = None,
+                recompute_num_layers: int | None = None) -> float:
+    """Forward + backward (+ recompute) FLOPs of one micro-batch through one pipeline stage
+    holding `layers` LLaMA layers; the first stage also runs the ViT, the Causal Former and
+    the patch embedding, the last one the LM and regression heads."""
+    b, s = micro_batch_size, seq_length
+    images = b * images_per_sample
+    stacks = [(llm_block_flops(config, s), layers, b)]
+    flops = 0.0
+    if first:
+        stacks += [(vision_block_flops(config), config.vision.layers, images),
+                   (causal_former_block_flops(config), config.causal_former.layers, images)]
+        flops += 3 * images * (patch_embed_flops(config) + causal_former_proj_flops(config))
+    if last:
+        flops += 3 * b * heads_flops(config, s)
+    for block, count, runs in stacks:
+        recomputed = count if recompute_num_layers is None else min(count, recompute_num_layers)
+        extra = {None: 0, "selective": count * block.core, "full": recomputed * (block.total - block.last)}
+        flops += runs * (3 * count * block.total + extra[recompute])
+    return flops
+
+
 # -- device peaks and MFU ------------------------------------------------------------
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendor data sheets (SXM parts).
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}

@@ -226,21 +226,8 @@ def in_flight_microbatches(dims: ParallelDims, pp_rank: int, n_micro: int) -> in
 # -- throughput model -------------------------------------------------------------------
 def stage_flops(model: ModelConfig, work: Workload, layers: int, first: bool, last: bool) -> float:
     """Forward + backward (+ recompute) FLOPs of one micro-batch through one stage."""
-    b, s = work.micro_batch_size, work.seq_length
-    images = b * work.images_per_sample
-    stacks = [(metrics.llm_block_flops(model, s), layers, b)]
-    flops = 0.0
-    if first:
-        stacks += [(metrics.vision_block_flops(model), model.vision.layers, images),
-                   (metrics.causal_former_block_flops(model), model.causal_former.layers, images)]
-        flops += 3 * images * (metrics.patch_embed_flops(model) + metrics.causal_former_proj_flops(model))
-    if last:
-        flops += 3 * b * metrics.heads_flops(model, s)
-    for block, count, runs in stacks:
-        recomputed = count if work.recompute_num_layers is None else min(count, work.recompute_num_layers)
-        extra = {None: 0, "selective": count * block.core, "full": recomputed * (block.total - block.last)}
-        flops += runs * (3 * count * block.total + extra[work.recompute])
-    return flops
+    return metrics.stage_flops(model, work.micro_batch_size, work.seq_length, work.images_per_sample, layers,
+                               first, last, work.recompute, work.recompute_num_layers)
 
 
 def allreduce_seconds(nbytes: float, ranks: int, gbs: float) -> float:
@@ -249,38 +236,62 @@ def allreduce_seconds(nbytes: float, ranks: int, gbs: float) -> float:
 
 def estimate_step_time(model: ModelConfig, work: Workload, dims: ParallelDims, hw: Hardware) -> dict:
     """Seconds per optimizer step on the slowest PP rank, and its parts."""
-    layers, counts = stage_layers(dims, model), parameter_counts(model)
+    layers = stage_layers(dims, model)
     n_micro = work.global_batch_size // (work.micro_batch_size * dims.dp)
     act_bytes = 2 if work.dtype != "float32" else 4
     # TP: two all-reduces of (B, S, H) per LLaMA layer forward, two backward (+2 when recomputed).
     per_layer = 4 + (2 if work.recompute == "full" else 0)
     tp_bytes = per_layer * work.micro_batch_size * work.seq_length * model.llm.hidden * act_bytes
-    rank_mb = []
+    rank_mb, tp_per_rank = [], []
     for r in range(dims.pp):
         stages = rank_stages(dims, r)
         flops = sum(stage_flops(model, work, layers[s], s == 0, s == len(layers) - 1) for s in stages) / dims.tp
         compute = flops / (hw.peak_tflops * 1e12 * hw.efficiency)
-        tp = sum(layers[s] for s in stages) * allreduce_seconds(tp_bytes, dims.tp, hw.intra_node_gbs)
-        rank_mb.append(compute + tp)
+        tp_per_rank.append(sum(layers[s] for s in stages) * allreduce_seconds(tp_bytes, dims.tp, hw.intra_node_gbs))
+        rank_mb.append(compute + tp_per_rank[-1])
     t_mb = max(rank_mb)
     bubble = (dims.pp - 1) / max(dims.virtual_stages, 1) if dims.pp > 1 else 0
     pipeline = (n_micro + bubble) * t_mb
-    # DP: gradients (fp32) all-reduced (DDP) or parameters gathered + gradients reduce-scattered (FSDP).
+    dp_exposed = data_parallel_exposed_seconds(model, work, dims, hw, layers, n_micro, t_mb, pipeline)
+    tp_exposed = max(tp_per_rank) * (n_micro + bubble)  # TP collectives sit on the critical path
+    step = pipeline + dp_exposed
+    flops = metrics.training_flops(model, work.global_batch_size, work.seq_length,
+                                   work.global_batch_size * work.images_per_sample)
+    exposed = tp_exposed + dp_exposed
+    return dict(seconds=step, bubble_s=bubble * t_mb, dp_exposed_s=dp_exposed, tp_exposed_s=tp_exposed,
+                exposed_comm_fraction=exposed / step, tokens_per_s=work.global_batch_size * work.seq_length / step,
+                mfu=flops / step / (dims.world_size * hw.peak_tflops * 1e12))
+
+
+def data_parallel_exposed_seconds(model: ModelConfig, work: Workload, dims: ParallelDims, hw: Hardware,
+                                  layers: tuple[int, ...], n_micro: int, t_mb: float, pipeline: float) -> float:
+    """Data-parallel traffic the schedule does not hide, as the code runs it today.
+
+    - Parameter all-gathers (fsdp): FSDP2 prefetches the next block's gather behind the
+      current block's compute, so they hide behind the pipeline's compute. Without PP a
+      block is gathered in forward and again in backward of every micro-batch; with PP
+      the stage stays gathered for the whole step (data_parallel.py), once.
+    - Gradient reduction (fp32 reduce-scatter, or all-reduce of full replicas): gradients
+      accumulate over micro-batches and are reduced once. Without PP, FSDP2 reduces each
+      block as its gradient becomes final in the last micro-batch, which hides behind at
+      most that micro-batch's backward (~2/3 of it). With PP, torch.distributed.pipelining
+      reduces after the whole schedule: nothing hides it.
+    """
+    counts = parameter_counts(model)
     params = max(sum(layers[s] * counts["layer"] for s in rank_stages(dims, r)) for r in range(dims.pp))
     params = (params + counts["encoder"] + counts["embed"] + counts["head"] / dims.pp) / dims.tp
     bw = hw.intra_node_gbs if dims.tp * dims.dp <= hw.gpus_per_node else hw.inter_node_gbs
-    if dims.sharding == "ddp":
-        dp_time, overlap = allreduce_seconds(4 * params, dims.dp, bw), t_mb * 2 / 3
+    act_bytes = 2 if work.dtype != "float32" else 4
+    if dims.dp_shard > 1:  # all-gather / reduce-scatter each move half of an all-reduce
+        gathers = (2 * n_micro if dims.pp == 1 else 1) * act_bytes * params
+        gather_s = allreduce_seconds(gathers, dims.dp_shard, bw) / 2
+        reduce_s = allreduce_seconds(4 * params, dims.dp_shard, bw) / 2
     else:
-        gathers = 2 * (n_micro if dims.pp == 1 else 1) * act_bytes * params
-        dp_time, overlap = allreduce_seconds(gathers + 4 * params, dims.dp, bw) / 2, pipeline
-    exposed = max(0.0, dp_time - overlap)
-    step = pipeline + exposed
-    flops = metrics.training_flops(model, work.global_batch_size, work.seq_length,
-                                   work.global_batch_size * work.images_per_sample)
-    return dict(seconds=step, bubble_s=bubble * t_mb, dp_exposed_s=exposed,
-                tokens_per_s=work.global_batch_size * work.seq_length / step,
-                mfu=flops / step / (dims.world_size * hw.peak_tflops * 1e12))
+        gather_s, reduce_s = 0.0, 0.0
+    if dims.dp_replicate > 1:  # full replicas (ddp, hsdp across groups): all-reduce of fp32 gradients
+        reduce_s += allreduce_seconds(4 * params / dims.dp_shard, dims.dp_replicate, bw)
+    reduce_hidden_by = t_mb * 2 / 3 if dims.pp == 1 else 0.0
+    return max(0.0, gather_s - pipeline) + max(0.0, reduce_s - reduce_hidden_by)
 
 
 # -- the search ---------------------------------------------------------------------------
@@ -293,8 +304,10 @@ class PlanRow:
     fits: bool
 
 
-def candidate_dims(model: ModelConfig, data: DataConfig, gpus: int, shardings=("ddp", "fsdp")):
-    """Every layout the trainer accepts (ParallelDims.validate) for `gpus` ranks."""
+def candidate_dims(model: ModelConfig, data: DataConfig, gpus: int, images_per_sample: float = 2.0,
+                   shardings=("ddp", "fsdp")):
+    """Every layout the trainer accepts (ParallelDims.validate) for `gpus` ranks; pipelines
+    are split by cost (--pipeline-balance auto) at the workload's images per sample."""
     divisors = [d for d in range(1, gpus + 1) if gpus % d == 0]
     for tp in (d for d in divisors if d <= 8):
         for pp in (d for d in divisors if tp * d <= gpus and d <= model.llm.layers):
@@ -302,9 +315,10 @@ def candidate_dims(model: ModelConfig, data: DataConfig, gpus: int, shardings=("
                 for schedule in ("1f1b", "interleaved") if pp > 1 else ("1f1b",):
                     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                               sequence_parallel=False, pipeline_schedule=schedule,
-                                              data_parallel_sharding=sharding)
+                                              data_parallel_sharding=sharding, pipeline_balance="auto",
+                                              pipeline_balance_images_per_sample=images_per_sample)
                     try:
-                        dims = ParallelDims.from_config(parallel, gpus, model)
+                        dims = ParallelDims.from_config(parallel, gpus, model, data.seq_length)
                         dims.validate(model, data)
                     except ValueError:
                         continue
@@ -316,7 +330,7 @@ def plan(model: ModelConfig, work: Workload, gpus: int, hw: Hardware, headroom: 
     data = DataConfig(seq_length=work.seq_length, micro_batch_size=work.micro_batch_size,
                       global_batch_size=work.global_batch_size)
     rows = []
-    for dims in candidate_dims(model, data, gpus):
+    for dims in candidate_dims(model, data, gpus, work.images_per_sample):
         for recompute in (None, "selective", "full"):
             w = dataclasses.replace(work, recompute=recompute, recompute_num_layers=None)
             memory = max((estimate_memory(model, w, dims, r) for r in range(dims.pp)), key=lambda m: m.total)
