@@ -22,6 +22,7 @@ from megatron_emu.parallel.loss import mixed_loss
 from megatron_emu.parallel.parallelize import ParallelModel
 from megatron_emu.training.failsafe import step_is_finite
 from megatron_emu.training.precision import Precision
+from megatron_emu.training.timers import Timers
 
 
 @dataclass
@@ -80,25 +81,30 @@ def microbatch_loss(pmodel: ParallelModel, batch: dict, config: TrainConfig) -> 
 
 
 def train_step(pmodel: ParallelModel, optimizer, microbatches: list[dict], config: TrainConfig,
-               precision: Precision | None = None) -> StepResult:
+               precision: Precision | None = None, timers: Timers | None = None) -> StepResult:
     """Forward/backward every micro-batch, clip by the global norm, one optimizer step.
 
     The step is skipped (parameters and Adam states untouched) when the loss or the gradient
     norm is not finite: both are reduced over every rank first, so all ranks skip together."""
     precision = precision or Precision(config.performance, microbatches[0]["tokens"].device.type)
+    timers = timers or Timers(0, microbatches[0]["tokens"].device)  # level 0: every timer a no-op
     optimizer.zero_grad(set_to_none=True)
     pmodel.losses.clear()
-    with vocab_parallel_loss(pmodel):
+    with timers("forward-backward"), timers.pipeline_waits(), vocab_parallel_loss(pmodel):
         forward_backward(pmodel, microbatches, config, precision)
-    reduce_partial_grads(pmodel.parts, pmodel.pmesh)
-    precision.unscale_(optimizer)  # fp16: true gradients before clipping
-    grad_norm = clip_grad_norm_global(pmodel.parts, config.optimizer.clip_grad, pmodel.pmesh)
+    with timers("grads-reduce"):
+        reduce_partial_grads(pmodel.parts, pmodel.pmesh)
     images = sum(batch["images"].shape[0] for batch in microbatches)
     rows = sum(batch["tokens"].shape[0] for batch in microbatches)
-    lm, l2, images, rows = reduce_step_stats(pmodel, len(microbatches), images, rows)
-    nonfinite = not step_is_finite(lm, l2, grad_norm)
-    skip = nonfinite and config.failsafe.check_for_nan_in_loss_and_grad
-    stepped = precision.step(optimizer, skip=skip)  # fp16: also skipped when gradients overflowed
+    with timers("optimizer"):
+        precision.unscale_(optimizer)  # fp16: true gradients before clipping
+        with timers("optimizer-clip-main-grad"):
+            grad_norm = clip_grad_norm_global(pmodel.parts, config.optimizer.clip_grad, pmodel.pmesh)
+        # The update waits for the global loss (one small all-reduce): NaN/inf skips it everywhere.
+        lm, l2, images, rows = reduce_step_stats(pmodel, len(microbatches), images, rows)
+        nonfinite = not step_is_finite(lm, l2, grad_norm)
+        skip = nonfinite and config.failsafe.check_for_nan_in_loss_and_grad
+        stepped = precision.step(optimizer, skip=skip)  # fp16: also skipped when gradients overflowed
     return StepResult(lm, l2, grad_norm, images, rows, skipped=not stepped, nonfinite=nonfinite)
 
 
