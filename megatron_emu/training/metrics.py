@@ -261,8 +261,8 @@ class IterationStats:
             f" lm loss: {self.lm_loss:.6E} |"
             f" l2 loss: {self.l2_loss:.6E} |"
             f" grad norm: {self.grad_norm:.3f} |"
-            f" number of skipped iterations: {self.skipped_iterations:3d} |"
-            f" number of nan iterations: {self.nan_iterations:3d} |"
             f" tokens/s: {self.tokens_per_s:.1f} |"
             f" TFLOP/s/GPU: {self.tflops_per_device:.3f} |"
+            f" number of skipped iterations: {self.skipped_iterations:3d} |"
+            f" number of nan iterations: {self.nan_iterations:3d} |"
         )
