@@ -37,6 +37,7 @@ class FullRecompute:
     def reorder(self, rows):
         self.rows = [self.rows[i] for i in rows.tolist()]
 
+    @torch.no_grad()
     def _logits(self):
         out = [self.emu(torch.tensor([row]), images).logits[0, -1] for row, images in self.rows]
         logits = torch.stack(out).float()  # (B, V)
@@ -50,11 +51,10 @@ def setup():
     tokenizer = EmuTokenizer(build_tiny_tokenizer())
     rng = np.random.default_rng(0)
     image = lambda: rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)  # noqa: E731
-    items = [
+    items = [  # lengths 5 .. 72: left padding of 0 to 67 slots
         ["a red circle"],
         [image(), "describing the image in detail. the image shows"],
-        ["two pictures:", image(), "and", image(), "both show"],
-        [Video([image() for _ in range(8)]), "a video of"],
+        ["two frames:", Video([image(), image()]), "a video of"],
     ]
     prompts = [build_prompt(i, tokenizer, CONFIG) for i in items]
     return emu, prompts
@@ -68,7 +68,7 @@ def run(forward, prompts, stop_ids=None, **config):
 def test_padded_batch_logits_equal_each_prompt_alone(setup):
     emu, prompts = setup
     forward = CachedForward(emu)
-    batched = forward.start(prompts)  # left-padded: lengths 4 .. 8 x 34 + 4
+    batched = forward.start(prompts)
     alone = FullRecompute(emu).start(prompts)
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
     token = batched.argmax(dim=-1)
@@ -78,10 +78,10 @@ def test_padded_batch_logits_equal_each_prompt_alone(setup):
 
 
 @pytest.mark.parametrize("config", [
-    {"max_new_tokens": 6},
-    {"max_new_tokens": 6, "repetition_penalty": 1.3},
-    {"max_new_tokens": 6, "do_sample": True, "top_k": 20, "top_p": 0.9, "temperature": 0.8, "seed": 3},
-    {"max_new_tokens": 5, "num_beams": 3},
+    {"max_new_tokens": 4},
+    {"max_new_tokens": 4, "repetition_penalty": 1.3},
+    {"max_new_tokens": 4, "do_sample": True, "top_k": 20, "top_p": 0.9, "temperature": 0.8, "seed": 3},
+    {"max_new_tokens": 3, "num_beams": 3},
 ], ids=["greedy", "repetition", "sampling", "beam3"])
 def test_cached_decoding_equals_full_recomputation(setup, config):
     emu, prompts = setup
@@ -115,7 +115,7 @@ def test_stop_tokens_end_their_row_only(setup):
     stop = {free[1].tokens[2]: "user"}  # e.g. [USER] for Emu-I: the model opens the next turn
     stopped = run(CachedForward(emu), prompts, stop, max_new_tokens=6)
     assert stopped[1].stop == "user" and stopped[1].tokens == free[1].tokens[:free[1].tokens.index(free[1].tokens[2])]
-    for row in (0, 2, 3):  # a row without that token runs to max_new_tokens unchanged
+    for row in (0, 2):  # a row without that token runs to max_new_tokens unchanged
         if free[1].tokens[2] not in free[row].tokens:
             assert stopped[row] == free[row]
 

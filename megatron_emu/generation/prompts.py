@@ -126,8 +126,6 @@ def task_text(task: str, model: str = "emu", **fields) -> str:
     if task not in TASK_PROMPTS[model]:
         raise ValueError(f"task {task!r}: choose one of {sorted(TASK_PROMPTS[model])}")
     template = TASK_PROMPTS[model][task]
-    if model == "emu-i" and task == "vqa":  # Table 8 prints no {question}; it goes where the video rows put it
-        template = template.replace(" [ASSISTANT]", " {question} [ASSISTANT]")
     try:
         return template.format(**fields)
     except KeyError as e:
