@@ -6,6 +6,7 @@
     python tools/generate_text.py --load CKPT --task few-shot --example a.png "a red circle" --image q.png
     python tools/generate_text.py --load EMU_I --task chat --image cat.png --question "what is it?"
     python tools/generate_text.py --load CKPT --prompt "<img:cat.png> a photo of" --prompt "once upon"
+    torchrun --nproc-per-node 2 tools/generate_text.py --load CKPT --image cat.png --tensor-model-parallel-size 2
 
 --load takes our checkpoint (any TP/PP/DP layout), an HF export or a state-dict file.
 One result per line: the prompt's visual and question, a tab, the generated text.
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="shard the model over this many ranks (torchrun; all ranks decode the same tokens, rank 0 prints)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
@@ -105,21 +108,40 @@ def run(args) -> list[str]:
 
     from megatron_emu.generation import DecodingConfig, EmuGenerator
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device, tp_mesh = devices(args)
     gen = EmuGenerator.load(args.load, args.preset, args.tokenizer_model, device,
-                            torch.bfloat16 if args.bf16 else torch.float32, args.model)
+                            torch.bfloat16 if args.bf16 else torch.float32, args.model, tp_mesh)
     config = DecodingConfig(args.max_new_tokens, args.num_beams, args.sample, args.temperature, args.top_k, args.top_p,
                             args.repetition_penalty, args.length_penalty, args.seed)
     config.validate()
     todo, lines = queries(args, gen), []
     task = args.task or ("caption" if args.image else "prompt")
-    with tqdm(total=len(todo), desc="prompts", unit="prompt", file=sys.stderr) as bar:
+    with tqdm(total=len(todo), desc="prompts", unit="prompt", file=sys.stderr, disable=not first_rank()) as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             for (label, _), text in zip(batch, answer(gen, task, [q for _, q in batch], config)):
                 lines.append(f"{label}\t{text}")
             bar.update(len(batch))
     return lines
+
+
+def devices(args):
+    """(this rank's device, the tensor-parallel mesh or None)."""
+    from megatron_emu.parallel.mesh import init_distributed
+
+    world_size, device = init_distributed(args.device)
+    if world_size != args.tensor_model_parallel_size:
+        raise ValueError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} needs as many ranks "
+                         f"(torchrun --nproc-per-node {args.tensor_model_parallel_size}); this run has {world_size}")
+    if world_size == 1:
+        return device, None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return device, init_device_mesh(device.type, (world_size,), mesh_dim_names=("tp",))
+
+
+def first_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def answer(gen, task: str, batch: list, config) -> list[str]:
@@ -145,8 +167,9 @@ def main(argv=None) -> list[str]:
         lines = run(args)
     except ValueError as e:
         sys.exit(f"generate_text.py: {e}")
-    for line in lines:
-        print(line)
+    if first_rank():
+        for line in lines:
+            print(line)
     return lines
 
 

@@ -45,12 +45,16 @@ class EmuGenerator:
 
     @classmethod
     def load(cls, path: str, preset: str = "tiny", tokenizer_model: str = "", device="cpu",
-             dtype: torch.dtype = torch.float32, model: str = "") -> "EmuGenerator":
-        """A checkpoint, HF export or state file (generation/loading.py); the tiny tokenizer by default."""
+             dtype: torch.dtype = torch.float32, model: str = "", tp_mesh=None) -> "EmuGenerator":
+        """A checkpoint, HF export or state file (generation/loading.py); the tiny tokenizer by
+        default. tp_mesh: tensor-parallel over its ranks (each rank calls this alike)."""
         from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
+        from megatron_emu.generation.forward import shard_for_inference
         from megatron_emu.generation.loading import load_for_inference
 
         emu = load_for_inference(path, preset, device, dtype)
+        if tp_mesh is not None:
+            shard_for_inference(emu, tp_mesh)
         tokenizer = EmuTokenizer(tokenizer_model or build_tiny_tokenizer(), emu.config.llm.num_special_tokens)
         return cls(emu, tokenizer, model)
 

@@ -4,6 +4,10 @@ Prompts of different lengths are left-padded into one batch; the KV cache carrie
 padding so each row is positioned and attends as it would alone (model/kv_cache.py).
 Logits of tokens text generation must never produce are -inf: [PAD], [IMG], [/IMG] and
 <image> (never trained as labels: model/loss.py) and Megatron's padded vocabulary rows.
+
+Tensor-parallel inference: shard the model with parallel/tensor_parallel.py's training plans
+(`shard_for_inference`); the KV cache then holds each rank's heads, and the vocab-sharded
+logits are gathered, so every rank picks the same tokens.
 """
 
 from __future__ import annotations
@@ -56,6 +60,17 @@ class CachedForward:
     def _next_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         llm = self.emu.llm
         hidden = llm.norm(llm.forward_layers(inputs, cache=self.cache)[:, -1])  # (B, H)
-        logits = llm.output(hidden)[:, :self.vocab_size].float()  # (B, V): padded rows dropped
+        logits = llm.output(hidden)  # (B, V_padded); vocab-sharded DTensor under tensor parallelism
+        if hasattr(logits, "full_tensor"):
+            logits = logits.full_tensor()  # every rank decodes the same tokens from the whole vocabulary
+        logits = logits[:, :self.vocab_size].float()  # (B, V): padded rows dropped
         logits[:, self.never] = float("-inf")
         return logits
+
+
+def shard_for_inference(emu: Emu, tp_mesh) -> Emu:
+    """Tensor parallelism over `tp_mesh` with the training plans (no sequence parallelism)."""
+    from megatron_emu.parallel.tensor_parallel import apply_tensor_parallel
+
+    apply_tensor_parallel(emu, tp_mesh, emu.config, sequence_parallel=False)
+    return emu
