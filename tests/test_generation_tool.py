@@ -1,14 +1,13 @@
 """Generation loads every form we write (our DCP checkpoint, an HF export, a state-dict file
 with Emu-I's 6-token vocabulary) and tools/generate_text.py runs, or says in one line why not."""
 
+import dataclasses
 import os
 import subprocess
 import sys
 
-import dataclasses
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ class Video:
     def from_path(cls, path: str, num_frames: int = NUM_FRAMES) -> "Video":
         """A directory of frame images or a video file (PyAV), `num_frames` spread uniformly."""
         from megatron_emu.data.preprocess import SkipItem
-        from megatron_emu.data.sources import _sample_frames, sample_positions
+        from megatron_emu.data.sources import _sample_frames
 
         try:
             frames, _ = _sample_frames(path, fps=1.0)  # the 8 frames preprocessing would keep
