@@ -14,8 +14,11 @@ from megatron_emu.decoder.train import finetune
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its dataset loading is chatty
-    logging.getLogger("diffusers").setLevel(logging.ERROR)  # notices about accelerate and VAE dtypes
-    return finetune(parse_decoder_args(argv))
+    config = parse_decoder_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # notices about accelerate and VAE dtypes, at every start
+    return finetune(config)
 
 
 if __name__ == "__main__":

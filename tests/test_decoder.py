@@ -93,7 +93,7 @@ def test_bad_inputs_fail_with_one_line(decoder_assets, tmp_path):
 def test_bare_command_line_is_the_tiny_cpu_recipe_and_other_presets_the_papers():
     tiny = parse_decoder_args([])
     assert (tiny.preset, tiny.data_path, tiny.save) == ("tiny", [], "runs/decoder_tiny")
-    assert (tiny.micro_batch_size, tiny.global_batch_size, tiny.resolution, tiny.train_iters) == (4, 8, 64, 100)
+    assert (tiny.micro_batch_size, tiny.global_batch_size, tiny.resolution, tiny.train_iters) == (4, 4, 64, 60)
     paper = parse_decoder_args(["--preset", "emu-14b", "--data-path", "7", "a", "2", "b"])
     default = DecoderConfig()
     for name in ("micro_batch_size", "global_batch_size", "resolution", "train_iters", "lr", "lr_step_iters", "save"):
