@@ -8,14 +8,15 @@ whose defaults are the paper's recipe. The result is `<--save>/decoder/` (diffus
 import logging
 
 from megatron_emu.decoder.arguments import parse_decoder_args
-from megatron_emu.decoder.train import finetune
 
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its dataset loading is chatty
-    config = parse_decoder_args(argv)
+    config = parse_decoder_args(argv)  # flags (and --help) before torch is imported
     from diffusers.utils import logging as diffusers_logging
+
+    from megatron_emu.decoder.train import finetune
 
     diffusers_logging.set_verbosity_error()  # notices about accelerate and VAE dtypes, at every start
     return finetune(config)

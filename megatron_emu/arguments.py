@@ -21,7 +21,7 @@ from megatron_emu.config import (
     TrainConfig,
     get_preset,
 )
-from megatron_emu.training.monitor import require
+from megatron_emu.optional import require
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -188,6 +188,16 @@ def build_pretrain_loader(data: DataConfig, tokenizer, *, dp_rank: int, dp_size:
     return PretrainLoader(dataset, data.num_workers, data.prefetch_factor, start)
 
 
+def check_datasets(data_path: list[str]) -> None:
+    """Each --data-path prefix has a readable dataset description: a typo is one line naming
+    the file before the model is built, not an error after minutes of setup."""
+    from megatron_emu.data.blend import parse_data_path
+    from megatron_emu.data.indexed import read_meta
+
+    for _, prefix in parse_data_path(data_path) if data_path else []:
+        read_meta(_split_view(prefix)[0])
+
+
 def _split_view(prefix: str) -> tuple[str, str]:
     """`PREFIX:pairs` selects the 5-pair view of an interleaved dataset."""
     if prefix.endswith(":pairs") and not os.path.exists(prefix + ".idx"):

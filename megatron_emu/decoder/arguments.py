@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 from megatron_emu.arguments import add_sink_args, sink_config
 from megatron_emu.config import PRESETS, LoggingConfig
-from megatron_emu.decoder.conditions import CONDITION_MODES
 
+
+CONDITION_MODES = ("teacher-forced", "generated")  # decoder/conditions.py builds each
 
 # Flags left unset on the command line take these; presets not listed take the paper's
 # recipe (DecoderConfig's defaults).

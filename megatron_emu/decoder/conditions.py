@@ -28,12 +28,10 @@ from __future__ import annotations
 import torch
 
 from megatron_emu.config import SpecialTokens
+from megatron_emu.decoder.arguments import CONDITION_MODES
 from megatron_emu.model.emu import Emu
 from megatron_emu.model.kv_cache import KVCache
 from megatron_emu.model.loss import regression_mask
-
-CONDITION_MODES = ("teacher-forced", "generated")
-
 
 def image_sequence(caption: list[int], bos_id: int, special: SpecialTokens, per_image: int) -> list[int]:
     """`<s> caption [IMG] <image> x per_image [/IMG]` (teacher-forced input for one pair)."""

@@ -13,18 +13,29 @@ import errno
 import sys
 import traceback
 
-import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
-
-from megatron_emu.training.failsafe import RunStopped
+# No torch import here: the entry points parse flags (and answer --help) before torch loads.
+# torch's modules are looked up in sys.modules: an error cannot come from one not imported.
 
 USER_ERROR, RUN_ERROR = 2, 1
 
 
+class RunStopped(RuntimeError):
+    """The run cannot go on (too many skipped steps, non-finite state): exit non-zero."""
+
+
 def _rank_prefix() -> str:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return f"rank {dist.get_rank()}: "
     return ""
+
+
+def _checkpoint_failures(e: BaseException) -> list | None:
+    """DCP gathers each rank's failure into one CheckpointException: its failures, else None."""
+    dcp_api = sys.modules.get("torch.distributed.checkpoint.api")
+    if dcp_api is None or not isinstance(e, dcp_api.CheckpointException):
+        return None
+    return [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
 
 
 def _is_timeout(e: BaseException) -> bool:
@@ -48,8 +59,8 @@ def collective_site(e: BaseException) -> str:
 
 def describe(e: BaseException, timeout_minutes: float | None = None) -> tuple[str, int] | None:
     """(one line, exit code) for an error a user can act on; None for a bug."""
-    if isinstance(e, CheckpointException):  # DCP gathers each rank's failure: describe the first
-        failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+    failures = _checkpoint_failures(e)
+    if failures is not None:  # describe the first rank's failure
         return describe(failures[0], timeout_minutes) if failures else None
     if isinstance(e, RunStopped):
         return str(e), RUN_ERROR
@@ -69,7 +80,7 @@ def exit_on_error(run, timeout_minutes: float | None = None):
     """run() and return its result; an error users can act on becomes one line and an exit code."""
     try:
         return run()
-    except (ValueError, OSError, RuntimeError, CheckpointException) as e:
+    except BaseException as e:  # CheckpointException is a BaseException; the rest re-raise below
         found = describe(e, timeout_minutes)
         if found is None:
             raise

@@ -22,11 +22,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from megatron_emu.training.errors import RunStopped  # noqa: F401 (raised here and by checkpoint.py)
+
 log = logging.getLogger("megatron_emu")
-
-
-class RunStopped(RuntimeError):
-    """The run cannot go on (too many skipped steps, non-finite state): exit non-zero."""
 
 
 # ---------------------------------------------------------------------------

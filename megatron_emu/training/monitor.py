@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import importlib
 import json
 import resource
 import sys
@@ -22,16 +21,7 @@ import sys
 import torch
 
 from megatron_emu.config import LoggingConfig
-
-
-def require(package: str, flag: str):
-    """Import an optional sink package, or stop with one line naming the flag."""
-    try:
-        return importlib.import_module(package)
-    except ImportError:
-        name = package.split(".")[-1]  # torch.utils.tensorboard needs the tensorboard package
-        raise SystemExit(f"{flag} needs the {name} package: pip install {name} "
-                         f"(or pip install 'megatron_emu[monitor]')") from None
+from megatron_emu.optional import require
 
 
 def config_json(config) -> str:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from megatron_emu.config import OptimizerConfig, TrainConfig
 from megatron_emu.data.blend import parse_split
-from megatron_emu.data.loader import build_pretrain_loader, ensure_synthetic_corpus
+from megatron_emu.data.loader import build_pretrain_loader, check_datasets, ensure_synthetic_corpus
 from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
 from megatron_emu.kernels import apply_fused_norms, build_adamw, build_parallel_adamw
 from megatron_emu.model.attention import configure_attention
@@ -139,6 +139,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     world_size, device = init_distributed(config.device, timeout)
     dims = ParallelDims.from_config(config.parallel, world_size, config.model, config.data.seq_length)
     n_micro = dims.validate(config.model, config.data)  # all sizes checked before any work
+    check_datasets(config.data.data_path)  # and every --data-path prefix exists
     pmesh = build_mesh(dims, device, timeout) if world_size > 1 else None
     cpu_group = pmesh.new_gloo_group() if pmesh is not None else None  # checkpoint coordination, exit flags
     exits = ExitConditions(config.failsafe, cpu_group)  # signal handlers from here on
