@@ -265,6 +265,27 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Emu-I instruction tuning (paper section 4): LoRA on the LLM's q, k, v, o, all else
+    frozen; [USER] / [ASSISTANT] added (vocabulary base + 6); the loss on answers only.
+    rank 0 = off (pretraining)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    merge: bool = False  # --lora-merge: fold the adapters into the base and save a full checkpoint
+
+    def __post_init__(self) -> None:
+        if self.rank < 0 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--lora-rank must be >= 0, --lora-alpha > 0, --lora-dropout in [0, 1); "
+                             f"got {self.rank}, {self.alpha}, {self.dropout}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass
 class TrainConfig:
     """Everything one pretraining run needs; filled from Megatron-style flags."""
 
@@ -275,6 +296,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     performance: "PerformanceConfig" = field(default_factory=lambda: PerformanceConfig())
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     train_iters: int = 300
     l2_loss_weight: float = 1.0
     seed: int = 1234
@@ -304,6 +326,19 @@ RECIPES: dict[str, dict] = {
         train_iters=10000, seq_length=1024, micro_batch_size=1, global_batch_size=352, weight_decay=0.05,
         split="", eval_interval=0, eval_iters=10,
     ),
+}
+
+
+# Instruction tuning (--lora-rank > 0) overrides the preset's recipe with these.
+# emu-14b: the paper's Emu-I recipe (section 4): batch 128, 10k steps, LR warmed up linearly
+# over 500 steps to 1e-5, then cosine to 0; 16 A100-80G (examples/finetune_instruct_emu14b.sbatch).
+INSTRUCT_RECIPES: dict[str, dict] = {
+    "tiny": dict(lr=2e-3, min_lr=0.0, lr_warmup_iters=2, train_iters=30, seq_length=160, micro_batch_size=4,
+                 global_batch_size=8, weight_decay=0.0, split="", eval_interval=0, eval_iters=1),
+    "1b": dict(lr=1e-4, min_lr=0.0, lr_warmup_iters=500, train_iters=10000, seq_length=1024, micro_batch_size=4,
+               global_batch_size=128, weight_decay=0.0, split="", eval_interval=0, eval_iters=10),
+    "emu-14b": dict(lr=1e-5, min_lr=0.0, lr_warmup_iters=500, train_iters=10000, seq_length=1024, micro_batch_size=1,
+                    global_batch_size=128, weight_decay=0.0, split="", eval_interval=0, eval_iters=10),
 }
 
 

@@ -9,6 +9,8 @@ Examples:
   python tools/preprocess_data.py --input-type mmc4 --input mmc4/docs_*.jsonl --output-prefix data/mmc4 ...
   # Video clips (frame folders or video files) with timestamped subtitles
   python tools/preprocess_data.py --input-type video --input webvid/manifest_*.jsonl --output-prefix data/webvid ...
+  # Instruction tuning (Emu-I): ShareGPT / Alpaca / LLaVA-Instruct / VideoChat JSON
+  python tools/preprocess_data.py --input-type llava --input llava_instruct_150k.json --output-prefix data/llava ...
   # The bundled synthetic corpus, kind pairs | interleaved | video
   python tools/preprocess_data.py --input-type synthetic-pairs --num-documents 2000 --output-prefix data/syn_pairs
 
@@ -28,7 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_emu.data.preprocess import Shard, preprocess, synthetic_shards  # noqa: E402
 
-KIND_OF_INPUT = {"pairs": "pairs", "mmc4": "interleaved", "video": "video"}
+KIND_OF_INPUT = {"pairs": "pairs", "mmc4": "interleaved", "video": "video",
+                 # instruction tuning (Emu-I): conversations, written with 6 special tokens
+                 "sharegpt": "conversation", "alpaca": "conversation", "llava": "conversation",
+                 "videochat": "conversation"}
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
@@ -49,11 +54,13 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input-type", required=True,
-                   choices=["pairs", "mmc4", "video", "synthetic-pairs", "synthetic-interleaved", "synthetic-video"])
+                   choices=["pairs", "mmc4", "video", "sharegpt", "alpaca", "llava", "videochat",
+                            "synthetic-pairs", "synthetic-interleaved", "synthetic-video"])
     p.add_argument("--input", nargs="*", default=[], help="input files (globs, {a..b} ranges); one shard each")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-model", default="", help="sentencepiece .model (default: the tiny tokenizer)")
-    p.add_argument("--num-special-tokens", type=int, default=4, choices=[4, 6])
+    p.add_argument("--num-special-tokens", type=int, default=None, choices=[4, 6],
+                   help="added tokens: 4, or 6 with [USER] [ASSISTANT] (default: 6 for conversations, else 4)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="skip shards whose partial output is complete")
@@ -88,7 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
         shards = [Shard(i, args.input_type, path, path) for i, path in enumerate(paths)]
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    report = preprocess(shards, args.output_prefix, kind, tokenizer_model, num_special=args.num_special_tokens,
+    num_special = args.num_special_tokens or (6 if kind == "conversation" else 4)
+    if kind == "conversation" and num_special != 6:
+        raise ValueError(f"--input-type {args.input_type}: conversations need [USER] / [ASSISTANT] "
+                         "(--num-special-tokens 6)")
+    report = preprocess(shards, args.output_prefix, kind, tokenizer_model, num_special=num_special,
                         image_size=args.image_size, workers=args.workers, resume=args.resume,
                         progress=not args.no_progress, keep_parts=args.keep_parts)
     if args.report:

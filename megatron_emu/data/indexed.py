@@ -3,7 +3,8 @@
 Layout (readable by megatron-core's own IndexedDataset(prefix, multimodal=True)):
 - one megatron "document" per source document; its sequences are the document's items
   in reading order;
-- mode TEXT (0): token ids; mode IMAGE (1): a uint8 (3, S, S) image whose raw bytes are
+- mode TEXT (0): token ids; mode ANSWER (2): token ids an instruction-tuned model is
+  trained to produce (the <Answer> spans of a conversation, data/instruct.py); mode IMAGE (1): a uint8 (3, S, S) image whose raw bytes are
   stored reinterpreted as the dataset's token dtype (uint16 for vocabularies < 65500),
   so images cost exactly their byte size on disk and reading one is a memcpy;
 - a sidecar `<prefix>.json` records the kind (pairs | interleaved | video), image size,
@@ -23,8 +24,9 @@ from megatron_emu.files import read_json
 
 MODE_TEXT = 0
 MODE_IMAGE = 1
+MODE_ANSWER = 2
 FORMAT = "megatron_emu.multimodal.v1"
-KINDS = ("pairs", "interleaved", "video")
+KINDS = ("pairs", "interleaved", "video", "conversation")
 
 
 def _mcore():
@@ -52,7 +54,7 @@ class DocumentWriter:
         self.num_images = 0
 
     def add_document(self, items: list[tuple[int, np.ndarray]]) -> None:
-        """items: (MODE_TEXT, int ids) or (MODE_IMAGE, uint8 (3, S, S))."""
+        """items: (MODE_TEXT or MODE_ANSWER, int ids) or (MODE_IMAGE, uint8 (3, S, S))."""
         for mode, value in items:
             if mode == MODE_IMAGE:
                 if value.dtype != np.uint8 or value.shape != (3, self.image_size, self.image_size):
@@ -61,7 +63,7 @@ class DocumentWriter:
                 self.builder.add_item(torch.from_numpy(packed), mode=MODE_IMAGE)
                 self.num_images += 1
             else:
-                self.builder.add_item(torch.from_numpy(np.asarray(value, dtype=self.dtype)), mode=MODE_TEXT)
+                self.builder.add_item(torch.from_numpy(np.asarray(value, dtype=self.dtype)), mode=mode)
         self.builder.end_document()
         self.num_documents += 1
 

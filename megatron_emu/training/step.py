@@ -73,7 +73,7 @@ def microbatch_loss(pmodel: ParallelModel, batch: dict, config: TrainConfig) -> 
     documents = batch.get("document_ids")  # packed rows
     out = pmodel.parts[0](batch["tokens"], batch["images"], documents)
     return mixed_loss(*out, batch["tokens"], config.model.special_tokens, config.l2_loss_weight,
-                      config.model.llm.vocab_size, documents)
+                      config.model.llm.vocab_size, documents, batch.get("answer_mask"))
 
 
 def train_step(pmodel: ParallelModel, optimizer, microbatches: list[dict], config: TrainConfig,

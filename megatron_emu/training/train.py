@@ -28,10 +28,12 @@ from megatron_emu.kernels import apply_fused_norms, build_adamw, build_parallel_
 from megatron_emu.model.attention import configure_attention
 from megatron_emu.model.emu import build_emu
 from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh, build_mesh, init_distributed
-from megatron_emu.parallel.parallelize import ParallelModel, parallelize_emu
+from megatron_emu.model.lora import apply_lora
+from megatron_emu.parallel.parallelize import ParallelModel, init_adapters, parallelize_emu
 from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_compile
 from megatron_emu.training.checkpoint import Checkpointer, Layout
 from megatron_emu.training.evaluate import image_grounding
+from megatron_emu.training.instruct import check_instruct_run, init_chat_token_rows, lora_spec
 from megatron_emu.training.step import StepResult, pipeline_loss_fn, train_step, validation_loss
 from megatron_emu.training.metrics import IterationStats, training_flops
 from megatron_emu.training.optim import LRScheduler, apply_freezing
@@ -68,7 +70,7 @@ class TrainSummary:
 
 def load_tokenizer(config: TrainConfig) -> EmuTokenizer:
     path = config.data.tokenizer_model or build_tiny_tokenizer(config.data.cache_dir or None)
-    tokenizer = EmuTokenizer(path)
+    tokenizer = EmuTokenizer(path, config.model.llm.num_special_tokens)  # 6 with [USER] [ASSISTANT]
     expected = config.model.llm.base_vocab_size
     if tokenizer.base_vocab_size != expected:
         raise ValueError(
@@ -108,6 +110,8 @@ def build_model(config: TrainConfig, pmesh: ParallelMesh | None, n_micro: int, d
     if pmesh is None:
         model = build_emu(config.model, device=device, seed=config.seed)
         apply_freezing(model, config.optimizer)
+        if config.lora.enabled:
+            init_adapters(model, apply_lora(model, lora_spec(config)), config.model.init_std, config.seed, False)
         if config.performance.fused_kernels:
             apply_fused_norms(model, device.type)
         apply_recompute_and_compile(model, config.performance)
@@ -115,7 +119,8 @@ def build_model(config: TrainConfig, pmesh: ParallelMesh | None, n_micro: int, d
     full = build_emu(config.model, device="meta")
     apply_freezing(full, config.optimizer)
     losses: list = []  # the pipeline's loss_fn records each micro-batch's (lm, l2) here
-    pmodel = parallelize_emu(full, pmesh, n_micro, pipeline_loss_fn(losses, config), config.seed, config.performance)
+    pmodel = parallelize_emu(full, pmesh, n_micro, pipeline_loss_fn(losses, config), config.seed, config.performance,
+                             lora_spec(config))
     pmodel.losses = losses
     return pmodel
 
@@ -133,6 +138,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     world_size, device = init_distributed(config.device)
     dims = ParallelDims.from_config(config.parallel, world_size, config.model, config.data.seq_length)
     n_micro = dims.validate(config.model, config.data)  # all sizes checked before any work
+    check_instruct_run(config, dims.pp)
     pmesh = build_mesh(dims, device) if world_size > 1 else None
     if config.performance.fp16 and dims.pp > 1:
         raise ValueError("--fp16 loss scaling is not supported with pipeline parallelism; use --bf16")
@@ -156,6 +162,8 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     if resumed.consumed_samples != loader.consumed_samples:  # saved at another DP size
         loader = build_loader(resumed.consumed_samples)
     start_iteration = resumed.iteration
+    if config.lora.enabled:  # from the (loaded) base's "user" / "assistant" rows
+        init_chat_token_rows(pmodel.parts, tokenizer)
     params = sum(p.numel() for _, p in pmodel.named_parameters())  # DTensor numel is the global size
     log.info("model %s: %.1fM parameters on this rank's stages, %s; %d micro-batches of %d per step per DP rank",
              config.preset, params / 1e6, device, n_micro, config.data.micro_batch_size)
