@@ -150,6 +150,9 @@ def add_lora_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r (paper: 16; 0 = pretraining)")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; updates scale by alpha / r (paper: 16)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    g.add_argument("--pretrained-checkpoint", default="",
+                   help="the pretrained Emu to adapt (checkpoint root or iteration directory; its vocabulary grows "
+                        "by [USER] / [ASSISTANT]); --save / --load then hold the adapters (+ optimizer) only")
     g.add_argument("--lora-merge", action="store_true",
                    help="fold the adapters into the base weights and save a full (merged) checkpoint to --save")
 
@@ -273,6 +276,7 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
         keep_last=args.keep_last,
         async_save=args.async_save,
         save_threads=args.ckpt_save_threads,
+        pretrained_checkpoint=args.pretrained_checkpoint,
     )
 
 

@@ -262,6 +262,8 @@ class CheckpointConfig:
     keep_last: int = 0  # prune all but the newest N iterations after a save (0 = keep all)
     async_save: bool = False  # write in a background thread while training goes on
     save_threads: int = 1  # writer threads per rank
+    # Instruction tuning: the frozen base (root or iteration dir); --save / --load then hold adapters only.
+    pretrained_checkpoint: str = ""
 
 
 @dataclass
@@ -333,7 +335,7 @@ RECIPES: dict[str, dict] = {
 # emu-14b: the paper's Emu-I recipe (section 4): batch 128, 10k steps, LR warmed up linearly
 # over 500 steps to 1e-5, then cosine to 0; 16 A100-80G (examples/finetune_instruct_emu14b.sbatch).
 INSTRUCT_RECIPES: dict[str, dict] = {
-    "tiny": dict(lr=2e-3, min_lr=0.0, lr_warmup_iters=2, train_iters=30, seq_length=160, micro_batch_size=4,
+    "tiny": dict(lr=1e-2, min_lr=0.0, lr_warmup_iters=2, train_iters=30, seq_length=128, micro_batch_size=4,
                  global_batch_size=8, weight_decay=0.0, split="", eval_interval=0, eval_iters=1),
     "1b": dict(lr=1e-4, min_lr=0.0, lr_warmup_iters=500, train_iters=10000, seq_length=1024, micro_batch_size=4,
                global_batch_size=128, weight_decay=0.0, split="", eval_interval=0, eval_iters=10),

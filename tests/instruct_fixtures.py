@@ -51,3 +51,18 @@ BAD_COUNTS = {  # input type -> (skip reason -> count) for write_fixtures' bad r
     "llava": {"missing_file": 1},
     "videochat": {"bad_turns": 1, "bad_record": 1},
 }
+
+
+NUMBERS = "zero one two three four five six seven eight nine ten".split()
+
+
+def write_counting_alpaca(path: str, n: int = 64) -> str:
+    """Learnable instructions: 'what comes after <number>?' -> the next number word."""
+    records = []
+    for i in range(n):
+        k = i % 10
+        records.append({"instruction": f"what number comes after {NUMBERS[k]}?", "input": "",
+                        "output": f"the number after {NUMBERS[k]} is {NUMBERS[k + 1]}."})
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path

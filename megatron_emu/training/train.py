@@ -9,6 +9,7 @@ The same code runs single-process, under torchrun and under srun.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -33,6 +34,7 @@ from megatron_emu.parallel.parallelize import ParallelModel, init_adapters, para
 from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_compile
 from megatron_emu.training.checkpoint import Checkpointer, Layout
 from megatron_emu.training.evaluate import image_grounding
+from megatron_emu.training.pretrained import load_pretrained
 from megatron_emu.training.instruct import check_instruct_run, init_chat_token_rows, lora_spec
 from megatron_emu.training.step import StepResult, pipeline_loss_fn, train_step, validation_loss
 from megatron_emu.training.metrics import IterationStats, training_flops
@@ -158,6 +160,9 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     loader = build_loader(0)
     valid = validation_batches(config, build_loader, n_micro)
     checkpointer = Checkpointer(config.checkpoint, config, Layout.from_mesh(pmesh))
+    if config.lora.enabled and config.checkpoint.pretrained_checkpoint:
+        load_pretrained(config.checkpoint.pretrained_checkpoint, pmodel.parts, dataclasses.asdict(config.model),
+                        checkpointer.process_group)
     resumed = checkpointer.load(pmodel.parts, optimizer, scheduler, loader)
     if resumed.consumed_samples != loader.consumed_samples:  # saved at another DP size
         loader = build_loader(resumed.consumed_samples)
@@ -199,7 +204,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     if config.checkpoint.save and start_iteration < config.train_iters and not checkpointer.should_save(config.train_iters):
         checkpointer.save(config.train_iters, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
     checkpointer.wait()
-    if dims.pp == 1 and dims.tp == 1:
+    if dims.pp == 1 and dims.tp == 1 and not config.lora.enabled:  # conversations need not hold images
         # Held out: the validation split; without one, the training stream's next micro-batches
         # (not trained on in this run, though earlier epochs may have seen their samples).
         held_out = [b for step in valid for b in step] if valid else [next(loader) for _ in range(4)]
