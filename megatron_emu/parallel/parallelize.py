@@ -59,23 +59,24 @@ class ParallelModel:
 
 
 def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, loss_fn, seed: int,
-                    performance: PerformanceConfig | None = None, lora: LoRASpec | None = None) -> ParallelModel:
+                    performance: PerformanceConfig | None = None, lora: LoRASpec | None = None,
+                    feed: MicrobatchFeed | None = None) -> ParallelModel:
     """`full` is either initialised (every rank the same: tests, checkpoint loading) or on
     the meta device, in which case each rank materialises and initialises only its stages.
     `performance` (--bf16, --recompute-*, --compile, fused kernels); None: plain fp32.
     `lora`: freeze the base and adapt the LLM's q, k, v, o (model/lora.py); adapters of an
-    initialised `full` start from the single-process values (init by name), like the base."""
+    initialised `full` start from the single-process values (init by name), like the base.
+    `feed`: the pipeline's micro-batch feed, when `loss_fn` also reads it (answer masks)."""
     performance = performance or PerformanceConfig(fused_kernels=False)
     dims = pmesh.dims
     precision = Precision(performance, pmesh.device.type)
-    feed = None
     if dims.pp > 1:
-        feed = MicrobatchFeed()
+        feed = feed or MicrobatchFeed()
         stages = stage_indices(pmesh)
         # Stages hand each other activations in the compute dtype (pipeline.py).
         parts = [split_stage(full, s, dims.stage_layers, feed, io_dtype=precision.dtype) for s in stages]
     else:
-        stages, parts = [0], [full]
+        stages, parts, feed = [0], [full], None
     # FSDP2 gathers parameters in the compute dtype and reduce-scatters fp32 gradients;
     # the sharded parameters (the optimizer's master weights) stay fp32.
     mp_policy = precision.fsdp_policy() if precision.mixed else None

@@ -26,14 +26,6 @@ def lora_spec(config: TrainConfig) -> LoRASpec | None:
     return LoRASpec(lora.rank, lora.alpha, lora.dropout) if lora.enabled else None
 
 
-def check_instruct_run(config: TrainConfig, pipeline_size: int) -> None:
-    if config.lora.enabled and pipeline_size > 1:
-        # The answer mask is read by the loss from the micro-batch; the pipeline's last stage
-        # receives only (hidden, tokens, targets): not wired yet.
-        raise ValueError("--lora-rank with --pipeline-model-parallel-size > 1 is not supported yet "
-                         "(answer masks do not reach the last stage)")
-
-
 def word_pieces(tokenizer, word: str) -> list[int]:
     pieces = tokenizer.sp.encode(word)
     if not pieces:

@@ -32,14 +32,17 @@ class StepResult:
     sequences: int  # seq_length rows computed in this step (fewer than samples when packed)
 
 
-def pipeline_loss_fn(losses: list, config: TrainConfig):
-    """The last stage's loss: the schedule calls it per micro-batch with the stage outputs."""
+def pipeline_loss_fn(losses: list, config: TrainConfig, feed=None):
+    """The last stage's loss: the schedule calls it per micro-batch with the stage outputs and
+    the micro-batch's index. feed (the step's micro-batches, pipeline.MicrobatchFeed): where
+    the last stage reads an instruction batch's answer mask, which stages do not send."""
     special, vocab = config.model.special_tokens, config.model.llm.vocab_size
 
-    def loss_fn(outputs, _index):
+    def loss_fn(outputs, index):
         logits, regression, targets, tokens, *documents = outputs  # document ids: packed rows
+        answers = feed[int(index[0])].get("answer_mask") if feed is not None else None
         loss = mixed_loss(logits, regression, targets, tokens, special, config.l2_loss_weight, vocab,
-                          documents[0] if documents else None)
+                          documents[0] if documents else None, answers)
         losses.append((loss.lm.detach(), loss.l2.detach()))
         return loss.total
 

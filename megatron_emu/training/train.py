@@ -30,12 +30,13 @@ from megatron_emu.model.attention import configure_attention
 from megatron_emu.model.emu import build_emu
 from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh, build_mesh, init_distributed
 from megatron_emu.model.lora import apply_lora
+from megatron_emu.parallel.pipeline import MicrobatchFeed
 from megatron_emu.parallel.parallelize import ParallelModel, init_adapters, parallelize_emu
 from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_compile
 from megatron_emu.training.checkpoint import Checkpointer, Layout
 from megatron_emu.training.evaluate import image_grounding
 from megatron_emu.training.pretrained import load_pretrained
-from megatron_emu.training.instruct import check_instruct_run, init_chat_token_rows, lora_spec
+from megatron_emu.training.instruct import init_chat_token_rows, lora_spec
 from megatron_emu.training.step import StepResult, pipeline_loss_fn, train_step, validation_loss
 from megatron_emu.training.metrics import IterationStats, training_flops
 from megatron_emu.training.optim import LRScheduler, apply_freezing
@@ -121,8 +122,9 @@ def build_model(config: TrainConfig, pmesh: ParallelMesh | None, n_micro: int, d
     full = build_emu(config.model, device="meta")
     apply_freezing(full, config.optimizer)
     losses: list = []  # the pipeline's loss_fn records each micro-batch's (lm, l2) here
-    pmodel = parallelize_emu(full, pmesh, n_micro, pipeline_loss_fn(losses, config), config.seed, config.performance,
-                             lora_spec(config))
+    feed = MicrobatchFeed()  # the pipeline's micro-batches; its loss reads answer masks there
+    pmodel = parallelize_emu(full, pmesh, n_micro, pipeline_loss_fn(losses, config, feed), config.seed,
+                             config.performance, lora_spec(config), feed)
     pmodel.losses = losses
     return pmodel
 
@@ -140,7 +142,6 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     world_size, device = init_distributed(config.device)
     dims = ParallelDims.from_config(config.parallel, world_size, config.model, config.data.seq_length)
     n_micro = dims.validate(config.model, config.data)  # all sizes checked before any work
-    check_instruct_run(config, dims.pp)
     pmesh = build_mesh(dims, device) if world_size > 1 else None
     if config.performance.fp16 and dims.pp > 1:
         raise ValueError("--fp16 loss scaling is not supported with pipeline parallelism; use --bf16")
