@@ -278,6 +278,8 @@ class LoRAConfig:
     merge: bool = False  # --lora-merge: fold the adapters into the base and save a full checkpoint
 
     def __post_init__(self) -> None:
+        if self.merge and self.rank <= 0:
+            raise ValueError("--lora-merge needs the adapters' --lora-rank")
         if self.rank < 0 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--lora-rank must be >= 0, --lora-alpha > 0, --lora-dropout in [0, 1); "
                              f"got {self.rank}, {self.alpha}, {self.dropout}")

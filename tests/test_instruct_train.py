@@ -40,6 +40,15 @@ def base(tmp_path_factory):
     return save
 
 
+def read_model(directory: str) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = os.path.join(directory, "..", os.path.basename(directory) + ".pt")
+    dcp_to_torch_save(directory, out)
+    state = torch.load(out, weights_only=False)["model"]
+    return state
+
+
 def instruct_flags(conversations, *extra):
     return parse_args(["--lora-rank", "16", "--data-path", "1", conversations, "--lr-warmup-iters", "1",
                        "--lr-decay-iters", "8", *COMMON, *extra])
@@ -83,6 +92,19 @@ def test_adapter_checkpoints_grow_base_resume_exact_refuse_other_base(conversati
     second = pretrain(instruct_flags(conversations, "--train-iters", "4", "--pretrained-checkpoint", base,
                                      "--load", save)).history
     assert first + second == reference  # exact resume
+
+    # --lora-merge: a full checkpoint whose projections are W + (alpha / r) B A.
+    merged = str(tmp_path / "merged")
+    pretrain(instruct_flags(conversations, "--train-iters", "2", "--pretrained-checkpoint", base, "--load", save,
+                            "--lora-merge", "--save", merged))
+    adapters, full, base_state = (read_model(d) for d in (directory, iteration_dir(merged, 2), iteration_dir(base, 1)))
+    name = "llm.layers.1.attention.wo"
+    delta = adapters[f"{name}.lora.lora_B"] @ adapters[f"{name}.lora.lora_A"]  # alpha / r = 1
+    assert delta.abs().max() > 0
+    torch.testing.assert_close(full[f"{name}.weight"], base_state[f"{name}.weight"] + delta)
+    assert not any(is_lora_parameter(k) for k in full)
+    assert full["llm.tok_embeddings.weight"].shape[0] == base_state["llm.tok_embeddings.weight"].shape[0] + 2
+    torch.testing.assert_close(full["llm.tok_embeddings.weight"][:-2], base_state["llm.tok_embeddings.weight"])
 
     other = str(tmp_path / "other")
     pretrain(parse_args(COMMON + ["--train-iters", "1", "--save", other, "--seq-length", "80", "--seed", "7"]))

@@ -54,3 +54,40 @@ def init_chat_token_rows(parts, tokenizer) -> None:
                 param.to_local().copy_(distribute_tensor(whole, param.device_mesh, param.placements,
                                                          src_data_rank=None).to_local())
     log.info("[USER] / [ASSISTANT] rows initialised from the pieces of %s", CHAT_WORDS)
+
+
+def save_merged(pmodel, config: TrainConfig, iteration: int, base: dict | None) -> str:
+    """--lora-merge: W += (alpha / r) B A in every adapted projection, then save the whole model
+    (no adapters, no optimizer) as a full checkpoint in --save: a base for --pretrained-checkpoint,
+    tools/convert_checkpoint.py or generation. One process (the merge is plain tensor math)."""
+    import dataclasses
+    import json
+    import os
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_emu.config import LoRAConfig
+    from megatron_emu.model.lora import merge_lora
+    from megatron_emu.training.checkpoint import model_state
+    from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, iteration_dir, write_latest
+
+    if pmodel.pmesh is not None:
+        raise ValueError("--lora-merge runs on one process (plain tensors); launch it without torchrun")
+    if not config.checkpoint.save:
+        raise ValueError("--lora-merge needs --save (where the merged checkpoint goes)")
+    model = pmodel.parts[0]
+    merged = merge_lora(model)
+    directory = iteration_dir(config.checkpoint.save, iteration)
+    os.makedirs(directory, exist_ok=True)
+    plain = dataclasses.replace(config, lora=LoRAConfig())
+    with open(os.path.join(directory, RUN_CONFIG_NAME), "w") as f:
+        json.dump({"iteration": iteration, "consumed_samples": 0, "layout": {"tp": 1, "pp": 1, "dp": 1},
+                   "torch_version": torch.__version__, "config": dataclasses.asdict(plain),
+                   "merged_from": {"adapters": config.checkpoint.load, "pretrained_checkpoint": base}}, f, indent=2)
+    common = {"iteration": iteration, "consumed_samples": 0, "scheduler": None, "layout": None}
+    dcp.save({"model": model_state([model]), "common": pickle.dumps(common)},
+             storage_writer=dcp.FileSystemWriter(directory))
+    write_latest(config.checkpoint.save, iteration)
+    log.info("merged %d LoRA adapters into the base; full checkpoint %s", merged, directory)
+    return directory

@@ -36,7 +36,7 @@ from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_comp
 from megatron_emu.training.checkpoint import Checkpointer, Layout
 from megatron_emu.training.evaluate import image_grounding
 from megatron_emu.training.pretrained import load_pretrained
-from megatron_emu.training.instruct import init_chat_token_rows, lora_spec
+from megatron_emu.training.instruct import init_chat_token_rows, lora_spec, save_merged
 from megatron_emu.training.step import StepResult, pipeline_loss_fn, train_step, validation_loss
 from megatron_emu.training.metrics import IterationStats, training_flops
 from megatron_emu.training.optim import LRScheduler, apply_freezing
@@ -161,15 +161,19 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     loader = build_loader(0)
     valid = validation_batches(config, build_loader, n_micro)
     checkpointer = Checkpointer(config.checkpoint, config, Layout.from_mesh(pmesh))
+    base = None
     if config.lora.enabled and config.checkpoint.pretrained_checkpoint:
-        load_pretrained(config.checkpoint.pretrained_checkpoint, pmodel.parts, dataclasses.asdict(config.model),
-                        checkpointer.process_group)
+        base = load_pretrained(config.checkpoint.pretrained_checkpoint, pmodel.parts, dataclasses.asdict(config.model),
+                               checkpointer.process_group)
     resumed = checkpointer.load(pmodel.parts, optimizer, scheduler, loader)
     if resumed.consumed_samples != loader.consumed_samples:  # saved at another DP size
         loader = build_loader(resumed.consumed_samples)
     start_iteration = resumed.iteration
     if config.lora.enabled:  # from the (loaded) base's "user" / "assistant" rows
         init_chat_token_rows(pmodel.parts, tokenizer)
+    if config.lora.merge:
+        save_merged(pmodel, config, start_iteration, base)
+        return TrainSummary()
     params = sum(p.numel() for _, p in pmodel.named_parameters())  # DTensor numel is the global size
     log.info("model %s: %.1fM parameters on this rank's stages, %s; %d micro-batches of %d per step per DP rank",
              config.preset, params / 1e6, device, n_micro, config.data.micro_batch_size)
