@@ -60,6 +60,22 @@ def save_merged(pmodel, config: TrainConfig, iteration: int, base: dict | None) 
     """--lora-merge: W += (alpha / r) B A in every adapted projection, then save the whole model
     (no adapters, no optimizer) as a full checkpoint in --save: a base for --pretrained-checkpoint,
     tools/convert_checkpoint.py or generation. One process (the merge is plain tensor math)."""
+    from megatron_emu.model.lora import merge_lora
+
+    if pmodel.pmesh is not None:
+        raise ValueError("--lora-merge runs on one process (plain tensors); launch it without torchrun")
+    if not config.checkpoint.save:
+        raise ValueError("--lora-merge needs --save (where the merged checkpoint goes)")
+    merged = merge_lora(pmodel.parts[0])
+    directory = save_full_checkpoint(pmodel.parts[0], config, iteration,
+                                     {"adapters": config.checkpoint.load, "pretrained_checkpoint": base})
+    log.info("merged %d LoRA adapters into the base; full checkpoint %s", merged, directory)
+    return directory
+
+
+def save_full_checkpoint(model, config: TrainConfig, iteration: int, merged_from: dict | None = None) -> str:
+    """A single-process model (no adapters) as a model-only checkpoint in config.checkpoint.save,
+    readable by --pretrained-checkpoint, --load --finetune and tools/convert_checkpoint.py."""
     import dataclasses
     import json
     import os
@@ -68,26 +84,17 @@ def save_merged(pmodel, config: TrainConfig, iteration: int, base: dict | None) 
     import torch.distributed.checkpoint as dcp
 
     from megatron_emu.config import LoRAConfig
-    from megatron_emu.model.lora import merge_lora
     from megatron_emu.training.checkpoint import model_state
     from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, iteration_dir, write_latest
 
-    if pmodel.pmesh is not None:
-        raise ValueError("--lora-merge runs on one process (plain tensors); launch it without torchrun")
-    if not config.checkpoint.save:
-        raise ValueError("--lora-merge needs --save (where the merged checkpoint goes)")
-    model = pmodel.parts[0]
-    merged = merge_lora(model)
     directory = iteration_dir(config.checkpoint.save, iteration)
     os.makedirs(directory, exist_ok=True)
     plain = dataclasses.replace(config, lora=LoRAConfig())
     with open(os.path.join(directory, RUN_CONFIG_NAME), "w") as f:
         json.dump({"iteration": iteration, "consumed_samples": 0, "layout": {"tp": 1, "pp": 1, "dp": 1},
                    "torch_version": torch.__version__, "config": dataclasses.asdict(plain),
-                   "merged_from": {"adapters": config.checkpoint.load, "pretrained_checkpoint": base}}, f, indent=2)
+                   "merged_from": merged_from}, f, indent=2)
     common = {"iteration": iteration, "consumed_samples": 0, "scheduler": None, "layout": None}
-    dcp.save({"model": model_state([model]), "common": pickle.dumps(common)},
-             storage_writer=dcp.FileSystemWriter(directory))
+    dcp.save({"model": model_state([model]), "common": pickle.dumps(common)}, storage_writer=dcp.FileSystemWriter(directory))
     write_latest(config.checkpoint.save, iteration)
-    log.info("merged %d LoRA adapters into the base; full checkpoint %s", merged, directory)
     return directory
