@@ -78,3 +78,13 @@ def test_bad_lora_flags_are_one_line_errors():
 
     with pytest.raises(ValueError, match="--lora-dropout"):
         parse_args(["--lora-rank", "16", "--lora-dropout", "1.5"])
+
+
+def test_missing_pretrained_checkpoint_and_merge_without_rank_are_one_line_errors(tmp_path):
+    from megatron_emu.arguments import parse_args
+    from megatron_emu.training.pretrained import resolve_pretrained
+
+    with pytest.raises(ValueError, match=f"--pretrained-checkpoint {tmp_path}: no checkpoint"):
+        resolve_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="--lora-merge needs"):
+        parse_args(["--lora-merge"])

@@ -26,6 +26,30 @@ def lora_spec(config: TrainConfig) -> LoRASpec | None:
     return LoRASpec(lora.rank, lora.alpha, lora.dropout) if lora.enabled else None
 
 
+def check_instruct_run(config: TrainConfig) -> None:
+    if config.lora.enabled and not config.lora.merge and not config.data.data_path:
+        raise ValueError("--lora-rank: instruction tuning needs --data-path of conversations "
+                         "(tools/preprocess_data.py --input-type sharegpt|alpaca|llava|videochat)")
+
+
+def merge_checkpoint(config: TrainConfig, pmodel, optimizer, tokenizer) -> str:
+    """--lora-merge: the base (--pretrained-checkpoint) + the adapters (--load; none: B = 0,
+    i.e. the base with its [USER] / [ASSISTANT] rows) -> a full checkpoint in --save."""
+    import dataclasses
+
+    from megatron_emu.training.checkpoint import Checkpointer
+    from megatron_emu.training.pretrained import load_pretrained
+
+    base = None
+    checkpointer = Checkpointer(config.checkpoint, config)
+    if config.checkpoint.pretrained_checkpoint:
+        base = load_pretrained(config.checkpoint.pretrained_checkpoint, pmodel.parts, dataclasses.asdict(config.model),
+                               checkpointer.process_group)
+    resumed = checkpointer.load(pmodel.parts, optimizer)
+    init_chat_token_rows(pmodel.parts, tokenizer)
+    return save_merged(pmodel, config, resumed.iteration, base)
+
+
 def word_pieces(tokenizer, word: str) -> list[int]:
     pieces = tokenizer.sp.encode(word)
     if not pieces:

@@ -80,7 +80,7 @@ def load_pretrained(path: str, parts, model_config: dict, process_group=None) ->
     check_model_config(directory, _without_vocab(record["config"]["model"]), _without_vocab(model_config))
     saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     state = {k: v for k, v in model_state(parts).items() if not is_lora_parameter(k)}
-    grown = {}
+    grown, sizes = {}, {}
     for key in VOCAB_ROWS:
         if key not in state or f"model.{key}" not in saved:
             continue
@@ -88,7 +88,9 @@ def load_pretrained(path: str, parts, model_config: dict, process_group=None) ->
         if rows != tuple(state[key].shape):
             if rows[1:] != tuple(state[key].shape[1:]) or rows[0] > state[key].shape[0]:
                 raise ValueError(f"{directory}: {key} has shape {rows}, cannot grow into {tuple(state[key].shape)}")
-            grown[key] = torch.empty(rows, dtype=state.pop(key).dtype)  # read whole on every rank
+            target = state.pop(key)
+            grown[key] = torch.empty(rows, dtype=target.dtype)  # read whole on every rank
+            sizes[key] = f"{rows[0]} -> {target.shape[0]}"
     dcp.load({"model": {**state, **grown}}, storage_reader=dcp.FileSystemReader(directory), process_group=process_group)
     for part in parts:
         set_model_state_dict(part, state, options=StateDictOptions(strict=False))
@@ -97,8 +99,7 @@ def load_pretrained(path: str, parts, model_config: dict, process_group=None) ->
             if key in params:
                 _copy_rows(params[key], value)
     if grown:
-        log.info("base %s: vocabulary rows grown to %s (rows of [USER] / [ASSISTANT] added)", directory,
-                 {k: tuple(v.shape) for k, v in grown.items()})
+        log.info("base %s: vocabulary rows grown %s (rows of [USER] / [ASSISTANT] added)", directory, sizes)
     return base_identity(directory)
 
 

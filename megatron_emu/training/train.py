@@ -36,7 +36,7 @@ from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_comp
 from megatron_emu.training.checkpoint import Checkpointer, Layout
 from megatron_emu.training.evaluate import image_grounding
 from megatron_emu.training.pretrained import load_pretrained
-from megatron_emu.training.instruct import init_chat_token_rows, lora_spec, save_merged
+from megatron_emu.training.instruct import check_instruct_run, init_chat_token_rows, lora_spec, merge_checkpoint
 from megatron_emu.training.step import StepResult, pipeline_loss_fn, train_step, validation_loss
 from megatron_emu.training.metrics import IterationStats, training_flops
 from megatron_emu.training.optim import LRScheduler, apply_freezing
@@ -142,6 +142,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     world_size, device = init_distributed(config.device)
     dims = ParallelDims.from_config(config.parallel, world_size, config.model, config.data.seq_length)
     n_micro = dims.validate(config.model, config.data)  # all sizes checked before any work
+    check_instruct_run(config)
     pmesh = build_mesh(dims, device) if world_size > 1 else None
     if config.performance.fp16 and dims.pp > 1:
         raise ValueError("--fp16 loss scaling is not supported with pipeline parallelism; use --bf16")
@@ -154,6 +155,9 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     optimizer = (build_adamw(pmodel.parts[0], config.optimizer, device.type, config.performance.fused_kernels)
                  if pmesh is None else build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels))
     scheduler = LRScheduler(optimizer, config.optimizer, config.train_iters)
+    if config.lora.merge:  # no data, no loop: base + adapters -> one full checkpoint
+        merge_checkpoint(config, pmodel, optimizer, tokenizer)
+        return TrainSummary()
     build_loader = lambda consumed, split="train": build_pretrain_loader(  # noqa: E731
         config.data, tokenizer, dp_rank=dp_rank, dp_size=dims.dp, seed=config.seed,
         tokens_per_image=config.model.tokens_per_image, consumed_samples=consumed, split=split,
@@ -161,19 +165,15 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     loader = build_loader(0)
     valid = validation_batches(config, build_loader, n_micro)
     checkpointer = Checkpointer(config.checkpoint, config, Layout.from_mesh(pmesh))
-    base = None
     if config.lora.enabled and config.checkpoint.pretrained_checkpoint:
-        base = load_pretrained(config.checkpoint.pretrained_checkpoint, pmodel.parts, dataclasses.asdict(config.model),
-                               checkpointer.process_group)
+        load_pretrained(config.checkpoint.pretrained_checkpoint, pmodel.parts, dataclasses.asdict(config.model),
+                        checkpointer.process_group)
     resumed = checkpointer.load(pmodel.parts, optimizer, scheduler, loader)
     if resumed.consumed_samples != loader.consumed_samples:  # saved at another DP size
         loader = build_loader(resumed.consumed_samples)
     start_iteration = resumed.iteration
     if config.lora.enabled:  # from the (loaded) base's "user" / "assistant" rows
         init_chat_token_rows(pmodel.parts, tokenizer)
-    if config.lora.merge:
-        save_merged(pmodel, config, start_iteration, base)
-        return TrainSummary()
     params = sum(p.numel() for _, p in pmodel.named_parameters())  # DTensor numel is the global size
     log.info("model %s: %.1fM parameters on this rank's stages, %s; %d micro-batches of %d per step per DP rank",
              config.preset, params / 1e6, device, n_micro, config.data.micro_batch_size)
