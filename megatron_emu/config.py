@@ -290,6 +290,43 @@ class LoRAConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where a run's scalars go besides the log line, and what is timed (training/monitor.py,
+    training/timers.py). Megatron-LM's flag names."""
+
+    tensorboard_dir: str = ""  # "" = no TensorBoard
+    tensorboard_log_interval: int = 1  # iterations between per-step scalars
+    tensorboard_queue_size: int = 1000  # events buffered before the writer flushes
+    log_validation_ppl_to_tensorboard: bool = False
+    log_timers_to_tensorboard: bool = False
+    log_memory_to_tensorboard: bool = False
+    wandb_project: str = ""  # "" = no Weights & Biases
+    wandb_exp_name: str = ""
+    wandb_save_dir: str = ""
+    # 0: no per-phase timers (nothing added to the step); 1: min/max over ranks; 2: every rank.
+    timing_log_level: int = 0
+    barrier_with_l1_time: bool = True  # barrier before each timed phase: waits for other ranks stay out
+    log_straggler: bool = False
+    straggler_threshold: float = 10.0  # percent above the median step time
+    straggler_interval: int | None = None  # iterations between reports (None: --log-interval)
+
+    def __post_init__(self) -> None:
+        if self.timing_log_level not in (0, 1, 2):
+            raise ValueError(f"--timing-log-level must be 0, 1 or 2, got {self.timing_log_level}")
+        if self.tensorboard_log_interval < 1 or self.tensorboard_queue_size < 1:
+            raise ValueError("--tensorboard-log-interval and --tensorboard-queue-size must be >= 1")
+        if self.log_straggler and self.timing_log_level == 0:
+            raise ValueError("--log-straggler needs --timing-log-level 1 or 2: a rank's step time is the sum "
+                             "of its timed phases (waits for other ranks excluded)")
+        if self.straggler_interval is not None and self.straggler_interval < 1:
+            raise ValueError(f"--straggler-interval must be >= 1, got {self.straggler_interval}")
+
+    @property
+    def has_sink(self) -> bool:
+        return bool(self.tensorboard_dir or self.wandb_project)
+
+
+@dataclass
 class TrainConfig:
     """Everything one pretraining run needs; filled from Megatron-style flags."""
 
@@ -301,6 +338,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     performance: "PerformanceConfig" = field(default_factory=lambda: PerformanceConfig())
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     train_iters: int = 300
     l2_loss_weight: float = 1.0
     seed: int = 1234

@@ -10,7 +10,8 @@ import pytest
 from megatron_emu.arguments import parse_args
 from megatron_emu.parallel.mesh import ParallelDims
 
-EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[1] / "examples").rglob("*") if p.suffix in (".sh", ".sbatch"))
+EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[1] / "examples").rglob("*")
+                  if p.suffix in (".sh", ".sbatch") and "pretrain_emu.py" in p.read_text())  # launch scripts
 
 
 def pretrain_flags(script: Path) -> list[str]:

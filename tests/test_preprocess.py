@@ -47,7 +47,8 @@ def pairs_jsonl(tmp_path):
 
 def test_pairs_jsonl_round_trip_and_megatron_core_reads_it(tok, tmp_path, pairs_jsonl):
     path, lines = pairs_jsonl
-    report = run(tok, "--input-type", "pairs", "--input", path, "--output-prefix", tmp_path / "out/p")
+    report = run(tok, "--input-type", "pairs", "--input", path, "--output-prefix", tmp_path / "out/p",
+                 "--image-format", "raw")  # pixels compared exactly
     assert report["documents_out"] == 3 and report["images_kept"] == 3 and report["skipped"] == {}
     data = MultimodalIndexed(str(tmp_path / "out/p"), tok.fingerprint)
     for d, line in enumerate(lines):
@@ -113,7 +114,7 @@ def test_mmc4_images_go_before_their_matched_text(tok, tmp_path):
                           {"image_name": str(tmp_path / "gone.png"), "matched_text_index": 0}]}
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps(doc) + "\n")
-    report = run(tok, "--input-type", "mmc4", "--input", path, "--output-prefix", tmp_path / "m")
+    report = run(tok, "--input-type", "mmc4", "--input", path, "--output-prefix", tmp_path / "m", "--image-format", "raw")
     assert report["skipped"] == {"missing_file": 1} and report["images_kept"] == 2
     data = MultimodalIndexed(str(tmp_path / "m"), tok.fingerprint)
     assert data.kind == "interleaved"
@@ -135,7 +136,7 @@ def test_video_frames_sampled_in_order_with_srt_subtitles(tok, tmp_path):
     manifest = tmp_path / "videos.jsonl"
     manifest.write_text(json.dumps({"video": "clip", "fps": 1, "subtitles": "clip.srt"}) + "\n"
                         + json.dumps({"video": "few", "subtitles": []}) + "\n")
-    report = run(tok, "--input-type", "video", "--input", manifest, "--output-prefix", tmp_path / "v")
+    report = run(tok, "--input-type", "video", "--input", manifest, "--output-prefix", tmp_path / "v", "--image-format", "raw")
     assert report["documents_out"] == 1 and report["skipped"] == {"too_few_frames": 1}
     items = MultimodalIndexed(str(tmp_path / "v"), tok.fingerprint).read_document(0)
     reds = [int(v[0, 0, 0]) for m, v in items if m == MODE_IMAGE]
@@ -164,6 +165,8 @@ def test_bad_inputs_are_skipped_counted_and_named(tok, tmp_path):
     assert report["skipped"]["unreadable_shard"] == 2
     names = " ".join(s["name"] for s in report["skipped_items"])
     assert "bad.jsonl:2" in names and "missing.png" in names and "broken.tar" in names and "absent.tar" in names
+    corrupt = [s["name"] for s in report["skipped_items"] if s["reason"] == "corrupt_image"]
+    assert corrupt == [f"{path}:2#1 ({tmp_path / 'corrupt.png'})"]  # the image path, as for a missing one
 
 
 def test_damaged_outputs_and_wrong_tokenizer_are_refused(tok, tmp_path, pairs_jsonl):

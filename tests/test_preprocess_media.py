@@ -103,7 +103,8 @@ def test_parquet_pairs_round_trip(tok, tmp_path):
     table = pa.table({"url": [f"http://x/{i}" for i in range(3)], "image_path": paths, "caption": captions,
                       "similarity": [0.3, 0.31, 0.32]})  # extra LAION-style columns are ignored
     pq.write_table(table, tmp_path / "pairs.parquet", row_group_size=2)  # several row groups
-    report = run(tok, "--input-type", "pairs", "--input", tmp_path / "pairs.parquet", "--output-prefix", tmp_path / "p")
+    report = run(tok, "--input-type", "pairs", "--input", tmp_path / "pairs.parquet", "--output-prefix", tmp_path / "p",
+                 "--image-format", "raw")  # pixels compared exactly
     assert report["documents_out"] == 3 and report["skipped"] == {}
     data = MultimodalIndexed(str(tmp_path / "p"), tok.fingerprint)
     for d in range(3):

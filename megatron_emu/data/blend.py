@@ -13,15 +13,16 @@ Two policies over `--data-path W1 P1 W2 P2 ...`:
   table lookup and a resume needs no replay.
 
 Within dataset d, draw j (its j-th sample in the stream) is element j % n of a seeded
-permutation of its n samples for epoch j // n. Everything is a pure function of
+permutation of its n samples for epoch j // n, evaluated per index (shuffle.py: a Feistel
+bijection, O(1) time and memory whatever n). Everything is a pure function of
 (seed, global batch index, slot), which is what makes resume exact.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
+
+from megatron_emu.data.shuffle import permute, round_keys
 
 BLOCK = 4096
 
@@ -99,16 +100,13 @@ class BatchPlan:
         return list(zip(d.tolist(), (blk * self.block_counts[d] + self.block_rank[within]).tolist()))
 
 
-@lru_cache(maxsize=16)
-def _epoch_permutation(seed: int, dataset: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, dataset, epoch]).permutation(n)
-
-
 def sample_index(seed: int, dataset: int, draw: int, n: int) -> int:
-    """The draw-th sample of a dataset of n samples: seeded reshuffle every epoch."""
+    """The draw-th sample of a dataset of n samples: seeded reshuffle every epoch, computed
+    per index (shuffle.py), so no permutation of the dataset is ever stored."""
     if n <= 0:
         raise ValueError(f"dataset {dataset} has no samples")
-    return int(_epoch_permutation(seed, dataset, draw // n, n)[draw % n])
+    epoch, pos = divmod(draw, n)
+    return int(permute(pos, n, round_keys(seed, dataset, epoch))[0])
 
 
 SPLITS = ("train", "valid", "test")

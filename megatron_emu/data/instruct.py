@@ -35,8 +35,9 @@ def encode_turns(tokenizer, turns: list[tuple[str, str]]) -> list[tuple[int, np.
     return items
 
 
-def render_conversation(tokenizer, system: str, visuals: list[np.ndarray], turns: list[tuple[str, str]]):
-    """The whole Emu-I template as stored items (see the module docstring)."""
+def render_conversation(tokenizer, system: str, visuals: list, turns: list[tuple[str, str]]):
+    """The whole Emu-I template as stored items (see the module docstring); visuals: the
+    images as DocumentWriter stores them (uint8 arrays, or JPEG bytes)."""
     if system not in SYSTEM_KINDS:
         raise ValueError(f"system message kind {system!r}: choose one of {SYSTEM_KINDS}")
     if tokenizer.num_special_tokens < 6:

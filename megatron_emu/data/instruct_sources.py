@@ -171,18 +171,19 @@ def _videochat(path: str):
 READERS = {"sharegpt": _sharegpt, "alpaca": _alpaca, "llava": _llava, "videochat": _videochat}
 
 
-def encode_conversation(doc: RawDocument, tokenizer, image_size: int, skips, named) -> list | None:
+def encode_conversation(doc: RawDocument, tokenizer, image_size: int, skips, named,
+                        image_format: str = "raw") -> list | None:
     """A conversation RawDocument -> stored items (data/instruct.py); None (counted) if unusable.
     A conversation whose image is unreadable is dropped whole: its answers talk about it."""
     from megatron_emu.data.instruct import render_conversation
-    from megatron_emu.data.preprocess import _count, prepare_image
+    from megatron_emu.data.preprocess import _count, stored_image
 
     system = doc.items[0][1]
     visuals, turns = [], []
     try:
         for k, (kind, value) in enumerate(doc.items[1:], 1):
             if kind == "image":
-                visuals.append(prepare_image(value, image_size, name=f"{doc.name}#{k}"))
+                visuals.append(stored_image(value, image_size, image_format, name=f"{doc.name}#{k}"))
             elif kind == "user":
                 turns.append([value, None])
             else:

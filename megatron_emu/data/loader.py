@@ -122,7 +122,10 @@ class PretrainLoader:
     def __next__(self) -> dict:
         if self._it is None:
             self._it = self._iterator()
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except ValueError as e:  # a bad stored sample: its one line, not a worker's traceback
+            raise ValueError(_worker_error_line(str(e))) from None
         self.consumed_microbatches += 1
         for key in self.totals:
             self.totals[key] += int(batch[key])
@@ -138,6 +141,15 @@ class PretrainLoader:
         self.consumed_microbatches = int(state["consumed_microbatches"])
         self.totals.update(state.get("totals", {}))
         self._it = None  # restart the workers at the restored position
+
+
+def _worker_error_line(message: str) -> str:
+    """torch re-raises a DataLoader worker's ValueError as 'Caught ValueError in DataLoader
+    worker process N.' + the worker's traceback; the error's own line is the last one."""
+    if not message.startswith("Caught ValueError"):
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last[len("ValueError: "):] if last.startswith("ValueError: ") else last
 
 
 def build_pretrain_loader(data: DataConfig, tokenizer, *, dp_rank: int, dp_size: int, seed: int,
@@ -157,7 +169,7 @@ def build_pretrain_loader(data: DataConfig, tokenizer, *, dp_rank: int, dp_size:
     for weight, prefix in parse_data_path(data_path):
         prefix, view = _split_view(prefix)
         ds = MultimodalIndexed(prefix, tokenizer.fingerprint, tokenizer.vocab_size)
-        whole = make_view(ds, spec, view)
+        whole = make_view(ds, spec, view, data.cache_dir)
         if len(whole) == 0:
             raise ValueError(f"{prefix}.idx: no samples for view {view or ds.kind}")
         views.append(SplitView(whole, *split_range(len(whole), fractions, split)))
@@ -223,7 +235,8 @@ def _build_synthetic(root: str, prefix: str, kind: str, n: int, seed: int, token
 
 def _complete(prefix: str) -> bool:
     try:
-        _check_files(prefix, read_meta(prefix))  # sizes as recorded: not truncated, not mixed
-        return True
+        meta = read_meta(prefix)
+        _check_files(prefix, meta)  # sizes as recorded: not truncated, not mixed
+        return "idx_xxh3" in meta  # a cache from before checksums is rebuilt once, with them
     except (ValueError, KeyError):
         return False

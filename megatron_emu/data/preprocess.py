@@ -4,11 +4,12 @@ The one code path behind tools/preprocess_data.py and the bundled synthetic corp
 shards are processed independently into partial datasets (`<out>.parts/NNNNN.*`),
 which are then merged in shard order, so the output does not depend on --workers and
 an interrupted run resumes by skipping the shards whose partial files are complete.
+The same parts make multi-node preprocessing: job i of n writes the parts of shards
+i, i+n, ... and merge_parts joins everyone's afterwards, byte for byte one job's output.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing as mp
 import os
@@ -18,22 +19,14 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
+from megatron_emu.data.images import SkipItem, prepare_image, stored_image  # noqa: F401 (prepare_image: API)
 from megatron_emu.data.indexed import MODE_IMAGE, MODE_TEXT, DocumentWriter, _check_files, read_meta
 from megatron_emu.data.synthetic import RawDocument
 
 MAX_NAMED_SKIPS = 10000  # the report names every skipped input, up to this many
 PROGRESS_EVERY_DOCS = 64  # a worker reports its document count this often ...
 PROGRESS_EVERY_S = 0.5  # ... or after this long, whichever comes first
-
-
-class SkipItem(Exception):
-    """One input item that cannot be used; `reason` is a report key."""
-
-    def __init__(self, reason: str, name: str):
-        super().__init__(f"{name}: {reason}")
-        self.reason, self.name = reason, name
 
 
 @dataclass
@@ -46,39 +39,9 @@ class Shard:
     name: str
 
 
-def prepare_image(image, image_size: int = 224, min_size: int = 32, name: str = "") -> np.ndarray:
-    """PIL image, path or bytes -> uint8 (3, S, S): centre square crop resized to S."""
-    try:
-        if isinstance(image, (str, os.PathLike)):
-            if not os.path.exists(image):
-                raise SkipItem("missing_file", f"{name} ({image})" if name else str(image))
-            image = Image.open(image)
-        elif isinstance(image, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(image))
-        if getattr(image, "format", None) == "JPEG":
-            # Let libjpeg downscale by 2/4/8 in the DCT while decoding, never below S: a
-            # large photo decodes several times faster (no effect at ~500x400).
-            image.draft("RGB", (image_size, image_size))
-        image.load()
-        image = image.convert("RGB")
-    except SkipItem:
-        raise
-    except Exception:  # PIL raises many types for corrupt data; all mean the same here
-        raise SkipItem("corrupt_image", name or str(image)) from None
-    w, h = image.size
-    if min(w, h) < min_size:
-        raise SkipItem("too_small", f"{name or 'image'} ({w}x{h})")
-    if (w, h) != (image_size, image_size):
-        # Resampling only the centre square (box=) is the same as resize-then-crop, but
-        # does not filter the pixels the crop would throw away.
-        side = min(w, h)
-        left, top = (w - side) / 2, (h - side) / 2
-        image = image.resize((image_size, image_size), Image.BICUBIC, box=(left, top, left + side, top + side))
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, S, S)
-
-
-def encode_document(doc: RawDocument, tokenizer, image_size: int, skips: Counter, named: list) -> list | None:
-    """RawDocument -> [(mode, array)], skipping (and counting) unusable items.
+def encode_document(doc: RawDocument, tokenizer, image_size: int, skips: Counter, named: list,
+                    image_format: str = "raw") -> list | None:
+    """RawDocument -> [(mode, ids or stored image)], skipping (and counting) unusable items.
 
     Returns None when the document itself is unusable (a pair without image or caption,
     a video without 8 frames, or nothing left at all).
@@ -86,7 +49,7 @@ def encode_document(doc: RawDocument, tokenizer, image_size: int, skips: Counter
     if doc.kind == "conversation":  # instruction tuning: the Emu-I template (data/instruct.py)
         from megatron_emu.data.instruct_sources import encode_conversation
 
-        return encode_conversation(doc, tokenizer, image_size, skips, named)
+        return encode_conversation(doc, tokenizer, image_size, skips, named, image_format)
     items = []
     for k, (kind, value) in enumerate(doc.items):
         try:
@@ -96,7 +59,7 @@ def encode_document(doc: RawDocument, tokenizer, image_size: int, skips: Counter
                     raise SkipItem("empty_text", f"{doc.name}#{k}")
                 items.append((MODE_TEXT, np.asarray(tokenizer.encode(text), dtype=np.int64)))
             else:
-                items.append((MODE_IMAGE, prepare_image(value, image_size, name=f"{doc.name}#{k}")))
+                items.append((MODE_IMAGE, stored_image(value, image_size, image_format, name=f"{doc.name}#{k}")))
         except SkipItem as s:
             _count(skips, named, s.reason, s.name)
     n_img = sum(m == MODE_IMAGE for m, _ in items)
@@ -170,12 +133,14 @@ def process_shard(job: tuple, progress=None) -> dict:
     """Write one shard's partial dataset; its .json (written last) marks it complete.
 
     progress: None or a callable(number of documents read since the last call)."""
-    shard, part_prefix, kind, tok_path, num_special, image_size = job
+    shard, part_prefix, kind, tok_path, num_special, image_size, image_format = job
     tokenizer = _tokenizer(tok_path, num_special)
     skips, named = Counter(), []
     docs_in = docs_out = 0
     ticker = _Ticker(progress)
-    writer = DocumentWriter(part_prefix, tokenizer.vocab_size, image_size)
+    if os.path.exists(part_prefix + ".json"):  # a stale marker must not vouch for the files rewritten below
+        os.remove(part_prefix + ".json")
+    writer = DocumentWriter(part_prefix, tokenizer.vocab_size, image_size, image_format)
     try:
         for doc in iter_shard_documents(shard):
             if isinstance(doc, SkipItem):
@@ -186,7 +151,7 @@ def process_shard(job: tuple, progress=None) -> dict:
                 continue
             docs_in += 1
             ticker.tick()
-            items = encode_document(doc, tokenizer, image_size, skips, named)
+            items = encode_document(doc, tokenizer, image_size, skips, named, image_format)
             if items is not None:
                 writer.add_document(items)
                 docs_out += 1
@@ -212,33 +177,55 @@ def _process_shard_in_worker(job: tuple) -> dict:
     return process_shard(job, _PROGRESS_QUEUE.put if _PROGRESS_QUEUE is not None else None)
 
 
-def _part_done(part_prefix: str) -> dict | None:
+def _part_prefix(parts_dir: str, shard: Shard) -> str:
+    return os.path.join(parts_dir, f"{shard.index:05d}")
+
+
+def _part_done(part_prefix: str, expected: dict) -> dict | None:
+    """A complete part written with the same settings (`expected` meta fields): its meta."""
     try:
         meta = read_meta(part_prefix)
         _check_files(part_prefix, meta)
-        return meta["report"]
+        if any(meta.get(k, "raw" if k == "image_format" else None) != v for k, v in expected.items()):
+            return None
+        return meta if "report" in meta else None
     except (ValueError, KeyError):
         return None
 
 
+def assigned_shards(shards: list[Shard], shard_index: int, num_shards: int) -> list[Shard]:
+    """Job shard_index of num_shards takes input shards shard_index, shard_index + n, ...:
+    deterministic in the (sorted) input list, and balanced when inputs are alike."""
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard-index {shard_index} is outside [0, --num-shards {num_shards})")
+    return shards[shard_index::num_shards]
+
+
 # --- driver ------------------------------------------------------------------------------
 def preprocess(shards: list[Shard], output_prefix: str, kind: str, tokenizer_path: str, *,
-               num_special: int = 4, image_size: int = 224, workers: int = 1, resume: bool = False,
-               progress: bool = True, keep_parts: bool = False) -> dict:
-    """Process `shards` into `<output_prefix>.bin/.idx/.json`; returns the JSON report."""
+               num_special: int = 4, image_size: int = 224, image_format: str = "raw", workers: int = 1,
+               resume: bool = False, progress: bool = True, keep_parts: bool = False,
+               shard_index: int = 0, num_shards: int = 1) -> dict:
+    """Process `shards` into `<output_prefix>.bin/.idx/.json`; returns the JSON report.
+
+    With num_shards > 1 (multi-node), this job writes only the parts of its shards
+    (assigned_shards) and merges nothing: merge_parts (--merge) joins all jobs' parts once
+    every job is done, byte for byte what one job over all shards writes."""
     t0 = time.time()
     parts_dir = output_prefix + ".parts"
     os.makedirs(parts_dir, exist_ok=True)
+    mine = assigned_shards(shards, shard_index, num_shards)
+    settings = _part_settings(kind, tokenizer_path, num_special, image_size, image_format)
     reports, jobs = {}, []
-    for shard in shards:
-        part = os.path.join(parts_dir, f"{shard.index:05d}")
-        done = _part_done(part) if resume else None
+    for shard in mine:
+        part = _part_prefix(parts_dir, shard)
+        done = _part_done(part, dict(settings, shard=shard.name)) if resume else None
         if done is not None:
-            reports[shard.index] = done
+            reports[shard.index] = done["report"]
         else:
-            jobs.append((shard, part, kind, tokenizer_path, num_special, image_size))
+            jobs.append((shard, part, kind, tokenizer_path, num_special, image_size, image_format))
     resumed = len(reports)
-    bar = _progress_bar(progress, shards, reports, output_prefix)
+    bar = _progress_bar(progress, mine, reports, output_prefix)
     if workers > 1 and len(jobs) > 1:
         _run_pool(jobs, min(workers, len(jobs)), reports, bar)
     else:
@@ -247,38 +234,60 @@ def preprocess(shards: list[Shard], output_prefix: str, kind: str, tokenizer_pat
             _shard_done(bar)
     if bar is not None:
         bar.close()
-    return _merge(shards, parts_dir, output_prefix, kind, tokenizer_path, num_special, image_size,
-                  reports, resumed, time.time() - t0, keep_parts)
+    if num_shards > 1:
+        return dict(_summary(reports.values(), time.time() - t0), output_prefix=output_prefix, kind=kind,
+                    shards=len(mine), shards_resumed=resumed, job=f"{shard_index} of {num_shards}")
+    return merge_parts(shards, output_prefix, kind, tokenizer_path, num_special=num_special,
+                       image_size=image_size, image_format=image_format, keep_parts=keep_parts,
+                       resumed=resumed, started=t0)
 
 
-def _merge(shards, parts_dir, output_prefix, kind, tokenizer_path, num_special, image_size,
-           reports, resumed, elapsed, keep_parts) -> dict:
+def _part_settings(kind, tokenizer_path, num_special, image_size, image_format) -> dict:
     tokenizer = _tokenizer(tokenizer_path, num_special)
-    writer = DocumentWriter(output_prefix, tokenizer.vocab_size, image_size)
+    return {"kind": kind, "image_size": image_size, "image_format": image_format,
+            "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
+
+
+def merge_parts(shards: list[Shard], output_prefix: str, kind: str, tokenizer_path: str, *,
+                num_special: int = 4, image_size: int = 224, image_format: str = "raw",
+                keep_parts: bool = False, resumed: int = 0, started: float | None = None) -> dict:
+    """Concatenate every shard's part, in shard order, into `<output_prefix>.*` without
+    decoding anything (.idx entries appended, .bin bytes copied and hashed on the way)."""
+    t0 = time.time() if started is None else started
+    parts_dir = output_prefix + ".parts"
+    settings = _part_settings(kind, tokenizer_path, num_special, image_size, image_format)
+    metas = {s.index: _part_done(_part_prefix(parts_dir, s), dict(settings, shard=s.name)) for s in shards}
+    missing = [s for s in shards if metas[s.index] is None]
+    if missing:
+        raise ValueError(f"{parts_dir}: {len(missing)} of {len(shards)} parts missing, incomplete or written with "
+                         f"other settings, first {missing[0].name} (part {missing[0].index:05d}); run its job "
+                         "again (with --resume) before --merge")
+    writer = DocumentWriter(output_prefix, settings["vocab_size"], image_size, image_format)
     for shard in shards:
-        writer.add_index(os.path.join(parts_dir, f"{shard.index:05d}"))
-    total = Counter()
-    named = []
-    for r in reports.values():
-        total.update(r["skipped"])
-        named.extend(r["skipped_items"])
-    report = {
-        "output_prefix": output_prefix, "kind": kind, "shards": len(shards), "shards_resumed": resumed,
-        "documents_in": sum(r["documents_in"] for r in reports.values()),
-        "documents_out": sum(r["documents_out"] for r in reports.values()),
-        "images_kept": sum(r["images_kept"] for r in reports.values()),
-        "skipped": dict(total), "skipped_items": named[:MAX_NAMED_SKIPS],
-        "elapsed_s": round(elapsed, 3),
-    }
-    report["documents_per_s"] = round(report["documents_in"] / max(elapsed, 1e-9), 1)
-    writer.finalize({"kind": kind, "image_size": image_size, "tokenizer": tokenizer.fingerprint,
-                     "vocab_size": tokenizer.vocab_size, "num_documents": report["documents_out"],
+        writer.add_index(_part_prefix(parts_dir, shard), metas[shard.index].get("bin_xxh3"))
+    report = dict(output_prefix=output_prefix, kind=kind, shards=len(shards), shards_resumed=resumed,
+                  **_summary([m["report"] for m in metas.values()], time.time() - t0))
+    writer.finalize({"kind": kind, "image_size": image_size, "tokenizer": settings["tokenizer"],
+                     "vocab_size": settings["vocab_size"], "num_documents": report["documents_out"],
                      "num_images": report["images_kept"]})
     with open(output_prefix + ".report.json", "w") as f:
         json.dump(report, f, indent=1)
     if not keep_parts:
         shutil.rmtree(parts_dir, ignore_errors=True)
     return report
+
+
+def _summary(reports, elapsed: float) -> dict:
+    reports = list(reports)
+    total, named = Counter(), []
+    for r in reports:
+        total.update(r["skipped"])
+        named.extend(r["skipped_items"])
+    docs_in = sum(r["documents_in"] for r in reports)
+    return {"documents_in": docs_in, "documents_out": sum(r["documents_out"] for r in reports),
+            "images_kept": sum(r["images_kept"] for r in reports), "skipped": dict(total),
+            "skipped_items": named[:MAX_NAMED_SKIPS], "elapsed_s": round(elapsed, 3),
+            "documents_per_s": round(docs_in / max(elapsed, 1e-9), 1)}
 
 
 def _run_pool(jobs: list, workers: int, reports: dict, bar) -> None:

@@ -20,11 +20,14 @@ Views (what one sample is):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
 from megatron_emu.data.indexed import MODE_IMAGE, MODE_TEXT, MultimodalIndexed
+from megatron_emu.data.plan_cache import MappedPlan, cached_plan
+from megatron_emu.data.plans import chunk_plan, pair_window_plan
 
 MAX_IMAGES_PER_CHUNK = 5
 PAIRS_PER_WINDOW = 5
@@ -110,8 +113,9 @@ class PairView:
         return sample
 
 
-def plan_chunks(data: MultimodalIndexed, spec: SeqSpec, max_images: int) -> np.ndarray:
-    """Interleaved documents -> chunks, computed from the .idx alone.
+def plan_chunks(data: MultimodalIndexed, spec: SeqSpec, max_images: int, cache_dir: str = "") -> np.ndarray:
+    """Interleaved documents -> chunks, computed from the .idx alone (plans.chunk_plan) and
+    cached beside the dataset (plan_cache.py).
 
     Row (first_item, first_offset, last_item, last_stop): items first..last, the first one
     read from token first_offset, the last one up to token last_stop (images: offsets 0).
@@ -120,46 +124,28 @@ def plan_chunks(data: MultimodalIndexed, spec: SeqSpec, max_images: int) -> np.n
     (seq_length >= tokens_per_image + 2 is checked by the loader, so every image fits in
     an empty chunk.)
     """
-    lengths, modes, tpi, limit = data.lengths, data.modes, spec.tokens_per_image, spec.seq_length
-    chunks = []
-    for doc in range(len(data)):
-        cur = None  # [first_item, first_offset, last_item, last_stop, used, images]
-        for item in data.item_range(doc):
-            if modes[item] == MODE_IMAGE:
-                if cur is not None and (cur[5] == max_images or cur[4] + tpi > limit):
-                    chunks.append(cur[:4])  # the image opens the next chunk
-                    cur = None
-                if cur is None:
-                    cur = [item, 0, item, 0, 2, 0]  # used = BOS + EOS
-                cur[2:] = [item, 0, cur[4] + tpi, cur[5] + 1]
-                continue
-            n, pos = int(lengths[item]), 0
-            while pos < n:
-                if cur is None:
-                    cur = [item, pos, item, pos, 2, 0]
-                take = min(limit - cur[4], n - pos)  # >= 1: a full chunk is closed at once
-                pos += take
-                cur[2:] = [item, pos, cur[4] + take, cur[5]]
-                if cur[4] >= limit:
-                    chunks.append(cur[:4])
-                    cur = None
-        if cur is not None:
-            chunks.append(cur[:4])
-    return np.asarray(chunks, dtype=np.int64).reshape(-1, 4)
+    if max_images < 1:
+        raise ValueError(f"{data.prefix}: max images per chunk must be >= 1, got {max_images}")
+    params = {"seq_length": spec.seq_length, "tokens_per_image": spec.tokens_per_image, "max_images": max_images,
+              "tokenizer": data.meta["tokenizer"]}
+    return cached_plan(data.prefix, "chunks", params, 4, partial(
+        chunk_plan, seq_length=spec.seq_length, tokens_per_image=spec.tokens_per_image, max_images=max_images),
+        cache_dir)
 
 
 class InterleavedView:
     kind = "interleaved"
 
-    def __init__(self, data: MultimodalIndexed, spec: SeqSpec, max_images: int = MAX_IMAGES_PER_CHUNK):
+    def __init__(self, data: MultimodalIndexed, spec: SeqSpec, max_images: int = MAX_IMAGES_PER_CHUNK,
+                 cache_dir: str = ""):
         self.data, self.spec, self.max_images = data, spec, max_images
-        self.chunks = plan_chunks(data, spec, max_images)  # (num_chunks, 4)
+        self.plan = MappedPlan(plan_chunks(data, spec, max_images, cache_dir))  # (num_chunks, 4), memory-mapped
 
     def __len__(self) -> int:
-        return len(self.chunks)
+        return len(self.plan.array)
 
     def build(self, index: int, key: tuple) -> Sample:
-        first, offset, last, stop = (int(x) for x in self.chunks[index])
+        first, offset, last, stop = (int(x) for x in self.plan.array[index])
         items = []
         for i in range(first, last + 1):
             lo = offset if i == first else 0
@@ -168,32 +154,34 @@ class InterleavedView:
         return assemble(items, self.spec, self.kind, self.max_images)
 
 
-def plan_pair_windows(data: MultimodalIndexed, pairs_per_window: int) -> list[list[int]]:
-    """Each image with the text item right after it is a pair; windows of consecutive pairs."""
-    modes, windows = data.modes, []
-    for doc in range(len(data)):
-        r = data.item_range(doc)
-        pairs = [i for i in r[:-1] if modes[i] == MODE_IMAGE and modes[i + 1] == MODE_TEXT]
-        for k in range(0, len(pairs), pairs_per_window):
-            windows.append(pairs[k:k + pairs_per_window])
-    return windows
+def plan_pair_windows(data: MultimodalIndexed, pairs_per_window: int, cache_dir: str = "") -> np.ndarray:
+    """Each image with the text item right after it is a pair; windows of consecutive pairs:
+    (num_windows, pairs_per_window) image items, a document's last window padded with -1
+    (plans.pair_window_plan, cached beside the dataset)."""
+    params = {"pairs_per_window": pairs_per_window, "tokenizer": data.meta["tokenizer"]}
+    build = partial(_windows_block, pairs_per_window=pairs_per_window)
+    return cached_plan(data.prefix, "pair-windows", params, pairs_per_window, build, cache_dir)
+
+
+def _windows_block(lengths, modes, doc_index, pairs_per_window):
+    return pair_window_plan(modes, doc_index, pairs_per_window)
 
 
 class PairsWindowView:
     kind = "interleaved_pairs"
 
     def __init__(self, data: MultimodalIndexed, spec: SeqSpec, pairs_per_window: int = PAIRS_PER_WINDOW,
-                 max_tokens: int = PAIRS_WINDOW_TOKENS):
+                 max_tokens: int = PAIRS_WINDOW_TOKENS, cache_dir: str = ""):
         self.data, self.spec = data, spec
         self.seq_length = min(max_tokens, spec.seq_length)
-        self.windows = plan_pair_windows(data, pairs_per_window)
+        self.plan = MappedPlan(plan_pair_windows(data, pairs_per_window, cache_dir))  # (windows, pairs_per_window)
 
     def __len__(self) -> int:
-        return len(self.windows)
+        return len(self.plan.array)
 
     def build(self, index: int, key: tuple) -> Sample:
         items = []
-        for image_item in self.windows[index]:
+        for image_item in (int(i) for i in self.plan.array[index] if i >= 0):
             items.append(self.data.read_item(image_item))
             items.append(self.data.read_item(image_item + 1))  # full: assemble counts what is cut
         return assemble(items, self.spec, self.kind, seq_length=self.seq_length)
@@ -212,7 +200,8 @@ class VideoView:
         return assemble(self.data.read_document(index), self.spec, self.kind)
 
 
-def make_view(data: MultimodalIndexed, spec: SeqSpec, view: str = ""):
+def make_view(data: MultimodalIndexed, spec: SeqSpec, view: str = "", cache_dir: str = ""):
+    """cache_dir: where plans go when the dataset's directory is read-only (plan_cache.py)."""
     if data.kind == "conversation":
         from megatron_emu.data.instruct import ConversationView
 
@@ -221,7 +210,9 @@ def make_view(data: MultimodalIndexed, spec: SeqSpec, view: str = ""):
         return PairView(data, spec)
     if data.kind == "video":
         return VideoView(data, spec)
-    return PairsWindowView(data, spec) if view == "pairs" else InterleavedView(data, spec)
+    if view == "pairs":
+        return PairsWindowView(data, spec, cache_dir=cache_dir)
+    return InterleavedView(data, spec, cache_dir=cache_dir)
 
 
 def collate(samples: list[Sample], spec: SeqSpec, image_size: int = 224) -> dict:

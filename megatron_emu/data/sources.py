@@ -21,7 +21,7 @@ import os
 import re
 import tarfile
 
-from megatron_emu.data.preprocess import SkipItem
+from megatron_emu.data.images import SkipItem
 from megatron_emu.data.synthetic import RawDocument, video_document
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

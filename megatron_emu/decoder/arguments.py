@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from megatron_emu.config import PRESETS
+from megatron_emu.arguments import add_sink_args, sink_config
+from megatron_emu.config import PRESETS, LoggingConfig
 from megatron_emu.decoder.conditions import CONDITION_MODES
 
 
@@ -54,6 +55,7 @@ class DecoderConfig:
     seed: int = 1234
     log_interval: int = 10
     device: str = "auto"
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # TensorBoard / W&B (the sink flags only)
 
     def lr_at(self, step: int) -> float:
         """LR of optimizer step `step` (0-based): linear warmup, then the step-wise values."""
@@ -124,11 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--log-interval", type=int, default=d.log_interval)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_sink_args(p)
     return p
 
 
 def parse_decoder_args(argv: list[str] | None = None) -> DecoderConfig:
     args = build_parser().parse_args(argv)
-    config = DecoderConfig(**{k: getattr(args, k) for k in DecoderConfig.__dataclass_fields__})
+    fields = [k for k in DecoderConfig.__dataclass_fields__ if k != "logging"]
+    config = DecoderConfig(**{k: getattr(args, k) for k in fields}, logging=sink_config(args))
     config.validate()
     return config

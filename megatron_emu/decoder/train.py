@@ -29,6 +29,7 @@ from megatron_emu.decoder.data import DecoderMicroBatches, build_loader, emu_pix
 from megatron_emu.decoder.ema import EMA
 from megatron_emu.decoder.frozen import freeze, load_emu
 from megatron_emu.decoder.unet import build_tiny_sd, check_condition_dim, load_sd_components, resize_cross_attention
+from megatron_emu.training.monitor import Sinks
 
 log = logging.getLogger("megatron_emu")
 
@@ -185,6 +186,7 @@ def finetune(config: DecoderConfig) -> Summary:
                  sum(p.numel() for p in unet.parameters()) / 1e6, accumulation, config.micro_batch_size, world, start)
 
     summary = Summary()
+    sinks = Sinks(config.logging, config, is_writer=rank == 0)
     loader = iter(build_loader(data, start, config.train_iters, config.num_workers))
     t0 = time.perf_counter()
     for step in range(start, config.train_iters):
@@ -195,13 +197,18 @@ def finetune(config: DecoderConfig) -> Summary:
         if ema is not None:
             ema.update(unet)
         summary.history.append((step + 1, loss))
+        if (step + 1) % config.logging.tensorboard_log_interval == 0:
+            sinks.scalars(step + 1, (step + 1) * config.global_batch_size, step_scalars(config, step, loss, grad_norm, ema))
         if rank == 0 and ((step + 1) % config.log_interval == 0 or step == start):
             rate = config.global_batch_size * (len(summary.history)) / (time.perf_counter() - t0)
+            sinks.scalars(step + 1, (step + 1) * config.global_batch_size, {
+                "images-per-sec": rate, "condition-drop-fraction": summary.dropped / max(summary.samples, 1)})
             print(f"iteration {step + 1:7d}/{config.train_iters} | lr {config.lr_at(step):.3e} | loss {loss:.5f} | "
                   f"grad norm {grad_norm:.3f} | dropped {summary.dropped / max(summary.samples, 1):.3f} | "
                   f"{rate:.1f} samples/s", file=sys.stdout, flush=True)
         if config.save and config.save_interval and (step + 1) % config.save_interval == 0:
             save_on_rank0(config.save, step + 1, unet, optimizer, ema, gens, rank, world)
+    sinks.close()
     if config.save:
         save_on_rank0(config.save, config.train_iters, unet, optimizer, ema, gens, rank, world)
         if rank == 0:
@@ -211,6 +218,14 @@ def finetune(config: DecoderConfig) -> Summary:
         dist.barrier()
     summary.unet = unet
     return summary
+
+
+def step_scalars(config: DecoderConfig, step: int, loss: float, grad_norm: float, ema: EMA | None) -> dict[str, float]:
+    """The decoder's scalars of one step (rank 0's loss, as the log line prints)."""
+    values = {"diffusion loss": loss, "learning-rate": config.lr_at(step), "grad-norm": grad_norm}
+    if ema is not None:
+        values["ema-decay"] = ema.decay
+    return values
 
 
 def attach_caches(frozen: Frozen, data: DecoderMicroBatches, config: DecoderConfig, rank: int, world: int, device) -> None:

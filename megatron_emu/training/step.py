@@ -21,6 +21,7 @@ from megatron_emu.parallel.data_parallel import clip_grad_norm_global, gradient_
 from megatron_emu.parallel.loss import mixed_loss
 from megatron_emu.parallel.parallelize import ParallelModel
 from megatron_emu.training.precision import Precision
+from megatron_emu.training.timers import Timers
 
 
 @dataclass
@@ -80,17 +81,21 @@ def microbatch_loss(pmodel: ParallelModel, batch: dict, config: TrainConfig) -> 
 
 
 def train_step(pmodel: ParallelModel, optimizer, microbatches: list[dict], config: TrainConfig,
-               precision: Precision | None = None) -> StepResult:
+               precision: Precision | None = None, timers: Timers | None = None) -> StepResult:
     """Forward/backward every micro-batch, clip by the global norm, one optimizer step."""
     precision = precision or Precision(config.performance, microbatches[0]["tokens"].device.type)
+    timers = timers or Timers(0, microbatches[0]["tokens"].device)  # level 0: every timer a no-op
     optimizer.zero_grad(set_to_none=True)
     pmodel.losses.clear()
-    with vocab_parallel_loss(pmodel):
+    with timers("forward-backward"), timers.pipeline_waits(), vocab_parallel_loss(pmodel):
         forward_backward(pmodel, microbatches, config, precision)
-    reduce_partial_grads(pmodel.parts, pmodel.pmesh)
-    precision.unscale_(optimizer)  # fp16: true gradients before clipping
-    grad_norm = clip_grad_norm_global(pmodel.parts, config.optimizer.clip_grad, pmodel.pmesh)
-    precision.step(optimizer)  # fp16: skipped when gradients overflowed
+    with timers("grads-reduce"):
+        reduce_partial_grads(pmodel.parts, pmodel.pmesh)
+    with timers("optimizer"):
+        precision.unscale_(optimizer)  # fp16: true gradients before clipping
+        with timers("optimizer-clip-main-grad"):
+            grad_norm = clip_grad_norm_global(pmodel.parts, config.optimizer.clip_grad, pmodel.pmesh)
+        precision.step(optimizer)  # fp16: skipped when gradients overflowed
     images = sum(batch["images"].shape[0] for batch in microbatches)
     rows = sum(batch["tokens"].shape[0] for batch in microbatches)
     lm, l2, images, rows = reduce_step_stats(pmodel, len(microbatches), images, rows)

@@ -41,6 +41,7 @@ from megatron_emu.training.step import StepResult, pipeline_loss_fn, train_step,
 from megatron_emu.training.metrics import IterationStats, training_flops
 from megatron_emu.training.optim import LRScheduler, apply_freezing
 from megatron_emu.training.precision import Precision
+from megatron_emu.training.watch import TrainingMonitor
 
 log = logging.getLogger("megatron_emu")
 
@@ -179,14 +180,20 @@ def pretrain(config: TrainConfig) -> TrainSummary:
              config.preset, params / 1e6, device, n_micro, config.data.micro_batch_size)
 
     is_logger = world_size == 1 or dist.get_rank() == world_size - 1  # a last-stage rank
+    monitor = TrainingMonitor(config, pmesh, device, is_logger, start_iteration)
+    timers = monitor.timers
     summary = TrainSummary()
     bar = tqdm(total=config.train_iters, desc="pretrain", unit="it", disable=not (sys.stderr.isatty() and is_logger))
     last_log = time.perf_counter()
     for iteration in range(start_iteration, config.train_iters):
-        microbatches = [move_batch(next(loader), device) for _ in range(n_micro)]
+        with timers("data-loader-wait"):
+            host_batches = [next(loader) for _ in range(n_micro)]
+        with timers("batch-generator"):
+            microbatches = [move_batch(b, device) for b in host_batches]
         lr = optimizer.param_groups[0]["lr"]
-        result = train_step(pmodel, optimizer, microbatches, config, precision)
+        result = train_step(pmodel, optimizer, microbatches, config, precision, timers)
         scheduler.step(iteration + 1)
+        monitor.step(iteration + 1, lr, result, microbatches, loader)
         summary.history.append((iteration + 1, result.lm_loss, result.l2_loss))
         bar.update(1)
         if (iteration + 1) % config.log_interval == 0 or iteration == 0:
@@ -197,15 +204,21 @@ def pretrain(config: TrainConfig) -> TrainSummary:
             stats = iteration_stats(config, iteration + 1, elapsed, lr, result, world_size)
             if is_logger:
                 tqdm.write(stats.format(), file=sys.stdout)
+            monitor.log_line(stats)
         if valid and config.eval_interval and (iteration + 1) % config.eval_interval == 0:
-            lm, l2 = validation_loss(pmodel, [[move_batch(b, device) for b in step] for step in valid], config, precision)
+            with timers("validation"):
+                lm, l2 = validation_loss(pmodel, [[move_batch(b, device) for b in step] for step in valid], config, precision)
             summary.validation.append((iteration + 1, lm, l2))
+            monitor.validation(iteration + 1, lm, l2)
             if is_logger:
                 tqdm.write(format_validation(iteration + 1, lm, l2), file=sys.stdout)
         if checkpointer.should_save(iteration + 1):
-            checkpointer.save(iteration + 1, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
+            with timers("save-checkpoint"):
+                checkpointer.save(iteration + 1, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
         checkpointer.poll()
+        monitor.end_of_iteration(iteration + 1)
     bar.close()
+    monitor.close()
     if config.checkpoint.save and start_iteration < config.train_iters and not checkpointer.should_save(config.train_iters):
         checkpointer.save(config.train_iters, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
     checkpointer.wait()

@@ -1,0 +1,150 @@
+"""Plan caches (data/plan_cache.py): equal to the reference on the synthetic corpus, reused
+while the key holds, rebuilt when it changes or the file is damaged, shared by racing
+processes; plus the per-read image check that replaced the O(n) one at open."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from megatron_emu.data import plan_cache
+from megatron_emu.data.indexed import MODE_IMAGE, MODE_TEXT, DocumentWriter, MultimodalIndexed, read_meta, write_meta
+from megatron_emu.data.loader import ensure_synthetic_corpus
+from megatron_emu.data.samples import InterleavedView, PairsWindowView, SeqSpec, plan_chunks, plan_pair_windows
+from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
+from tests.test_data_plans import padded, reference_chunks, reference_windows
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return EmuTokenizer(build_tiny_tokenizer(str(tmp_path_factory.getbasetemp() / "tokenizer")))
+
+
+@pytest.fixture(scope="module")
+def corpus(tok, tmp_path_factory):
+    """The bundled corpus' interleaved generator, 40 documents."""
+    data_path = ensure_synthetic_corpus(str(tmp_path_factory.mktemp("corpus")), tok, sizes={"interleaved": 40})
+    return data_path[1]
+
+
+@pytest.fixture
+def data(corpus, tmp_path):
+    """A private copy (tests below damage and touch files)."""
+    for ext in (".bin", ".idx", ".json"):
+        os.link(corpus + ext, str(tmp_path / "mmc") + ext)
+    return MultimodalIndexed(str(tmp_path / "mmc"))
+
+
+def plan_files(data):
+    return sorted(p for p in os.listdir(os.path.dirname(data.prefix)) if ".plan-" in p and not p.endswith(".lock"))
+
+
+@pytest.mark.parametrize("seq_length", [36, 64, 192, 1024])
+def test_cached_plans_equal_the_reference_on_the_synthetic_corpus(tok, data, seq_length):
+    spec = SeqSpec.from_tokenizer(tok, seq_length)
+    for max_images in (1, 5):
+        np.testing.assert_array_equal(plan_chunks(data, spec, max_images),
+                                      reference_chunks(data, seq_length, spec.tokens_per_image, max_images))
+    np.testing.assert_array_equal(plan_pair_windows(data, 5), padded(reference_windows(data, 5), 5))
+
+
+def test_plan_is_reused_and_a_changed_key_rebuilds(tok, data, monkeypatch):
+    builds = []
+    real = plan_cache._build
+    monkeypatch.setattr(plan_cache, "_build", lambda *a: builds.append(a[1]) or real(*a))
+    spec = SeqSpec.from_tokenizer(tok, 192)
+    first = InterleavedView(data, spec).plan.array
+    assert isinstance(first, np.memmap) and len(builds) == 1
+    InterleavedView(data, spec)
+    assert len(builds) == 1  # reused
+    InterleavedView(data, SeqSpec.from_tokenizer(tok, 256))  # --seq-length
+    InterleavedView(data, spec, max_images=2)
+    InterleavedView(data, SeqSpec.from_tokenizer(tok, 192, tokens_per_image=40))
+    assert len(builds) == 4 and len(set(builds)) == 4
+    write_meta(data.prefix, dict(read_meta(data.prefix), tokenizer="another-tokenizer"))  # re-tokenized
+    InterleavedView(data, spec)
+    os.utime(data.prefix + ".idx", ns=(1, 1))  # the .idx replaced
+    np.testing.assert_array_equal(InterleavedView(data, spec).plan.array, first)
+    assert len(builds) == 6
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "garbage description", "description only"])
+def test_damaged_plan_is_rebuilt_not_trusted(tok, data, damage):
+    spec = SeqSpec.from_tokenizer(tok, 64)
+    good = np.array(InterleavedView(data, spec).plan.array)
+    (name,) = [p for p in plan_files(data) if p.endswith(".bin")]
+    path = os.path.join(os.path.dirname(data.prefix), name)
+    if damage == "truncate":
+        os.truncate(path, os.path.getsize(path) - 8)
+    elif damage == "flip a byte":
+        with open(path, "r+b") as f:
+            f.seek(8 * 5)
+            f.write(b"\x7f")
+    elif damage == "garbage description":
+        with open(path[:-4] + ".json", "w") as f:
+            f.write("{not json")
+    else:
+        os.remove(path)
+    with pytest.warns(UserWarning, match=r"\.plan-chunks-.*\.bin: .*rebuilding the plan"):
+        again = InterleavedView(data, spec).plan.array
+    np.testing.assert_array_equal(again, good)
+    assert not any(".tmp" in p for p in plan_files(data))
+
+
+def test_read_only_dataset_puts_its_plan_in_the_cache_dir(tok, data, tmp_path, monkeypatch):
+    dataset_dir = os.path.dirname(data.prefix)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if p == dataset_dir else real_access(p, mode))
+    view = PairsWindowView(data, SeqSpec.from_tokenizer(tok, 512), cache_dir=str(tmp_path / "cache"))
+    assert plan_files(data) == []
+    assert os.path.dirname(view.plan.array.filename).startswith(str(tmp_path / "cache" / "plans"))
+
+
+RACER = """
+import sys, numpy as np
+from megatron_emu.data import plan_cache  # numpy only: starts fast even on a busy machine
+real = plan_cache._build
+def counted(*a):
+    open(sys.argv[2], "a").write("built\\n")
+    return real(*a)
+plan_cache._build = counted
+per_document = lambda lengths, modes, doc_index: np.stack([doc_index[:-1], np.diff(doc_index)], axis=1)
+print(np.asarray(plan_cache.cached_plan(sys.argv[1], "items", {}, 2, per_document, docs_per_block=7)).tolist())
+"""
+
+
+def test_racing_processes_build_once_and_agree(data, tmp_path):
+    log = str(tmp_path / "builds.log")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, data.prefix, log], stdout=subprocess.PIPE, env=env,
+                              text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs) and len(set(outs)) == 1
+    assert json.loads(outs[0]) == [[int(d[0]), int(d[1] - d[0])] for d in zip(data.doc_index[:-1], data.doc_index[1:])]
+    assert open(log).read() == "built\n"
+
+
+def test_a_wrong_sized_image_is_refused_when_read_naming_dataset_and_item(tok, tmp_path):
+    prefix = str(tmp_path / "bad")
+    w = DocumentWriter(prefix, tok.vocab_size)
+    w.add_document([(MODE_TEXT, np.arange(3)), (MODE_IMAGE, np.zeros((3, 224, 224), np.uint8))])
+    w.finalize({"kind": "interleaved", "image_size": 224, "tokenizer": tok.fingerprint, "vocab_size": tok.vocab_size})
+    meta = json.load(open(prefix + ".json"))
+    write_meta(prefix, dict(meta, image_size=112))  # the description disagrees with the stored images
+    data = MultimodalIndexed(prefix)
+    with pytest.raises(ValueError, match=r"bad: document 0, sequence 1: not a 112x112 uint8 image"):
+        data.read_item(1)
+
+
+def test_views_pickle_their_plan_as_a_file_name_for_spawned_workers(tok, data):
+    import pickle
+
+    view = InterleavedView(data, SeqSpec.from_tokenizer(tok, 40))  # many chunks
+    blob = pickle.dumps(view.plan)
+    assert len(blob) < 1024 < view.plan.array.nbytes
+    again = pickle.loads(blob).array
+    assert isinstance(again, np.memmap) and again.filename == view.plan.array.filename
+    np.testing.assert_array_equal(again, view.plan.array)
