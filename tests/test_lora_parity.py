@@ -39,10 +39,11 @@ ATOL = 1e-5  # of each tensor's largest entry, as tests/test_parallel_parity.py
 SPEC = LoRASpec(rank=8, alpha=16.0)
 
 
-def run_config(**parallel) -> TrainConfig:
+def run_config(performance: dict | None = None, **parallel) -> TrainConfig:
     model = get_preset("tiny")
     model.llm.num_special_tokens = NUM_INSTRUCT_SPECIAL_TOKENS
-    return TrainConfig(performance=PerformanceConfig(fused_kernels=False), preset="tiny", model=model,
+    return TrainConfig(performance=PerformanceConfig(**{"fused_kernels": False, **(performance or {})}), preset="tiny",
+                       model=model,
                        data=DataConfig(seq_length=SEQ, micro_batch_size=1, global_batch_size=MICRO),
                        optimizer=OptimizerConfig(lr=1e-2, lr_decay_style="constant", weight_decay=0.0, clip_grad=1.0,
                                                  adam_eps=1e-2),
@@ -93,7 +94,7 @@ def check_layout(rank: int, world: int, name: str, parallel: dict, ref: list[dic
     pmodel = parallelize_emu(build_emu(config.model, seed=SEED), pmesh, n_micro, pipeline_loss_fn(losses, config, feed),
                              SEED, config.performance, SPEC, feed)
     pmodel.losses = losses
-    optimizer = build_parallel_optimizer(pmodel, config.optimizer, False)
+    optimizer = build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels)
     for step, batches in enumerate(step_batches(config)):
         mine = batches[pmesh.dp_rank * n_micro:(pmesh.dp_rank + 1) * n_micro]
         result = train_step(pmodel, optimizer, mine, config)
@@ -121,6 +122,10 @@ LAYOUTS = {
     "TP2+SP": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "TP2": dict(tensor_model_parallel_size=2),
     "DP2 FSDP2": dict(data_parallel_sharding="fsdp"),
+    "TP2+SP + selective recompute, fused kernels": dict(tensor_model_parallel_size=2, sequence_parallel=True,
+                                                         performance=dict(recompute_granularity="selective",
+                                                                          fused_kernels=True)),
+    "DP2 FSDP2 + full recompute": dict(data_parallel_sharding="fsdp", performance=dict(recompute_granularity="full")),
     "PP2 1F1B": dict(pipeline_model_parallel_size=2),
 }
 
