@@ -1,19 +1,28 @@
 """What instruction tuning (--lora-rank > 0, paper section 4) adds to the pretraining run.
 
 The loop is pretraining's (training/train.py); this file holds the differences:
-the LoRA spec handed to the model builders, and the [USER] / [ASSISTANT] embedding
-rows, initialised from the embeddings of the words "user" and "assistant" (paper).
+the LoRA spec handed to the model builders, the [USER] / [ASSISTANT] embedding rows,
+initialised from the embeddings of the words "user" and "assistant" (paper), and
+--lora-merge (base + adapters -> one full checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+import pickle
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from megatron_emu.config import TrainConfig
-from megatron_emu.model.lora import LoRASpec
+from megatron_emu.config import LoRAConfig, TrainConfig
+from megatron_emu.model.lora import LoRASpec, merge_lora
+from megatron_emu.training.checkpoint import Checkpointer, model_state
+from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, iteration_dir, write_latest
+from megatron_emu.training.pretrained import load_pretrained
 
 log = logging.getLogger("megatron_emu")
 
@@ -35,11 +44,6 @@ def check_instruct_run(config: TrainConfig) -> None:
 def merge_checkpoint(config: TrainConfig, pmodel, optimizer, tokenizer) -> str:
     """--lora-merge: the base (--pretrained-checkpoint) + the adapters (--load; none: B = 0,
     i.e. the base with its [USER] / [ASSISTANT] rows) -> a full checkpoint in --save."""
-    import dataclasses
-
-    from megatron_emu.training.checkpoint import Checkpointer
-    from megatron_emu.training.pretrained import load_pretrained
-
     base = None
     checkpointer = Checkpointer(config.checkpoint, config)
     if config.checkpoint.pretrained_checkpoint:
@@ -84,8 +88,6 @@ def save_merged(pmodel, config: TrainConfig, iteration: int, base: dict | None) 
     """--lora-merge: W += (alpha / r) B A in every adapted projection, then save the whole model
     (no adapters, no optimizer) as a full checkpoint in --save: a base for --pretrained-checkpoint,
     tools/convert_checkpoint.py or generation. One process (the merge is plain tensor math)."""
-    from megatron_emu.model.lora import merge_lora
-
     if pmodel.pmesh is not None:
         raise ValueError("--lora-merge runs on one process (plain tensors); launch it without torchrun")
     if not config.checkpoint.save:
@@ -99,18 +101,7 @@ def save_merged(pmodel, config: TrainConfig, iteration: int, base: dict | None) 
 
 def save_full_checkpoint(model, config: TrainConfig, iteration: int, merged_from: dict | None = None) -> str:
     """A single-process model (no adapters) as a model-only checkpoint in config.checkpoint.save,
-    readable by --pretrained-checkpoint, --load --finetune and tools/convert_checkpoint.py."""
-    import dataclasses
-    import json
-    import os
-    import pickle
-
-    import torch.distributed.checkpoint as dcp
-
-    from megatron_emu.config import LoRAConfig
-    from megatron_emu.training.checkpoint import model_state
-    from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, iteration_dir, write_latest
-
+    readable by --pretrained-checkpoint and tools/convert_checkpoint.py (--to hf)."""
     directory = iteration_dir(config.checkpoint.save, iteration)
     os.makedirs(directory, exist_ok=True)
     plain = dataclasses.replace(config, lora=LoRAConfig())
