@@ -29,6 +29,8 @@ setup(
         # tools/convert_checkpoint.py: transformers needs protobuf to turn a sentencepiece
         # model into a Hugging Face tokenizer.
         "hf": ["transformers>=4.45", "protobuf>=4.0", "peft>=0.11"],  # peft: loading --to peft adapters
+        # tools/generate_text.py: transformers' logits processors (repetition penalty, top-k/p, temperature)
+        "generate": ["transformers>=4.45"],
         "video": ["av>=12.0"],  # decoding video files in tools/preprocess_data.py
         "parquet": ["pyarrow>=15.0"],  # parquet inputs in tools/preprocess_data.py
         # watching a run: --tensorboard-dir, --wandb-project, tools/plot_logs.py

@@ -108,6 +108,8 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
     g.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
     g.add_argument("--ckpt-save-threads", type=int, default=1, help="writer threads per rank")
+    g.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
+                   help="--load without checking the files against the checkpoint's checksums.json")
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -341,6 +343,7 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
         async_save=args.async_save,
         save_threads=args.ckpt_save_threads,
         pretrained_checkpoint=args.pretrained_checkpoint,
+        verify=args.verify_checkpoint,
     )
 
 

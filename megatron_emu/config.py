@@ -262,6 +262,7 @@ class CheckpointConfig:
     keep_last: int = 0  # prune all but the newest N iterations after a save (0 = keep all)
     async_save: bool = False  # write in a background thread while training goes on
     save_threads: int = 1  # writer threads per rank
+    verify: bool = True  # check the files against checksums.json before loading (--no-verify-checkpoint: skip)
     # Instruction tuning: the frozen base (root or iteration dir); --save / --load then hold adapters only.
     pretrained_checkpoint: str = ""
 

@@ -87,7 +87,19 @@ def test_bad_inputs_fail_with_one_line(decoder_assets, tmp_path):
         load_emu(TINY, path)
     assert path in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ValueError, match="--data-path is required"):
-        parse_decoder_args(["--preset", "tiny"])
+        parse_decoder_args(["--preset", "1b"])
+
+
+def test_bare_command_line_is_the_tiny_cpu_recipe_and_other_presets_the_papers():
+    tiny = parse_decoder_args([])
+    assert (tiny.preset, tiny.data_path, tiny.save) == ("tiny", [], "runs/decoder_tiny")
+    assert (tiny.micro_batch_size, tiny.global_batch_size, tiny.resolution, tiny.train_iters) == (4, 4, 64, 60)
+    paper = parse_decoder_args(["--preset", "emu-14b", "--data-path", "7", "a", "2", "b"])
+    default = DecoderConfig()
+    for name in ("micro_batch_size", "global_batch_size", "resolution", "train_iters", "lr", "lr_step_iters", "save"):
+        assert getattr(paper, name) == getattr(default, name), name
+    assert (paper.global_batch_size, paper.resolution) == (1600, 512)
+    assert parse_decoder_args(["--train-iters", "7", "--save", ""]).train_iters == 7  # flags win over the recipe
 
 
 def test_lr_schedule_is_the_papers():

@@ -42,3 +42,20 @@ def test_cache_past_max_positions_is_refused():
     cache.length = CONFIG.llm.max_positions
     with pytest.raises(ValueError, match="exceeds max positions"):
         llm.forward_layers(torch.zeros(1, 1, CONFIG.llm.hidden), cache=cache)
+
+
+@torch.no_grad()
+def test_left_padded_rows_compute_what_they_compute_alone():
+    """Row 1 is 7 tokens after 5 padding slots: positioned from 0, blind to the padding,
+    in the prompt pass and in the cached steps after it; reorder() keeps rows whole."""
+    llm = build_emu(CONFIG, seed=0).llm
+    h = torch.randn(2, 14, CONFIG.llm.hidden, generator=torch.Generator().manual_seed(0))
+    h[1, :5] = 1e3  # padding slots: any values must leave row 1 unchanged
+    cache = KVCache(padding=torch.tensor([0, 5]))
+    batched = torch.cat([llm.forward_layers(h[:, :12], cache=cache), llm.forward_layers(h[:, 12:13], cache=cache)], 1)
+    cache.reorder(torch.tensor([1, 1]))  # as beam search does: row 1 twice
+    step = llm.forward_layers(h[[1, 1], 13:14], cache=cache)
+    torch.testing.assert_close(batched[0], llm.forward_layers(h[:1, :13])[0], rtol=1e-5, atol=1e-5)
+    alone = llm.forward_layers(h[1:, 5:14])[0]  # (9, H)
+    torch.testing.assert_close(batched[1, 5:], alone[:8], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step[:, 0], alone[8:].expand(2, -1), rtol=1e-5, atol=1e-5)

@@ -12,6 +12,8 @@ bytes are memory-mapped where they lie:
     cache directly;
   - a tensor stored in chunks (TP / FSDP shards, several items) is assembled into one
     new tensor, one copy per chunk, at the chunk offsets the metadata gives.
+Items with a recorded checksum (checksums.json) are verified as they are read: a span
+carries its item's check into read_spans, a mapped item is hashed through its mapping.
 Mappings are private (copy-on-write): writing to a returned tensor never changes the
 checkpoint. Conversions that copy a whole-stored tensor unchanged ask for its `span`
 instead (file, offset, geometry) and read it with O_DIRECT (convert/direct_io.py). Items this cannot read (stream transforms such as compression, anything
@@ -28,6 +30,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
 from megatron_emu.convert.direct_io import FileSpan
+from megatron_emu.convert.range_check import RangeCheck, verify_mapped
 
 
 _RECORDS = 8192  # bytes at each end of a torch.save zip holding its records (pickle, central directory)
@@ -74,9 +77,10 @@ def _mapped(fd: int, start: int, nbytes: int, dtype: torch.dtype) -> torch.Tenso
 class DirectReader:
     """Read global tensors of one DCP checkpoint directory; use as a context manager."""
 
-    def __init__(self, directory: str, metadata: Metadata):
+    def __init__(self, directory: str, metadata: Metadata, checks: dict[tuple, RangeCheck] | None = None):
         self.directory = directory
         self.metadata = metadata
+        self.checks = checks or {}  # (fqn, chunk offsets) -> the item's recorded checksum
         self.fds: dict[str, int] = {}
 
     def __enter__(self) -> DirectReader:
@@ -129,6 +133,9 @@ class DirectReader:
         if located is None:
             return None
         fd, start, geometry = located
+        check = self.checks.get((index.fqn, tuple(index.offset or ())))
+        if check is not None:  # the whole item, through the page cache the view then reads from
+            verify_mapped(fd, os.path.join(self.directory, self.metadata.storage_data[index].relative_path), check)
         nbytes = geometry.untyped_storage().nbytes()
         if nbytes == 0:
             return torch.empty(geometry.shape, dtype=geometry.dtype)
@@ -151,7 +158,8 @@ class DirectReader:
                 or not geometry.is_contiguous() or geometry.storage_offset() or not whole):
             return None
         path = os.path.join(self.directory, self.metadata.storage_data[index].relative_path)
-        return FileSpan(path, start, geometry.dtype, tuple(geometry.shape))
+        check = self.checks.get((fqn, tuple(index.offset or ())))
+        return FileSpan(path, start, geometry.dtype, tuple(geometry.shape), check=check)
 
     def tensor(self, fqn: str) -> torch.Tensor | None:
         """The global tensor `fqn`, reassembled from its chunks; None if an item cannot be mapped."""

@@ -12,8 +12,10 @@ items keep DCP's layout (one torch.save zip per tensor, at the offset the metada
 records) but whose bytes go out through DirectFile (O_DIRECT, convert/direct_io.py):
 torch.save writes each zip with `torch.serialization.skip_data()` (its records and
 pickled tensor geometry, a hole where the storage bytes go) and the hole is filled from
-the tensor's own memory. Compared with dcp.save's torch.save into a buffered file, the
-bytes are copied once (into a staging buffer), not checksummed (torch.load does not
+the tensor's own memory. The bytes are hashed as they are written, and `finish` records
+the digests in checksums.json as the Checkpointer does (training/checksums.py).
+Compared with dcp.save's torch.save into a buffered file, the
+bytes are copied once (into a staging buffer), not zip-CRC'd (torch.load does not
 check zip CRCs; `torch.utils.serialization.config.save.compute_crc32 = False` writes
 the same kind of file), and take no page-cache pages.
 """
@@ -30,6 +32,7 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
+import xxhash
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import WriteItemType
@@ -37,6 +40,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from megatron_emu.convert.direct_io import DirectFile, FileSpan, read_spans
+from megatron_emu.training.checksums import ALGORITHM, item_entry, write_record
 
 
 class _ZipSink(io.RawIOBase):
@@ -97,13 +101,15 @@ class DirectDCPWriter(dcp.FileSystemWriter):
     def __init__(self, path: str, spans: dict[str, FileSpan] | None = None):
         super().__init__(path)
         self.spans = spans or {}
+        self.checksums: dict[str, dict] = {}  # file name -> its checksum entry (training/checksums.py)
 
     def write_data(self, plan, planner) -> Future:
         name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"  # FileSystemWriter's name for it
         results = []
         spans = [self.spans[item.index.fqn] for item in plan.items if item.index.fqn in self.spans]
         pieces = read_spans(spans)
-        with DirectFile(os.path.join(self.path, name)) as out, contextlib.closing(pieces):
+        items = []
+        with DirectFile(os.path.join(self.path, name), checksums=True) as out, contextlib.closing(pieces):
             for item in plan.items:
                 data = planner.resolve_data(item)
                 offset = out.tell()
@@ -117,6 +123,8 @@ class DirectDCPWriter(dcp.FileSystemWriter):
                 length = out.tell() - offset
                 results.append(WriteResult(index=item.index, size_in_bytes=length,
                                            storage_data=_StorageInfo(name, offset, length)))
+                items.append(item_entry(item.index, offset, length, out.segment_digest()))
+        self.checksums[name] = {"size": out.tell(), ALGORITHM: out.file_digest(), "items": items}
         future: Future = Future()
         future.set_result(results)
         return future
@@ -148,19 +156,22 @@ class GroupedDCPWriter:
         state, spans = _placeholders(state)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-            dcp.save(state, storage_writer=DirectDCPWriter(scratch, spans), no_dist=True)
-        self.groups.append(scratch)
+            writer = DirectDCPWriter(scratch, spans)
+            dcp.save(state, storage_writer=writer, no_dist=True)
+        self.groups.append((scratch, writer.checksums))
 
     def finish(self) -> None:
         """One .metadata over every group's data file; the scratch folders are removed."""
         merged = Metadata(state_dict_metadata={}, planner_data={}, storage_data={})
-        for i, scratch in enumerate(self.groups):
+        checksums = {}
+        for i, (scratch, group_checksums) in enumerate(self.groups):
             metadata = dcp.FileSystemReader(scratch).read_metadata()
             renamed = {}
             for name in sorted(os.listdir(scratch)):
                 if name.endswith(".distcp"):
                     renamed[name] = f"__0_{i}_{len(renamed)}.distcp"
                     os.rename(os.path.join(scratch, name), os.path.join(self.directory, renamed[name]))
+                    checksums[renamed[name]] = group_checksums[name]
             repeated = merged.state_dict_metadata.keys() & metadata.state_dict_metadata.keys()
             if repeated:
                 raise ValueError(f"{self.directory}: {sorted(repeated)[0]} was written twice (given by two inputs?)")
@@ -171,6 +182,9 @@ class GroupedDCPWriter:
             merged.version = metadata.version
             shutil.rmtree(scratch)
         tmp = os.path.join(self.directory, ".metadata.tmp")
+        data = pickle.dumps(merged)  # what FileSystemWriter.finish writes
         with open(tmp, "wb") as f:
-            pickle.dump(merged, f)  # what FileSystemWriter.finish writes
+            f.write(data)
         os.replace(tmp, os.path.join(self.directory, ".metadata"))
+        checksums[".metadata"] = {"size": len(data), ALGORITHM: xxhash.xxh3_64(data).hexdigest()}
+        write_record(self.directory, checksums)  # + files written before finish (run_config.json)

@@ -36,6 +36,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+import xxhash
+
+from megatron_emu.convert.range_check import RangeCheck
 
 ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffer addresses (a page)
 CHUNK = 8 * 2**20  # bytes per write: 8 MiB measured fastest here (2.3-2.7 GB/s; 16-128 MiB: 1.0-2.1)
@@ -51,7 +54,9 @@ def _take_buffer() -> mmap.mmap:
     with _pool_lock:
         if _free_buffers:
             return _free_buffers.pop()
-    return mmap.mmap(-1, CHUNK)  # anonymous, page-aligned
+    # Anonymous, page-aligned, and private: Python's default MAP_SHARED would let processes
+    # forked after a conversion (gloo test ranks) share the pooled buffers, and overwrite each other's reads.
+    return mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def _give_buffer(buffer: mmap.mmap) -> None:
@@ -71,6 +76,7 @@ class FileSpan:
     offset: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    check: RangeCheck | None = None  # verify the bytes against a recorded checksum as they are read
 
     def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
@@ -195,15 +201,33 @@ def read_spans(spans: Iterable[FileSpan]) -> Iterator[memoryview]:
     """The bytes of each span in turn, in pieces of at most CHUNK bytes (never across spans);
     each piece is valid until the next is asked for. A background thread reads up to
     READ_AHEAD - 1 pieces ahead into reused buffers, so the disk keeps reading while the
-    caller waits for its writes."""
-    pieces = [piece for span in spans for piece in _pieces(span)]
+    caller waits for its writes. A span with a `check` is hashed by that thread as it reads
+    (in order: one thread), and a mismatch is a ValueError raised before the span's last
+    piece is handed out."""
+    owners, pieces = [], []  # owners[i]: (span, first piece of it, last piece of it)
+    for span in spans:
+        cut = list(_pieces(span))
+        owners += [(span, i == 0, i == len(cut) - 1) for i in range(len(cut))]
+        pieces += cut
     if not pieces:
         return
     reader, buffers = _SpanReader(), [_take_buffer() for _ in range(READ_AHEAD)]
     pool, reads = ThreadPoolExecutor(max_workers=1), collections.deque()
+    hasher = None
+
+    def read_and_check(i: int) -> memoryview:
+        nonlocal hasher
+        view = reader.read(buffers[i % READ_AHEAD], *pieces[i])
+        span, first, last = owners[i]
+        if span.check is not None:
+            hasher = span.check.begin(span) if first else hasher
+            hasher.update(view)
+            if last:
+                span.check.end(hasher, span)
+        return view
 
     def read(i: int) -> None:
-        reads.append(pool.submit(reader.read, buffers[i % READ_AHEAD], *pieces[i]))
+        reads.append(pool.submit(read_and_check, i))
 
     try:
         for i in range(min(READ_AHEAD - 1, len(pieces))):
@@ -221,10 +245,16 @@ def read_spans(spans: Iterable[FileSpan]) -> Iterator[memoryview]:
 
 
 class DirectFile:
-    """A new file written sequentially (`write`, `tell`, `close`), data fsynced at close."""
+    """A new file written sequentially (`write`, `tell`, `close`), data fsynced at close.
 
-    def __init__(self, path: str):
+    With checksums=True the bytes are hashed (xxh3_64) as they are written: the whole file
+    in the writer thread (`file_digest` after close), and in the caller's thread the bytes
+    since the last `segment_digest()` call (a DCP item)."""
+
+    def __init__(self, path: str, checksums: bool = False):
         self.path = path
+        self.file_hash = xxhash.xxh3_64() if checksums else None
+        self.segment_hash = xxhash.xxh3_64() if checksums else None
         self.direct = hasattr(os, "O_DIRECT")
         self.fd = self._open(truncate=True)
         self.buffers = [_take_buffer(), _take_buffer()]
@@ -244,8 +274,10 @@ class DirectFile:
                 self.direct = False  # the filesystem has no O_DIRECT
         return os.open(self.path, flags, 0o644)
 
-    def _pwrite(self, buffer: mmap.mmap, length: int, offset: int) -> None:
+    def _pwrite(self, buffer: mmap.mmap, length: int, offset: int, data_length: int) -> None:
         with memoryview(buffer) as whole:
+            if self.file_hash is not None:  # the data, not the padding to the block size
+                self.file_hash.update(whole[:data_length])
             view = whole[:length]
             while view:
                 try:
@@ -262,10 +294,18 @@ class DirectFile:
     def tell(self) -> int:
         return self.flushed + self.fill
 
+    def segment_digest(self) -> str:
+        digest = self.segment_hash.hexdigest()
+        self.segment_hash.reset()
+        return digest
+
+    def file_digest(self) -> str:
+        return self.file_hash.hexdigest()
+
     def _flush(self, length: int) -> None:
         """Hand the current buffer to the writer thread and switch to the other one."""
         i = self.current
-        self.pending[i] = self.writer.submit(self._pwrite, self.buffers[i], length, self.flushed)
+        self.pending[i] = self.writer.submit(self._pwrite, self.buffers[i], length, self.flushed, self.fill)
         self.flushed += self.fill
         self.current, self.fill = 1 - i, 0
         if self.pending[self.current] is not None:
@@ -291,6 +331,8 @@ class DirectFile:
             source = data.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
         else:
             source = np.frombuffer(data, dtype=np.uint8)
+        if self.segment_hash is not None:
+            self.segment_hash.update(source)
         done, total = 0, len(source)
         while done < total:
             n = min(CHUNK - self.fill, total - done)

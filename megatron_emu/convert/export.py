@@ -128,12 +128,15 @@ def export_hf(checkpoint: str, output: str, tokenizer_model: str, max_shard_byte
     llm_names = [n for n in source.entries if llama_to_hf(n) is not None]
     visual_names = [n for n in source.entries if llama_to_hf(n) is None]
     ids = check_tokenizer(tokenizer_model, config.llm)
+    # Built before the tokenizer thread starts: transformers' lazy imports from two threads at
+    # once failed ("cannot import name 'LlamaConfig'") in a fresh process.
+    llama_config = hf_llama_config(config.llm, ids)
     with atomic_output_dir(output) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
         # The transformers tokenizer conversion (~0.5 s of Python at 32000 pieces) runs
         # while the shards copy, which mostly wait on the disk; its errors still fail the
         # export before anything is published.
         tokenizer = pool.submit(export_tokenizer, tokenizer_model, config.llm, tmp)
-        hf_llama_config(config.llm, ids).save_pretrained(tmp)
+        llama_config.save_pretrained(tmp)
         _export_group(source, llm_names, llama_to_hf, tmp, max_shard_bytes, dtype, config.llm.vocab_size if padded else None)
         os.makedirs(os.path.join(tmp, VISUAL_DIR))
         _export_group(source, visual_names, lambda n: n, os.path.join(tmp, VISUAL_DIR), max_shard_bytes, dtype)

@@ -202,10 +202,10 @@ def import_checkpoint(inputs: list[tuple[str, str]], config: ModelConfig, output
             writer.write({"model": {n: t.to(dtype) if dtype is not None else t for n, t in family.items()}})
         common = {"iteration": 0, "consumed_samples": 0, "scheduler": None, "layout": {}}
         writer.write({"common": pickle.dumps(common)})
-        writer.finish()
         record = {"iteration": 0, "consumed_samples": 0, "layout": {"tp": 1, "pp": 1, "dp": 1},
                   "torch_version": torch.__version__, "imported_from": [list(i) for i in inputs],
                   "config": {"preset": preset, "model": dataclasses.asdict(config)}}
         with open(os.path.join(directory, RUN_CONFIG_NAME), "w") as f:
             json.dump(record, f, indent=2)
+        writer.finish()  # .metadata, then checksums.json over every file
         write_latest(tmp, 0)

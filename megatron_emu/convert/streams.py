@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
+from torch.distributed.checkpoint.metadata import MetadataIndex
 from tqdm import tqdm
 
 from megatron_emu.convert.dcp_reader import DirectReader
@@ -68,6 +69,7 @@ class DCPSource:
 
     def __init__(self, path: str):
         from megatron_emu.training.checkpoint_files import check_shards, iteration_dir, read_latest, read_run_config
+        from megatron_emu.training.checksums import item_checks, read_checksums, verify_file, warn_unverified
 
         if not os.path.exists(os.path.join(path, ".metadata")):
             latest = read_latest(path) if os.path.isdir(path) else None
@@ -75,6 +77,15 @@ class DCPSource:
                 raise ValueError(f"{path}: not a megatron_emu checkpoint (no .metadata, no latest_checkpointed_iteration.txt)")
             path = iteration_dir(path, latest)
         self.path = path
+        # The small files are verified whole before they are read; each model item as its
+        # bytes stream through (DirectReader, read_spans): the export reads them once.
+        checksums = read_checksums(path)
+        if checksums is None:
+            warn_unverified(path)
+        for name, entry in (checksums or {"files": {}})["files"].items():
+            if not name.endswith(".distcp"):
+                verify_file(path, name, entry)
+        self.checks = item_checks(checksums, "model.") if checksums else {}
         self.record = read_run_config(path)
         self.metadata = dcp.FileSystemReader(path).read_metadata()
         check_shards(path, self.metadata)
@@ -100,7 +111,7 @@ class DCPSource:
         """
         state = {}
         if direct:
-            with DirectReader(self.path, self.metadata) as reader:
+            with DirectReader(self.path, self.metadata, self.checks) as reader:
                 reader.prefetch([f"model.{n}" for n in names])
                 for n in names:
                     tensor = reader.span(f"model.{n}") if spans else None
@@ -111,10 +122,23 @@ class DCPSource:
         rest = {n: torch.empty(tuple(self.entries[n].size), dtype=self.entries[n].properties.dtype)
                 for n in names if n not in state}
         if rest:
+            self._verify_items(list(rest))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
                 dcp.load({"model": rest}, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
         return {n: state[n] if n in state else rest[n] for n in names}
+
+    def _verify_items(self, names: list[str]) -> None:
+        """Check the items dcp.load is about to read (it reads them whole, so do we)."""
+        from megatron_emu.training.checksums import hash_range
+
+        for name in names:
+            for chunk in self.entries[name].chunks:
+                check = self.checks.get((f"model.{name}", tuple(chunk.offsets)))
+                if check is not None:
+                    index = MetadataIndex(f"model.{name}", chunk.offsets)
+                    path = os.path.join(self.path, self.metadata.storage_data[index].relative_path)
+                    check.compare(hash_range(path, check.offset, check.length), path)
 
 
 def _safetensors_files(path: str) -> list[str]:

@@ -39,8 +39,12 @@ KINDS = ("pairs", "interleaved", "video", "conversation")
 
 
 def _mcore():
-    # Imported lazily: megatron.core's package import costs seconds.
-    from megatron.core.datasets import indexed_dataset
+    # Imported lazily: megatron.core's package import costs seconds. Its package import
+    # also pulls in its optimizers and FSDP, which warn four times (in every rank) that
+    # Transformer Engine and Apex are missing: we use neither of those modules.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        from megatron.core.datasets import indexed_dataset
 
     return indexed_dataset
 

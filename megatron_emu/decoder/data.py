@@ -28,6 +28,17 @@ from megatron_emu.data.indexed import MODE_IMAGE, MODE_TEXT, MultimodalIndexed
 EMU_IMAGE_SIZE = 224
 
 
+def bundled_pairs(cache_dir: str = "") -> list[str]:
+    """--data-path of the tiny default: the synthetic corpus's image-caption pairs (the
+    corpus pretraining's command 1 builds; built once and cached, safe on every rank)."""
+    from megatron_emu.data.loader import ensure_synthetic_corpus
+    from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
+
+    data_path = ensure_synthetic_corpus(cache_dir, EmuTokenizer(build_tiny_tokenizer(cache_dir)))
+    pairs = [prefix for prefix in data_path[1::2] if prefix.endswith("pairs")]
+    return ["1", pairs[0]]
+
+
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, 3, S, S) -> float (N, 3, size, size) in [0, 255], bicubic + antialias."""
     x = images.float()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_emu.decoder.conditions import generate_for_prompts, generation_prompt, null_condition
+from megatron_emu.decoder.conditions import generate_for_prompts, null_condition
 from megatron_emu.decoder.unet import check_condition_dim, vae_scale_factor
 
 
@@ -41,19 +41,15 @@ class EmuImagePipeline:
         return self._null
 
     def prompt_tokens(self, text: str, context: list[tuple[str, torch.Tensor | None]] = ()) -> tuple[list[int], torch.Tensor]:
-        """`context` = [(text, uint8 (3, 224, 224) image or None)] shown before `text`."""
-        special = self.emu.config.special_tokens
-        per_image = self.emu.config.causal_former.num_query_tokens
-        prefix, images = [], []
+        """`context` = [(text, uint8 (3, 224, 224) image or None)] shown before `text`.
+        Built as text generation builds its prompts (generation/prompts.py), then [IMG]."""
+        from megatron_emu.generation.prompts import build_prompt
+
+        items = []
         for ctx_text, image in context:
-            prefix += self.tokenizer.encode(ctx_text) if ctx_text else []
-            if image is not None:
-                prefix += [special.img_start] + [special.image] * per_image + [special.img_end]
-                images.append(image)
-        prefix += self.tokenizer.encode(text)
-        size = self.emu.config.vision.image_size
-        stacked = torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
-        return generation_prompt(prefix, self.tokenizer.bos_id, special), stacked
+            items += ([ctx_text] if ctx_text else []) + ([image] if image is not None else [])
+        prompt = build_prompt(items + [text], self.tokenizer, self.emu.config)
+        return prompt.tokens + [self.emu.config.special_tokens.img_start], prompt.images
 
     @torch.no_grad()
     def conditions(self, prompts: list[str], contexts: list[list] | None = None) -> torch.Tensor:

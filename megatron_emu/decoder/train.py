@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from megatron_emu.config import get_preset
 from megatron_emu.decoder import cache
 from megatron_emu.decoder.arguments import DecoderConfig
 from megatron_emu.decoder.checkpoint import load_checkpoint, save_checkpoint, save_final
 from megatron_emu.decoder.conditions import drop_conditions, null_condition, pair_conditions
-from megatron_emu.decoder.data import DecoderMicroBatches, build_loader, emu_pixels, vae_pixels
+from megatron_emu.decoder.data import DecoderMicroBatches, build_loader, bundled_pairs, emu_pixels, vae_pixels
 from megatron_emu.decoder.ema import EMA
 from megatron_emu.decoder.frozen import freeze, load_emu
 from megatron_emu.decoder.unet import build_tiny_sd, check_condition_dim, load_sd_components, resize_cross_attention
@@ -169,6 +170,10 @@ def finetune(config: DecoderConfig) -> Summary:
     noise_scheduler = DDPMScheduler.from_config(schedule)
     frozen = Frozen(emu, vae, null_condition(emu, bos_id).float(), bos_id)
     del emu  # frozen.emu is the one reference, so a condition cache can free it
+    if not config.data_path:  # tiny only (DecoderConfig.validate)
+        config.data_path = bundled_pairs(config.cache_dir)
+        if rank == 0:
+            log.info("data: the bundled synthetic image-caption pairs %s", config.data_path[1])
     data = DecoderMicroBatches(config.data_path, config.micro_batch_size, accumulation, rank, world, config.seed,
                                config.max_caption_tokens)
     attach_caches(frozen, data, config, rank, world, device)
@@ -189,6 +194,8 @@ def finetune(config: DecoderConfig) -> Summary:
     sinks = Sinks(config.logging, config, is_writer=rank == 0)
     loader = iter(build_loader(data, start, config.train_iters, config.num_workers))
     t0 = time.perf_counter()
+    bar = tqdm(total=config.train_iters, initial=start, desc="finetune decoder", unit="it",
+               disable=rank != 0 or not sys.stderr.isatty())
     for step in range(start, config.train_iters):
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(step)
@@ -197,6 +204,7 @@ def finetune(config: DecoderConfig) -> Summary:
         if ema is not None:
             ema.update(unet)
         summary.history.append((step + 1, loss))
+        bar.update(1)
         if (step + 1) % config.logging.tensorboard_log_interval == 0:
             sinks.scalars(step + 1, (step + 1) * config.global_batch_size, step_scalars(config, step, loss, grad_norm, ema))
         if rank == 0 and ((step + 1) % config.log_interval == 0 or step == start):
@@ -208,6 +216,7 @@ def finetune(config: DecoderConfig) -> Summary:
                   f"{rate:.1f} samples/s", file=sys.stdout, flush=True)
         if config.save and config.save_interval and (step + 1) % config.save_interval == 0:
             save_on_rank0(config.save, step + 1, unet, optimizer, ema, gens, rank, world)
+    bar.close()
     sinks.close()
     if config.save:
         save_on_rank0(config.save, config.train_iters, unet, optimizer, ema, gens, rank, world)

@@ -1,10 +1,15 @@
 """Keys and values of the tokens seen so far, per LLaMA layer: autoregressive inference.
 
 Emu generates an image's 32 visual embeddings one at a time, each fed back as the next
-input embedding. With the cache each step runs the LLaMA on the one new position
-against the stored keys and values of the prompt and the earlier steps, instead of on
-the whole sequence again. Causal masks are bottom-right aligned (model/attention.py),
-so a new query sees every cached key and itself, nothing else to set up.
+input embedding, and text one token at a time. With the cache each step runs the LLaMA
+on the one new position against the stored keys and values of the prompt and the
+earlier steps, instead of on the whole sequence again. Causal masks are bottom-right
+aligned (model/attention.py), so a new query sees every cached key and itself.
+
+Prompts of different lengths share a batch by left padding: `padding[b]` slots at the
+start of row b hold no token. Row b's tokens are then positioned from 0 after its
+padding and attend to no padding key (model/llama.py `padded_positions`), so each row
+computes what it would alone. Beam search reorders the rows (`reorder`).
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from torch import nn
 
 
 class KVCache:
-    def __init__(self):
-        self.length = 0  # positions stored (the next token's position)
+    def __init__(self, padding: torch.Tensor | None = None):
+        self.length = 0  # positions stored (the next token's slot)
+        self.padding = padding  # (B,) left-padding slots per row; None = no padding
         self._layers: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def extend(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,3 +31,10 @@ class KVCache:
             k, v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
         self._layers[layer] = (k, v)
         return k, v
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (B_new,) of every layer, in that order (beam search)."""
+        for layer, (k, v) in self._layers.items():
+            self._layers[layer] = (k.index_select(0, rows), v.index_select(0, rows))
+        if self.padding is not None:
+            self.padding = self.padding.index_select(0, rows)

@@ -46,6 +46,8 @@ def token_positions(rope: torch.Tensor, seq_length: int, document_ids: torch.Ten
     """rope: (2, P, D) tables; document_ids: (B, S) for packed rows; cache: the tokens come
     after cache.length earlier ones (inference)."""
     if document_ids is None:
+        if cache is not None and cache.padding is not None:
+            return padded_positions(rope, seq_length, cache)
         start = cache.length if cache is not None else 0
         return Positions(rope[0, start:start + seq_length], rope[1, start:start + seq_length], None, cache)
     if cache is not None:
@@ -55,6 +57,23 @@ def token_positions(rope: torch.Tensor, seq_length: int, document_ids: torch.Ten
     position = index - first  # (B, S): 0 at every document's first token
     cos, sin = rope[0, position].unsqueeze(1), rope[1, position].unsqueeze(1)  # (B, 1, S, D)
     return Positions(cos, sin, document_mask(document_ids))
+
+
+def padded_positions(rope: torch.Tensor, seq_length: int, cache: KVCache) -> Positions:
+    """Left-padded rows (batched inference): row b's first cache.padding[b] slots hold no
+    token; its tokens are positioned from 0 after them and see no padding key."""
+    padding = cache.padding.to(rope.device)  # (B,)
+    slots = torch.arange(cache.length, cache.length + seq_length, device=rope.device)  # (S,) of these tokens
+    position = (slots - padding[:, None]).clamp(min=0)  # (B, S)
+    keys = torch.arange(cache.length + seq_length, device=rope.device)  # (K,) every cached and new slot
+    visible = (keys <= slots[:, None]) & (keys >= padding[:, None, None])  # (B, S, K)
+    # A padding query sees itself only: its output is never used, but must stay finite.
+    visible |= keys == slots[:, None]
+    cos, sin = rope[0, position].unsqueeze(1), rope[1, position].unsqueeze(1)  # (B, 1, S, D)
+    # A left-padded row is two documents, the padding (0) and the prompt (1): the attention's
+    # packed-rows path takes the explicit (B, 1, S, K) mask.
+    documents = (slots >= padding[:, None]).long()  # (B, S)
+    return Positions(cos, sin, DocumentMask(documents, visible.unsqueeze(1), None, 0), cache)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

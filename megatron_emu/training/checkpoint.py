@@ -2,6 +2,7 @@
 
     DIR/latest_checkpointed_iteration.txt   "100", replaced atomically after a complete save
     DIR/iter_0000100/                       DCP files (.metadata, __R_0.distcp) + run_config.json
+                                            + checksums.json (xxh3_64 of every file and tensor)
     DIR/iter_0000100.tmp/                   a save in progress (never loaded; swept on the next save)
 
 Every rank writes its own shards; rank 0 renames the finished directory and then
@@ -39,6 +40,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from megatron_emu.config import CheckpointConfig
 from megatron_emu.model.lora import is_lora_parameter
+from megatron_emu.training.checksum_writer import ChecksummingWriter
+from megatron_emu.training.checksums import verify_for_load
 from megatron_emu.training.checkpoint_files import (
     RUN_CONFIG_NAME,
     check_model_config,
@@ -243,7 +246,7 @@ class Checkpointer:
         self._barrier()  # the clean tmp dir exists before anyone writes into it
 
         state = self._state_to_save(models, optimizer, scheduler, loader, iteration, consumed_samples)
-        writer = dcp.FileSystemWriter(tmp, thread_count=self.config.save_threads)
+        writer = ChecksummingWriter(tmp, thread_count=self.config.save_threads)  # + checksums.json
         if self.config.async_save:
             future = dcp.async_save(state, storage_writer=writer, process_group=self.process_group)
             self._pending = (future, iteration)
@@ -341,6 +344,8 @@ class Checkpointer:
         if directory is None:
             return TrainState()
         c = self.config
+        if c.verify:
+            verify_for_load(directory, self.process_group)
         record = read_run_config(directory)
         check_model_config(directory, record["config"]["model"], dataclasses.asdict(self.run_config.model))
         check_same_base(directory, record.get("pretrained_checkpoint"), self._base_identity())

@@ -1,0 +1,177 @@
+"""Text from images, videos and text with Emu: captions, VQA, video QA, in-context, chat.
+
+    python tools/generate_text.py --load CKPT --task caption --image cat.png --image dog.png
+    python tools/generate_text.py --load CKPT --task vqa --image cat.png --question "what colour is the cat?"
+    python tools/generate_text.py --load CKPT --task video-qa --video frames_dir/ --question "what moves?"
+    python tools/generate_text.py --load CKPT --task few-shot --example a.png "a red circle" --image q.png
+    python tools/generate_text.py --load EMU_I --task chat --image cat.png --question "what is it?"
+    python tools/generate_text.py --load CKPT --prompt "<img:cat.png> a photo of" --prompt "once upon"
+    torchrun --nproc-per-node 2 tools/generate_text.py --load CKPT --image cat.png --tensor-model-parallel-size 2
+
+--load takes our checkpoint (any TP/PP/DP layout), an HF export or a state-dict file.
+One result per line: the prompt's visual and question, a tab, the generated text.
+"""
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_emu.config import PRESETS  # noqa: E402
+
+TASKS = ("caption", "vqa", "video-qa", "video-temporal-qa", "few-shot", "chat", "prompt")
+USAGE_EXAMPLE = ("example: python tools/generate_text.py --load runs/tiny/ckpt --task caption --image cat.png "
+                 "(train one: python pretrain_emu.py --train-iters 60 --save runs/tiny/ckpt)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=USAGE_EXAMPLE)
+    p.add_argument("--load", default="", help="checkpoint dir (DCP), HF export dir, or .safetensors/.pt state dict")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size of a state-dict file")
+    p.add_argument("--tokenizer-model", default="", help="sentencepiece .model (default: the tiny tokenizer)")
+    p.add_argument("--task", default="", choices=TASKS, help="default: caption with --image, else prompt")
+    p.add_argument("--model", default="", choices=["", "emu", "emu-i"], help="prompt style (default: from the vocabulary)")
+    p.add_argument("--image", action="append", default=[], help="one query per image (repeat)")
+    p.add_argument("--video", action="append", default=[], help="directory of frames or video file (8 frames kept)")
+    p.add_argument("--question", action="append", default=[], help="one per image/video, or one for all")
+    p.add_argument("--example", nargs=2, action="append", default=[], metavar=("VISUAL", "TEXT"),
+                   help="few-shot: an in-context example (image or video path, its text with the answer)")
+    p.add_argument("--prompt", action="append", default=[], help="free prompt; <img:PATH> / <video:PATH> insert media")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="shard the model over this many ranks (torchrun; all ranks decode the same tokens, rank 0 prints)")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def visual(path: str):
+    from megatron_emu.generation import Video
+
+    return Video.from_path(path) if os.path.isdir(path) or not looks_like_image(path) else Path(path)
+
+
+def looks_like_image(path: str) -> bool:
+    return path.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"))
+
+
+def free_prompt(text: str) -> list:
+    """"<img:a.png> a photo of" -> [Path("a.png"), " a photo of"]."""
+    items = []
+    for piece in re.split(r"(<(?:img|video):[^>]+>)", text):
+        if piece.startswith(("<img:", "<video:")):
+            items.append(visual(piece[piece.index(":") + 1:-1]))
+        elif piece:
+            items.append(piece)
+    return items
+
+
+def queries(args, gen) -> list[tuple[str, list]]:
+    """(label, interleaved prompt) for every query of the task."""
+    from megatron_emu.generation.prompts import few_shot_prompt, task_prompt, task_text
+
+    task = args.task or ("caption" if args.image else "prompt")
+    if task == "prompt":
+        return [(text, free_prompt(text)) for text in args.prompt]
+    paths = args.video if task.startswith("video") else args.image
+    if not paths:
+        raise ValueError(f"--task {task} needs {'--video' if task.startswith('video') else '--image'}")
+    questions = args.question * len(paths) if len(args.question) == 1 else args.question
+    if task in ("vqa", "video-qa", "video-temporal-qa", "chat") and len(questions) != len(paths):
+        raise ValueError(f"--task {task}: give one --question per {'video' if task.startswith('video') else 'image'}"
+                         f" or one for all ({len(questions)} for {len(paths)})")
+    if task == "caption":
+        return [(p, task_prompt(visual(p), "caption", gen.model)) for p in paths]
+    if task == "few-shot":
+        examples = [(visual(v), text) for v, text in args.example]
+        query = task_text("caption", gen.model)
+        return [(p, few_shot_prompt(examples, (visual(p), query))) for p in paths]
+    return [(f"{p}\t{q}", (p, q)) for p, q in zip(paths, questions)]  # answered by the API's task methods
+
+
+def run(args) -> list[str]:
+    import torch
+    from tqdm import tqdm
+
+    from megatron_emu.generation import DecodingConfig, EmuGenerator
+
+    device, tp_mesh = devices(args)
+    gen = EmuGenerator.load(args.load, args.preset, args.tokenizer_model, device,
+                            torch.bfloat16 if args.bf16 else torch.float32, args.model, tp_mesh)
+    config = DecodingConfig(args.max_new_tokens, args.num_beams, args.sample, args.temperature, args.top_k, args.top_p,
+                            args.repetition_penalty, args.length_penalty, args.seed)
+    config.validate()
+    todo, lines = queries(args, gen), []
+    task = args.task or ("caption" if args.image else "prompt")
+    with tqdm(total=len(todo), desc="prompts", unit="prompt", file=sys.stderr, disable=not first_rank()) as bar:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            for (label, _), text in zip(batch, answer(gen, task, [q for _, q in batch], config)):
+                lines.append(f"{label}\t{text}")
+            bar.update(len(batch))
+    return lines
+
+
+def devices(args):
+    """(this rank's device, the tensor-parallel mesh or None)."""
+    from megatron_emu.parallel.mesh import init_distributed
+
+    world_size, device = init_distributed(args.device)
+    if world_size != args.tensor_model_parallel_size:
+        raise ValueError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} needs as many ranks "
+                         f"(torchrun --nproc-per-node {args.tensor_model_parallel_size}); this run has {world_size}")
+    if world_size == 1:
+        return device, None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return device, init_device_mesh(device.type, (world_size,), mesh_dim_names=("tp",))
+
+
+def first_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def answer(gen, task: str, batch: list, config) -> list[str]:
+    if task in ("prompt", "caption", "few-shot"):
+        return gen.texts(batch, config)
+    visuals, questions = [visual(p) for p, _ in batch], [q for _, q in batch]
+    if task == "vqa":
+        return gen.vqa(visuals, questions, config)
+    if task == "chat":
+        return [gen.chat(q, visual=v, config=config) for v, q in zip(visuals, questions)]
+    return gen.video_qa(visuals, questions, temporal=task == "video-temporal-qa", config=config)
+
+
+def main(argv=None) -> list[str]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.load:
+        parser.print_usage(sys.stderr)
+        sys.exit(f"generate_text.py: --load CHECKPOINT is required\n{USAGE_EXAMPLE}")
+    if not (args.image or args.video or args.prompt):
+        sys.exit(f"generate_text.py: nothing to do: give --image, --video or --prompt\n{USAGE_EXAMPLE}")
+    try:
+        lines = run(args)
+    except ValueError as e:
+        sys.exit(f"generate_text.py: {e}")
+    if first_rank():
+        for line in lines:
+            print(line)
+    return lines
+
+
+if __name__ == "__main__":
+    main()
