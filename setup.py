@@ -28,7 +28,7 @@ setup(
         "decoder": ["diffusers>=0.30", "transformers>=4.45"],
         # tools/convert_checkpoint.py: transformers needs protobuf to turn a sentencepiece
         # model into a Hugging Face tokenizer.
-        "hf": ["transformers>=4.45", "protobuf>=4.0"],
+        "hf": ["transformers>=4.45", "protobuf>=4.0", "peft>=0.11"],  # peft: loading --to peft adapters
         # tools/generate_text.py: transformers' logits processors (repetition penalty, top-k/p, temperature)
         "generate": ["transformers>=4.45"],
         "video": ["av>=12.0"],  # decoding video files in tools/preprocess_data.py
@@ -38,7 +38,7 @@ setup(
         # pytest plus what the tests import: transformers + protobuf (HF parity and
         # conversion), diffusers (decoder),
         # av / pyarrow: the video-file and parquet readers of tools/preprocess_data.py.
-        "test": ["pytest>=8.0", "transformers>=4.45", "protobuf>=4.0", "diffusers>=0.30", "av>=12.0", "pyarrow>=15.0",
+        "test": ["pytest>=8.0", "transformers>=4.45", "peft>=0.11", "protobuf>=4.0", "diffusers>=0.30", "av>=12.0", "pyarrow>=15.0",
                  "tensorboard>=2.16", "wandb>=0.17", "matplotlib>=3.8"],
         # CUDA-only kernels. NVIDIA apex comes with the NGC PyTorch container; the
         # registry's package named `apex` is unrelated and must never be installed.

@@ -11,6 +11,9 @@ from megatron_emu.config import (
     CheckpointConfig,
     DataConfig,
     FailsafeConfig,
+    INSTRUCT_RECIPES,
+    LoRAConfig,
+    NUM_INSTRUCT_SPECIAL_TOKENS,
     LoggingConfig,
     ModelConfig,
     OptimizerConfig,
@@ -172,6 +175,24 @@ def add_performance_args(parser: argparse.ArgumentParser) -> None:
                         "graphs without code generation (debugging)")
 
 
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("instruction tuning (Emu-I)",
+                                  "--lora-rank > 0: LoRA on the LLM's q, k, v, o, everything else frozen; "
+                                  "[USER] / [ASSISTANT] tokens; loss on answers only; the Emu-I recipe")
+    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r (paper: 16; 0 = pretraining)")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; updates scale by alpha / r (paper: 16)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    g.add_argument("--pretrained-checkpoint", default="",
+                   help="the pretrained Emu to adapt (checkpoint root or iteration directory; its vocabulary grows "
+                        "by [USER] / [ASSISTANT]); --save / --load then hold the adapters (+ optimizer) only")
+    g.add_argument("--lora-merge", action="store_true",
+                   help="fold the adapters into the base weights and save a full (merged) checkpoint to --save")
+
+
+def lora_config(args: argparse.Namespace) -> LoRAConfig:
+    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, merge=args.lora_merge)
+
+
 def add_sink_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """TensorBoard and W&B flags (pretrain_emu.py and finetune_decoder.py)."""
     g = parser.add_argument_group("logging", "TensorBoard, Weights & Biases, timers (training/monitor.py)")
@@ -261,14 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Flags left unset take the preset's recipe (megatron_emu/config.py RECIPES).",
     )
     for add in (add_model_args, add_data_args, add_optimizer_args, add_parallel_args, add_checkpoint_args, add_training_args,
-                add_performance_args, add_failsafe_args, add_logging_args):
+                add_performance_args, add_failsafe_args, add_logging_args, add_lora_args):
         add(parser)
     return parser
 
 
 def fill_recipe_defaults(args: argparse.Namespace) -> None:
-    """Flags left unset take the preset's recipe value (config.RECIPES)."""
-    for name, value in RECIPES[args.preset].items():
+    """Flags left unset take the preset's recipe value (config.RECIPES; INSTRUCT_RECIPES
+    when instruction tuning)."""
+    recipe = {**RECIPES[args.preset], **(INSTRUCT_RECIPES[args.preset] if args.lora_rank > 0 else {})}
+    for name, value in recipe.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
 
@@ -312,6 +335,7 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
         parallel=parallel_config(args),
         checkpoint=checkpoint_config(args),
         performance=performance_config(args),
+        lora=lora_config(args),
         logging=logging_config(args),
         failsafe=failsafe_config(args),
         train_iters=args.train_iters,
@@ -326,6 +350,8 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     model = get_preset(args.preset)
+    if args.lora_rank > 0:  # [USER] and [ASSISTANT] join the vocabulary
+        model = dataclasses.replace(model, llm=dataclasses.replace(model.llm, num_special_tokens=NUM_INSTRUCT_SPECIAL_TOKENS))
     multiple = args.make_vocab_size_divisible_by
     if multiple is None:
         return model
@@ -347,6 +373,7 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
         keep_last=args.keep_last,
         async_save=args.async_save,
         save_threads=args.ckpt_save_threads,
+        pretrained_checkpoint=args.pretrained_checkpoint,
         verify=args.verify_checkpoint,
         allow_checkpoint_rewind=args.allow_checkpoint_rewind,
     )

@@ -271,6 +271,8 @@ class CheckpointConfig:
     verify: bool = True  # check the files against checksums.json before loading (--no-verify-checkpoint: skip)
     # Saving iteration N where --save's latest is above N would move `latest` backwards.
     allow_checkpoint_rewind: bool = False
+    # Instruction tuning: the frozen base (root or iteration dir); --save / --load then hold adapters only.
+    pretrained_checkpoint: str = ""
 
 
 @dataclass
@@ -283,6 +285,29 @@ class FailsafeConfig:
     exit_signal: str = "SIGTERM"  # e.g. SIGUSR1 for sbatch --signal=B:USR1@120
     exit_duration_in_mins: float | None = None  # save and exit 0 after this much wall time
     exit_interval: int | None = None  # save and exit 0 at the first iteration divisible by this
+
+
+@dataclass
+class LoRAConfig:
+    """Emu-I instruction tuning (paper section 4): LoRA on the LLM's q, k, v, o, all else
+    frozen; [USER] / [ASSISTANT] added (vocabulary base + 6); the loss on answers only.
+    rank 0 = off (pretraining)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    merge: bool = False  # --lora-merge: fold the adapters into the base and save a full checkpoint
+
+    def __post_init__(self) -> None:
+        if self.merge and self.rank <= 0:
+            raise ValueError("--lora-merge needs the adapters' --lora-rank")
+        if self.rank < 0 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--lora-rank must be >= 0, --lora-alpha > 0, --lora-dropout in [0, 1); "
+                             f"got {self.rank}, {self.alpha}, {self.dropout}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
 
 
 @dataclass
@@ -333,6 +358,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     performance: "PerformanceConfig" = field(default_factory=lambda: PerformanceConfig())
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     failsafe: FailsafeConfig = field(default_factory=FailsafeConfig)
     train_iters: int = 300
@@ -364,6 +390,19 @@ RECIPES: dict[str, dict] = {
         train_iters=10000, seq_length=1024, micro_batch_size=1, global_batch_size=352, weight_decay=0.05,
         split="", eval_interval=0, eval_iters=10,
     ),
+}
+
+
+# Instruction tuning (--lora-rank > 0) overrides the preset's recipe with these.
+# emu-14b: the paper's Emu-I recipe (section 4): batch 128, 10k steps, LR warmed up linearly
+# over 500 steps to 1e-5, then cosine to 0; 16 A100-80G (examples/finetune_instruct_emu14b.sbatch).
+INSTRUCT_RECIPES: dict[str, dict] = {
+    "tiny": dict(lr=1e-2, min_lr=0.0, lr_warmup_iters=2, train_iters=30, seq_length=128, micro_batch_size=4,
+                 global_batch_size=8, weight_decay=0.0, split="", eval_interval=0, eval_iters=1),
+    "1b": dict(lr=1e-4, min_lr=0.0, lr_warmup_iters=500, train_iters=10000, seq_length=1024, micro_batch_size=4,
+               global_batch_size=128, weight_decay=0.0, split="", eval_interval=0, eval_iters=10),
+    "emu-14b": dict(lr=1e-5, min_lr=0.0, lr_warmup_iters=500, train_iters=10000, seq_length=1024, micro_batch_size=1,
+                    global_batch_size=128, weight_decay=0.0, split="", eval_interval=0, eval_iters=10),
 }
 
 

@@ -6,6 +6,7 @@ Export (any TP/PP/DP layout):
       OUT: transformers LlamaForCausalLM dir (config.json, sharded safetensors + index, tokenizer
       with [PAD] [IMG] [/IMG] <image> at the spec ids) + OUT/visual/ (ViT, ln_visual, Causal
       Former, regression head; reload the whole Emu with megatron_emu.convert.export.load_emu_from_hf).
+  python tools/convert_checkpoint.py --to peft --input ADAPTER_CKPT --output OUT   (LoRA: adapter_config.json + safetensors)
   python tools/convert_checkpoint.py --to diffusers --input DECODER_SAVE --output OUT
       the decoder's newest UNet (EMA weights if present) as a diffusers UNet2DConditionModel
       (--unet-config SD_UNET_DIR only for decoder checkpoints that do not store the UNet config).
@@ -39,7 +40,7 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     direction = p.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--to", choices=["hf", "diffusers"])
+    direction.add_argument("--to", choices=["hf", "diffusers", "peft"])
     direction.add_argument("--from", dest="source", nargs="+", choices=KINDS, help="one kind per --input")
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--output", required=True, help="must not exist (or be empty); written atomically")
@@ -68,6 +69,10 @@ def main(argv=None) -> None:
 
         tokenizer = args.tokenizer_model or build_tiny_tokenizer()
         export_hf(args.input[0], args.output, tokenizer, args.max_shard_size, parse_dtype(args.dtype))
+    elif args.to == "peft":  # an instruction-tuning (adapters-only) checkpoint
+        from megatron_emu.convert.peft_export import export_peft
+
+        export_peft(args.input[0], args.output)
     elif args.to == "diffusers":
         from megatron_emu.convert.diffusers_export import export_unet
 

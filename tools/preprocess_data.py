@@ -9,6 +9,8 @@ Examples:
   python tools/preprocess_data.py --input-type mmc4 --input mmc4/docs_*.jsonl --output-prefix data/mmc4 ...
   # Video clips (frame folders or video files) with timestamped subtitles
   python tools/preprocess_data.py --input-type video --input webvid/manifest_*.jsonl --output-prefix data/webvid ...
+  # Instruction tuning (Emu-I): ShareGPT / Alpaca / LLaVA-Instruct / VideoChat JSON
+  python tools/preprocess_data.py --input-type llava --input llava_instruct_150k.json --output-prefix data/llava ...
   # The bundled synthetic corpus, kind pairs | interleaved | video
   python tools/preprocess_data.py --input-type synthetic-pairs --num-documents 2000 --output-prefix data/syn_pairs
   # Multi-node: job i of n writes its parts (SLURM array variables give i and n), then one merge
@@ -34,7 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_emu.data.images import IMAGE_FORMATS, JPEG_QUALITY  # noqa: E402
 from megatron_emu.data.preprocess import Shard, merge_parts, preprocess, synthetic_shards  # noqa: E402
 
-KIND_OF_INPUT = {"pairs": "pairs", "mmc4": "interleaved", "video": "video"}
+KIND_OF_INPUT = {"pairs": "pairs", "mmc4": "interleaved", "video": "video",
+                 # instruction tuning (Emu-I): conversations, written with 6 special tokens
+                 "sharegpt": "conversation", "alpaca": "conversation", "llava": "conversation",
+                 "videochat": "conversation"}
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
@@ -55,11 +60,13 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input-type", required=True,
-                   choices=["pairs", "mmc4", "video", "synthetic-pairs", "synthetic-interleaved", "synthetic-video"])
+                   choices=["pairs", "mmc4", "video", "sharegpt", "alpaca", "llava", "videochat",
+                            "synthetic-pairs", "synthetic-interleaved", "synthetic-video"])
     p.add_argument("--input", nargs="*", default=[], help="input files (globs, {a..b} ranges); one shard each")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-model", default="", help="sentencepiece .model (default: the tiny tokenizer)")
-    p.add_argument("--num-special-tokens", type=int, default=4, choices=[4, 6])
+    p.add_argument("--num-special-tokens", type=int, default=None, choices=[4, 6],
+                   help="added tokens: 4, or 6 with [USER] [ASSISTANT] (default: 6 for conversations, else 4)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default=None,
                    help=f"how images are stored: jpeg (quality {JPEG_QUALITY}, or the input's bytes when it already "
@@ -126,7 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     image_format = args.image_format or ("raw" if args.input_type.startswith("synthetic-") else "jpeg")
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    settings = dict(num_special=args.num_special_tokens, image_size=args.image_size, image_format=image_format)
+    num_special = args.num_special_tokens or (6 if kind == "conversation" else 4)
+    if kind == "conversation" and num_special != 6:
+        raise ValueError(f"--input-type {args.input_type}: conversations need [USER] / [ASSISTANT] "
+                         "(--num-special-tokens 6)")
+    settings = dict(num_special=num_special, image_size=args.image_size, image_format=image_format)
     if args.merge:
         report = merge_parts(shards, args.output_prefix, kind, tokenizer_model, keep_parts=args.keep_parts,
                              **settings)

@@ -3,7 +3,8 @@
 Layout (readable by megatron-core's own IndexedDataset(prefix, multimodal=True)):
 - one megatron "document" per source document; its sequences are the document's items
   in reading order;
-- mode TEXT (0): token ids; mode IMAGE (1): the image's bytes stored reinterpreted as the
+- mode TEXT (0): token ids; mode ANSWER (2): token ids an instruction-tuned model is
+  trained to produce (the <Answer> spans of a conversation, data/instruct.py); mode IMAGE (1): the image's bytes stored reinterpreted as the
   dataset's token dtype (uint16 for vocabularies < 65500): with image_format "raw" a uint8
   (3, S, S) array (reading one is a memcpy), with "jpeg" the JPEG file, zero-padded to a
   whole number of tokens (decoded in the loader's workers; data/images.py);
@@ -32,8 +33,9 @@ from megatron_emu.files import read_json
 
 MODE_TEXT = 0
 MODE_IMAGE = 1
+MODE_ANSWER = 2
 FORMAT = "megatron_emu.multimodal.v1"
-KINDS = ("pairs", "interleaved", "video")
+KINDS = ("pairs", "interleaved", "video", "conversation")
 
 
 def _mcore():
@@ -68,13 +70,13 @@ class DocumentWriter:
         self.num_images = 0
 
     def add_document(self, items: list[tuple[int, object]]) -> None:
-        """items: (MODE_TEXT, int ids) or (MODE_IMAGE, uint8 (3, S, S) or, for jpeg, JPEG bytes)."""
+        """items: (MODE_TEXT or MODE_ANSWER, int ids) or (MODE_IMAGE, uint8 (3, S, S) or, for jpeg, JPEG bytes)."""
         for mode, value in items:
             if mode == MODE_IMAGE:
                 self.builder.add_item(torch.from_numpy(self._image_tokens(value)), mode=MODE_IMAGE)
                 self.num_images += 1
             else:
-                self.builder.add_item(torch.from_numpy(np.asarray(value, dtype=self.dtype)), mode=MODE_TEXT)
+                self.builder.add_item(torch.from_numpy(np.asarray(value, dtype=self.dtype)), mode=mode)
         self.builder.end_document()
         self.num_documents += 1
 

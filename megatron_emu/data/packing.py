@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_emu.data.samples import Sample, SeqSpec, batch_tensors, sample_counts
+from megatron_emu.data.samples import Sample, SeqSpec, answer_masks, batch_tensors, sample_counts
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -48,7 +48,8 @@ def collate_packed(samples: list[Sample], spec: SeqSpec, image_size: int = 224) 
         ids = [d for d, i in enumerate(row) for _ in samples[i].tokens]
         document_ids[r, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         document_ids[r, len(ids):] = len(row)  # the trailing [PAD] is a document of its own
-    return {**batch, "document_ids": document_ids, **sample_counts(samples)}
+    masks = answer_masks([[samples[i] for i in row] for row in rows], spec)  # conversations
+    return {**batch, **masks, "document_ids": document_ids, **sample_counts(samples)}
 
 
 def pad_rows(batch: dict, rows: int, pad_id: int) -> dict:
@@ -58,5 +59,6 @@ def pad_rows(batch: dict, rows: int, pad_id: int) -> dict:
     if missing <= 0:
         return batch
     extend = lambda t, value: torch.cat([t, t.new_full((missing, *t.shape[1:]), value)])  # noqa: E731
-    return {**batch, "tokens": extend(batch["tokens"], pad_id), "loss_mask": extend(batch["loss_mask"], 0),
+    masks = {"answer_mask": extend(batch["answer_mask"], 0)} if "answer_mask" in batch else {}
+    return {**batch, **masks, "tokens": extend(batch["tokens"], pad_id), "loss_mask": extend(batch["loss_mask"], 0),
             "document_ids": extend(batch["document_ids"], 0)}

@@ -46,6 +46,10 @@ def encode_document(doc: RawDocument, tokenizer, image_size: int, skips: Counter
     Returns None when the document itself is unusable (a pair without image or caption,
     a video without 8 frames, or nothing left at all).
     """
+    if doc.kind == "conversation":  # instruction tuning: the Emu-I template (data/instruct.py)
+        from megatron_emu.data.instruct_sources import encode_conversation
+
+        return encode_conversation(doc, tokenizer, image_size, skips, named, image_format)
     items = []
     for k, (kind, value) in enumerate(doc.items):
         try:

@@ -41,6 +41,7 @@ class Sample:
     kind: str
     dropped_images: int = 0
     truncated_tokens: int = 0  # text tokens cut because the sequence was full
+    answer_mask: list[int] | None = None  # conversations: 1 on answer tokens (data/instruct.py)
 
 
 @dataclass
@@ -201,6 +202,10 @@ class VideoView:
 
 def make_view(data: MultimodalIndexed, spec: SeqSpec, view: str = "", cache_dir: str = ""):
     """cache_dir: where plans go when the dataset's directory is read-only (plan_cache.py)."""
+    if data.kind == "conversation":
+        from megatron_emu.data.instruct import ConversationView
+
+        return ConversationView(data, spec)
     if data.kind == "pairs":
         return PairView(data, spec)
     if data.kind == "video":
@@ -213,7 +218,21 @@ def make_view(data: MultimodalIndexed, spec: SeqSpec, view: str = "", cache_dir:
 def collate(samples: list[Sample], spec: SeqSpec, image_size: int = 224) -> dict:
     """One sample per row, padded to seq_length with [PAD]; images in order of appearance."""
     rows = [(s.tokens, s.images) for s in samples]
-    return {**batch_tensors(rows, spec, image_size), **sample_counts(samples)}
+    return {**batch_tensors(rows, spec, image_size), **answer_masks([[s] for s in samples], spec),
+            **sample_counts(samples)}
+
+
+def answer_masks(rows: list[list[Sample]], spec: SeqSpec) -> dict:
+    """Conversations: {"answer_mask": (B, L)} over the rows' samples in order; else nothing.
+    A micro-batch mixing conversations with other data is refused (which tokens to train?)."""
+    has = {s.answer_mask is not None for row in rows for s in row}
+    if has != {True}:
+        if True in has:
+            raise ValueError("a micro-batch mixes conversations with pretraining samples; blend them in separate runs")
+        return {}
+    from megatron_emu.data.instruct import answer_mask_rows
+
+    return {"answer_mask": answer_mask_rows([[m for s in row for m in s.answer_mask] for row in rows], spec.seq_length)}
 
 
 def batch_tensors(rows: list[tuple[list[int], list[np.ndarray]]], spec: SeqSpec, image_size: int = 224) -> dict:

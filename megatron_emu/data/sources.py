@@ -29,7 +29,9 @@ NUM_FRAMES = 8
 
 
 def iter_source(input_type: str, path: str):
-    readers = {"pairs": _pairs, "mmc4": _mmc4, "video": _video}
+    from megatron_emu.data.instruct_sources import READERS as INSTRUCT_READERS
+
+    readers = {"pairs": _pairs, "mmc4": _mmc4, "video": _video, **INSTRUCT_READERS}
     if input_type not in readers:
         raise ValueError(f"unknown input type {input_type!r}; choose one of {sorted(readers)}")
     if not os.path.exists(path):

@@ -40,6 +40,8 @@ def init_plan(model: nn.Module, std: float) -> dict[str, tuple[str, float]]:
     for prefix, module in modules:  # a module's own stds win over the generic rules
         if hasattr(module, "init_stds"):
             plan.update({f"{prefix}.{name}" if prefix else name: (NORMAL, s) for name, s in module.init_stds(std).items()})
+        if hasattr(module, "init_rules"):  # any rule, e.g. LoRA's B = 0 (model/lora.py)
+            plan.update({f"{prefix}.{name}" if prefix else name: rule for name, rule in module.init_rules(std).items()})
     return plan
 
 

@@ -26,32 +26,43 @@ def document_ends(document_ids: torch.Tensor | None) -> torch.Tensor | None:
     return document_ids[:, 1:] != document_ids[:, :-1]
 
 
-def text_labels(tokens: torch.Tensor, special: SpecialTokens, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+def text_labels(tokens: torch.Tensor, special: SpecialTokens, document_ids: torch.Tensor | None = None,
+                answer_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, S) -> (B, S-1) next-token labels, -100 where the label is [PAD]/<image>/[IMG]/[/IMG]
-    or the first token of the next packed document."""
+    or the first token of the next packed document; with an answer mask (B, S) (instruction
+    tuning), also wherever the label is not an answer token."""
     labels = tokens[:, 1:].clone()
     ignored = torch.isin(labels, torch.tensor(special.ignored_in_ce, device=tokens.device))
     ends = document_ends(document_ids)
-    return labels.masked_fill(ignored if ends is None else ignored | ends, -100)
+    if ends is not None:
+        ignored = ignored | ends
+    if answer_mask is not None:
+        ignored = ignored | (answer_mask[:, 1:] == 0)
+    return labels.masked_fill(ignored, -100)
 
 
-def regression_mask(tokens: torch.Tensor, special: SpecialTokens, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+def regression_mask(tokens: torch.Tensor, special: SpecialTokens, document_ids: torch.Tensor | None = None,
+                    answer_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, S) -> (B, S-1) bool: positions whose next input embedding is regressed.
 
     Per image these are the 33 positions [IMG], <image>_1 .. <image>_32; their targets
     are <image>_1 .. <image>_32 and [/IMG]. The last position has no next, so it is dropped.
     (An image is never cut, so its targets are in its own document; the check is cheap.)
+    With an answer mask, only images inside answers are regressed.
     """
     current = tokens[:, :-1]
     mask = (current == special.img_start) | (current == special.image)
     ends = document_ends(document_ids)
-    return mask if ends is None else mask & ~ends
+    if ends is not None:
+        mask = mask & ~ends
+    return mask if answer_mask is None else mask & (answer_mask[:, 1:] != 0)
 
 
 def cross_entropy_loss(logits: torch.Tensor, tokens: torch.Tensor, special: SpecialTokens,
-                       vocab_size: int | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                       vocab_size: int | None = None, document_ids: torch.Tensor | None = None,
+                       answer_mask: torch.Tensor | None = None) -> torch.Tensor:
     """vocab_size: the real vocabulary; padded LM-head columns beyond it are dropped."""
-    labels = text_labels(tokens, special, document_ids)  # (B, S-1)
+    labels = text_labels(tokens, special, document_ids, answer_mask)  # (B, S-1)
     logits = logits[:, :-1, :vocab_size].float()  # (B, S-1, V)
     if not (labels != -100).any():
         return logits.sum() * 0.0  # keeps the graph; no text to train on
@@ -59,8 +70,8 @@ def cross_entropy_loss(logits: torch.Tensor, tokens: torch.Tensor, special: Spec
 
 
 def l2_regression_loss(regression: torch.Tensor, inputs: torch.Tensor, tokens: torch.Tensor, special,
-                       document_ids: torch.Tensor | None = None) -> torch.Tensor:
-    mask = regression_mask(tokens, special, document_ids)  # (B, S-1)
+                       document_ids: torch.Tensor | None = None, answer_mask: torch.Tensor | None = None) -> torch.Tensor:
+    mask = regression_mask(tokens, special, document_ids, answer_mask)  # (B, S-1)
     predicted = regression[:, :-1][mask].float()  # (M, H)
     target = inputs[:, 1:][mask].detach().float()  # (M, H): no gradient into the target side
     if predicted.numel() == 0:
@@ -69,8 +80,10 @@ def l2_regression_loss(regression: torch.Tensor, inputs: torch.Tensor, tokens: t
 
 
 def emu_loss(logits, regression, inputs, tokens, special: SpecialTokens, l2_weight: float = 1.0,
-             vocab_size: int | None = None, document_ids: torch.Tensor | None = None) -> EmuLoss:
-    """document_ids (B, S): packed rows; no target crosses a document boundary."""
-    lm = cross_entropy_loss(logits, tokens, special, vocab_size, document_ids)
-    l2 = l2_regression_loss(regression, inputs, tokens, special, document_ids)
+             vocab_size: int | None = None, document_ids: torch.Tensor | None = None,
+             answer_mask: torch.Tensor | None = None) -> EmuLoss:
+    """document_ids (B, S): packed rows; no target crosses a document boundary.
+    answer_mask (B, S): instruction tuning; only answer tokens are targets."""
+    lm = cross_entropy_loss(logits, tokens, special, vocab_size, document_ids, answer_mask)
+    l2 = l2_regression_loss(regression, inputs, tokens, special, document_ids, answer_mask)
     return EmuLoss(lm + l2_weight * l2, lm, l2)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from megatron_emu.model.lora import is_lora_parameter
 from megatron_emu.parallel.mesh import ParallelMesh
 
 
@@ -53,7 +54,8 @@ def gradient_sync(parts: list[nn.Module], enabled: bool) -> contextlib.AbstractC
 
 @torch.no_grad()
 def reduce_partial_grads(parts: list[nn.Module], pmesh: ParallelMesh | None) -> None:
-    """Sum the sequence-parallel norms' weight gradients over TP (each TP rank saw S/TP tokens).
+    """Sum the sequence-parallel norms' weight gradients over TP (each TP rank saw S/TP tokens),
+    and the replicated halves of LoRA adapters (parallel/lora.py).
 
     Plain TP leaves them as Partial DTensors: redistribute to the parameter's placement
     (one all-reduce over TP). Under FSDP2/DDP (fully_shard) nothing is left to do: FSDP2
@@ -61,13 +63,13 @@ def reduce_partial_grads(parts: list[nn.Module], pmesh: ParallelMesh | None) -> 
     reduce-scatter over DP, so reducing again here would double it (the parity tests
     TP2+SP x DP2 FSDP2 and TP2+SP x PP2 x DP2 check this).
     """
-    if pmesh is None or not pmesh.dims.sequence_parallel:
+    if pmesh is None or pmesh.dims.tp == 1:
         return
     for part in parts:
         for name, p in part.named_parameters():
             g = p.grad
             if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
-                if not is_sequence_parallel_norm(name):
+                if not (is_sequence_parallel_norm(name) or is_lora_parameter(name)):  # LoRA: parallel/lora.py
                     raise RuntimeError(f"{name}: unexpected Partial gradient {g.placements}")
                 p.grad = g.redistribute(g.device_mesh, p.placements)
 

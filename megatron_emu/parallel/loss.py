@@ -21,17 +21,18 @@ from megatron_emu.model.loss import EmuLoss, cross_entropy_loss, emu_loss, regre
 
 
 def mixed_loss(logits, regression, inputs, tokens, special: SpecialTokens, l2_weight: float = 1.0,
-               vocab_size: int | None = None, document_ids: torch.Tensor | None = None) -> EmuLoss:
+               vocab_size: int | None = None, document_ids: torch.Tensor | None = None,
+               answer_mask: torch.Tensor | None = None) -> EmuLoss:
     """vocab_size: the real vocabulary (logits may carry padded columns beyond it);
-    document_ids: packed rows (model/loss.py)."""
+    document_ids: packed rows; answer_mask: instruction tuning (model/loss.py)."""
     if not isinstance(logits, DTensor):
-        return emu_loss(logits, regression, inputs, tokens, special, l2_weight, vocab_size, document_ids)
+        return emu_loss(logits, regression, inputs, tokens, special, l2_weight, vocab_size, document_ids, answer_mask)
     if vocab_size is not None and logits.shape[-1] > vocab_size:
         logits = mask_padded_vocab(logits, vocab_size)
     # vocab-parallel under loss_parallel()
-    lm = cross_entropy_loss(logits, tokens, special, document_ids=document_ids)
+    lm = cross_entropy_loss(logits, tokens, special, document_ids=document_ids, answer_mask=answer_mask)
     lm = lm.full_tensor() if isinstance(lm, DTensor) else lm
-    l2 = sharded_l2_loss(regression, inputs, tokens, special, document_ids)
+    l2 = sharded_l2_loss(regression, inputs, tokens, special, document_ids, answer_mask)
     return EmuLoss(lm + l2_weight * l2, lm, l2)
 
 
@@ -45,9 +46,9 @@ def mask_padded_vocab(logits: DTensor, vocab_size: int) -> DTensor:
 
 
 def sharded_l2_loss(regression: DTensor, inputs: torch.Tensor, tokens: torch.Tensor, special: SpecialTokens,
-                    document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                    document_ids: torch.Tensor | None = None, answer_mask: torch.Tensor | None = None) -> torch.Tensor:
     """regression: DTensor (B, S, H) sharded on H over TP; inputs: full (B, S, H) targets."""
-    mask = regression_mask(tokens, special, document_ids)  # (B, S-1)
+    mask = regression_mask(tokens, special, document_ids, answer_mask)  # (B, S-1)
     local = regression.to_local()  # (B, S, H/TP)
     width, hidden = local.shape[-1], regression.shape[-1]
     start = regression.device_mesh.get_local_rank() * width  # even split: validated H % TP == 0

@@ -1,5 +1,5 @@
 """Turn one Emu into this rank's parallel model parts, in a fixed order:
-pipeline split -> tensor parallel -> fused norms -> activation recompute -> torch.compile
+pipeline split -> tensor parallel -> LoRA adapters -> fused norms -> activation recompute -> torch.compile
 -> data parallel (FSDP2 / DDP) -> materialise -> schedule.
 
 A model built on the meta device is sharded before anything is allocated: each rank then
@@ -24,8 +24,11 @@ from torch import nn
 from megatron_emu.config import PerformanceConfig
 from megatron_emu.kernels import apply_fused_norms
 from megatron_emu.model.emu import Emu
+from megatron_emu.model.init import init_parameters
+from megatron_emu.model.lora import LoRASpec, apply_lora
 from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_compile
 from megatron_emu.parallel.data_parallel import apply_data_parallel
+from megatron_emu.parallel.lora import shard_lora
 from megatron_emu.parallel.mesh import ParallelMesh
 from megatron_emu.parallel.pipeline import EmuPipeline, MicrobatchFeed, split_stage, stage_indices
 from megatron_emu.parallel.tensor_parallel import apply_tensor_parallel
@@ -56,21 +59,24 @@ class ParallelModel:
 
 
 def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, loss_fn, seed: int,
-                    performance: PerformanceConfig | None = None) -> ParallelModel:
+                    performance: PerformanceConfig | None = None, lora: LoRASpec | None = None,
+                    feed: MicrobatchFeed | None = None) -> ParallelModel:
     """`full` is either initialised (every rank the same: tests, checkpoint loading) or on
     the meta device, in which case each rank materialises and initialises only its stages.
-    `performance` (--bf16, --recompute-*, --compile, fused kernels); None: plain fp32."""
+    `performance` (--bf16, --recompute-*, --compile, fused kernels); None: plain fp32.
+    `lora`: freeze the base and adapt the LLM's q, k, v, o (model/lora.py); adapters of an
+    initialised `full` start from the single-process values (init by name), like the base.
+    `feed`: the pipeline's micro-batch feed, when `loss_fn` also reads it (answer masks)."""
     performance = performance or PerformanceConfig(fused_kernels=False)
     dims = pmesh.dims
     precision = Precision(performance, pmesh.device.type)
-    feed = None
     if dims.pp > 1:
-        feed = MicrobatchFeed()
+        feed = feed or MicrobatchFeed()
         stages = stage_indices(pmesh)
         # Stages hand each other activations in the compute dtype (pipeline.py).
         parts = [split_stage(full, s, dims.stage_layers, feed, io_dtype=precision.dtype) for s in stages]
     else:
-        stages, parts = [0], [full]
+        stages, parts, feed = [0], [full], None
     # FSDP2 gathers parameters in the compute dtype and reduce-scatters fp32 gradients;
     # the sharded parameters (the optimizer's master weights) stay fp32.
     mp_policy = precision.fsdp_policy() if precision.mixed else None
@@ -80,6 +86,11 @@ def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, loss_fn, seed:
             part.to(pmesh.device)
         if dims.tp > 1:
             apply_tensor_parallel(part, pmesh.tp_mesh, full.config, dims.sequence_parallel)
+        if lora is not None:
+            # After TP: its plans would shard the adapters as if they were the base's own weights.
+            init_adapters(part, apply_lora(part, lora), full.config.init_std, seed, on_meta)
+            if dims.tp > 1:
+                shard_lora(part, pmesh.tp_mesh, dims.sequence_parallel)
         if performance.fused_kernels:
             apply_fused_norms(part, pmesh.device.type)
         apply_recompute_and_compile(part, performance)
@@ -96,3 +107,9 @@ def materialise(part: nn.Module, device: torch.device, seed: int) -> None:
     initialise it: the values of the single-process build_emu(seed), sharded."""
     part.to_empty(device=device)
     part.init_weights(seed)  # Emu.init_weights, or EmuStage's for the parts a stage holds
+
+
+def init_adapters(part: nn.Module, names: list[str], std: float, seed: int, on_meta: bool) -> None:
+    """New adapters of an initialised part get their values now (a meta part: at materialise)."""
+    if not on_meta:
+        init_parameters(part, std, seed, set(names))

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from megatron_emu.config import CheckpointConfig
+from megatron_emu.model.lora import is_lora_parameter
 from megatron_emu.training.checksum_writer import ChecksummingWriter
 from megatron_emu.training.checksums import verify_for_load
 from megatron_emu.training.checkpoint_files import (
@@ -63,6 +64,7 @@ from megatron_emu.training.checkpoint_files import (
 )
 from megatron_emu.training.checkpoint_guard import disk_full, no_checkpoint_message, sweep_interrupted_saves
 from megatron_emu.training.failsafe import RunStopped, agree_count, nonfinite_state
+from megatron_emu.training.pretrained import base_identity, check_same_base
 
 log = logging.getLogger("megatron_emu")
 
@@ -221,6 +223,21 @@ class Checkpointer:
         self.process_group = process_group
         self._pending = None  # (future, iteration) of an async save in flight
 
+    # -- instruction tuning: adapters only, on top of a recorded base -------------
+    def _adapters_only(self) -> bool:
+        lora = getattr(self.run_config, "lora", None)
+        return lora is not None and lora.enabled
+
+    def _model_state(self, models) -> dict[str, Any]:
+        state = model_state(models)
+        if self._adapters_only():  # the frozen base is --pretrained-checkpoint's
+            state = {k: v for k, v in state.items() if is_lora_parameter(k)}
+        return state
+
+    def _base_identity(self) -> dict | None:
+        path = self.config.pretrained_checkpoint
+        return base_identity(path) if self._adapters_only() and path else None
+
     # -- saving -----------------------------------------------------------------
     def should_save(self, iteration: int) -> bool:
         c = self.config
@@ -320,7 +337,7 @@ class Checkpointer:
             "layout": dataclasses.asdict(self.layout),
         }
         state = {
-            "model": model_state(models),
+            "model": self._model_state(models),
             "optim": optimizer_state(models, optimizer),
             "common": pickle.dumps(common),
             _rank_key(self.layout): pickle.dumps({"rng": rng_state()}),
@@ -336,6 +353,7 @@ class Checkpointer:
             "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp},
             "torch_version": torch.__version__,
             "config": dataclasses.asdict(self.run_config),
+            "pretrained_checkpoint": self._base_identity(),  # instruction tuning: what the adapters adapt
         }
         with open(os.path.join(directory, RUN_CONFIG_NAME), "w") as f:
             json.dump(record, f, indent=2)
@@ -397,11 +415,12 @@ class Checkpointer:
             verify_for_load(directory, self.process_group)
         record = read_run_config(directory)
         check_model_config(directory, record["config"]["model"], dataclasses.asdict(self.run_config.model))
+        check_same_base(directory, record.get("pretrained_checkpoint"), self._base_identity())
         metadata = dcp.FileSystemReader(directory).read_metadata()
         check_shards(directory, metadata)
 
         load_optim = not (c.finetune or c.no_load_optim)
-        state: dict[str, Any] = {"model": model_state(models)}
+        state: dict[str, Any] = {"model": self._model_state(models)}
         if load_optim:
             state["optim"] = optimizer_state(models, optimizer)
         check_state_keys(directory, metadata, state, record.get("layout", {}), self.layout)

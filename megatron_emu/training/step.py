@@ -36,14 +36,17 @@ class StepResult:
     nonfinite: bool = False  # the loss or the gradient norm was NaN/inf
 
 
-def pipeline_loss_fn(losses: list, config: TrainConfig):
-    """The last stage's loss: the schedule calls it per micro-batch with the stage outputs."""
+def pipeline_loss_fn(losses: list, config: TrainConfig, feed=None):
+    """The last stage's loss: the schedule calls it per micro-batch with the stage outputs and
+    the micro-batch's index. feed (the step's micro-batches, pipeline.MicrobatchFeed): where
+    the last stage reads an instruction batch's answer mask, which stages do not send."""
     special, vocab = config.model.special_tokens, config.model.llm.vocab_size
 
-    def loss_fn(outputs, _index):
+    def loss_fn(outputs, index):
         logits, regression, targets, tokens, *documents = outputs  # document ids: packed rows
+        answers = feed[int(index[0])].get("answer_mask") if feed is not None else None
         loss = mixed_loss(logits, regression, targets, tokens, special, config.l2_loss_weight, vocab,
-                          documents[0] if documents else None)
+                          documents[0] if documents else None, answers)
         losses.append((loss.lm.detach(), loss.l2.detach()))
         return loss.total
 
@@ -77,7 +80,7 @@ def microbatch_loss(pmodel: ParallelModel, batch: dict, config: TrainConfig) -> 
     documents = batch.get("document_ids")  # packed rows
     out = pmodel.parts[0](batch["tokens"], batch["images"], documents)
     return mixed_loss(*out, batch["tokens"], config.model.special_tokens, config.l2_loss_weight,
-                      config.model.llm.vocab_size, documents)
+                      config.model.llm.vocab_size, documents, batch.get("answer_mask"))
 
 
 def train_step(pmodel: ParallelModel, optimizer, microbatches: list[dict], config: TrainConfig,

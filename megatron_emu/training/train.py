@@ -9,6 +9,7 @@ The same code runs single-process, under torchrun and under srun.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -29,12 +30,16 @@ from megatron_emu.kernels import apply_fused_norms, build_adamw, build_parallel_
 from megatron_emu.model.attention import configure_attention
 from megatron_emu.model.emu import build_emu
 from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh, build_mesh, init_distributed
-from megatron_emu.parallel.parallelize import ParallelModel, parallelize_emu
+from megatron_emu.model.lora import apply_lora
+from megatron_emu.parallel.pipeline import MicrobatchFeed
+from megatron_emu.parallel.parallelize import ParallelModel, init_adapters, parallelize_emu
 from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_compile
 from megatron_emu.training.checkpoint import Checkpointer, Layout
 from megatron_emu.training.evaluate import image_grounding
 from megatron_emu.training.failsafe import SkipTracker, check_save_before_training
 from megatron_emu.training.signals import ExitConditions
+from megatron_emu.training.pretrained import load_pretrained
+from megatron_emu.training.instruct import check_instruct_run, init_chat_token_rows, lora_spec, merge_checkpoint
 from megatron_emu.training.step import StepResult, pipeline_loss_fn, train_step, validation_loss
 from megatron_emu.training.metrics import IterationStats, training_flops
 from megatron_emu.training.optim import LRScheduler, apply_freezing
@@ -73,7 +78,7 @@ class TrainSummary:
 
 def load_tokenizer(config: TrainConfig) -> EmuTokenizer:
     path = config.data.tokenizer_model or build_tiny_tokenizer(config.data.cache_dir or None)
-    tokenizer = EmuTokenizer(path)
+    tokenizer = EmuTokenizer(path, config.model.llm.num_special_tokens)  # 6 with [USER] [ASSISTANT]
     expected = config.model.llm.base_vocab_size
     if tokenizer.base_vocab_size != expected:
         raise ValueError(
@@ -113,6 +118,8 @@ def build_model(config: TrainConfig, pmesh: ParallelMesh | None, n_micro: int, d
     if pmesh is None:
         model = build_emu(config.model, device=device, seed=config.seed)
         apply_freezing(model, config.optimizer)
+        if config.lora.enabled:
+            init_adapters(model, apply_lora(model, lora_spec(config)), config.model.init_std, config.seed, False)
         if config.performance.fused_kernels:
             apply_fused_norms(model, device.type)
         apply_recompute_and_compile(model, config.performance)
@@ -120,7 +127,9 @@ def build_model(config: TrainConfig, pmesh: ParallelMesh | None, n_micro: int, d
     full = build_emu(config.model, device="meta")
     apply_freezing(full, config.optimizer)
     losses: list = []  # the pipeline's loss_fn records each micro-batch's (lm, l2) here
-    pmodel = parallelize_emu(full, pmesh, n_micro, pipeline_loss_fn(losses, config), config.seed, config.performance)
+    feed = MicrobatchFeed()  # the pipeline's micro-batches; its loss reads answer masks there
+    pmodel = parallelize_emu(full, pmesh, n_micro, pipeline_loss_fn(losses, config, feed), config.seed,
+                             config.performance, lora_spec(config), feed)
     pmodel.losses = losses
     return pmodel
 
@@ -140,6 +149,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     dims = ParallelDims.from_config(config.parallel, world_size, config.model, config.data.seq_length)
     n_micro = dims.validate(config.model, config.data)  # all sizes checked before any work
     check_datasets(config.data.data_path)  # and every --data-path prefix exists
+    check_instruct_run(config)
     pmesh = build_mesh(dims, device, timeout) if world_size > 1 else None
     cpu_group = pmesh.new_gloo_group() if pmesh is not None else None  # checkpoint coordination, exit flags
     exits = ExitConditions(config.failsafe, cpu_group)  # signal handlers from here on
@@ -154,6 +164,9 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     optimizer = (build_adamw(pmodel.parts[0], config.optimizer, device.type, config.performance.fused_kernels)
                  if pmesh is None else build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels))
     scheduler = LRScheduler(optimizer, config.optimizer, config.train_iters)
+    if config.lora.merge:  # no data, no loop: base + adapters -> one full checkpoint
+        merge_checkpoint(config, pmodel, optimizer, tokenizer)
+        return TrainSummary()
     build_loader = lambda consumed, split="train": build_pretrain_loader(  # noqa: E731
         config.data, tokenizer, dp_rank=dp_rank, dp_size=dims.dp, seed=config.seed,
         tokens_per_image=config.model.tokens_per_image, consumed_samples=consumed, split=split,
@@ -161,6 +174,9 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     loader = build_loader(0)
     valid = validation_batches(config, build_loader, n_micro)
     checkpointer = Checkpointer(config.checkpoint, config, Layout.from_mesh(pmesh), cpu_group)
+    if config.lora.enabled and config.checkpoint.pretrained_checkpoint:
+        load_pretrained(config.checkpoint.pretrained_checkpoint, pmodel.parts, dataclasses.asdict(config.model),
+                        checkpointer.process_group)
     resumed = checkpointer.load(pmodel.parts, optimizer, scheduler, loader)
     if resumed.consumed_samples != loader.consumed_samples:  # saved at another DP size
         loader = build_loader(resumed.consumed_samples)
@@ -170,6 +186,8 @@ def pretrain(config: TrainConfig) -> TrainSummary:
         check_save_before_training(config.checkpoint.save, pmodel.parts, optimizer, dims.dp * dims.tp,
                                    dist.get_rank() if world_size > 1 else 0, cpu_group)
     skips = SkipTracker(config.failsafe.max_skipped_iterations)
+    if config.lora.enabled:  # from the (loaded) base's "user" / "assistant" rows
+        init_chat_token_rows(pmodel.parts, tokenizer)
     params = sum(p.numel() for _, p in pmodel.named_parameters())  # DTensor numel is the global size
     log.info("model %s: %.1fM parameters on this rank's stages, %s; %d micro-batches of %d per step per DP rank",
              config.preset, params / 1e6, device, n_micro, config.data.micro_batch_size)
@@ -227,7 +245,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
         saved = f"saved {config.checkpoint.save}" if config.checkpoint.save else "nothing saved (no --save)"
         log.info("stopping at iteration %d of %d: %s; %s", last, config.train_iters, summary.exit_reason, saved)
         return summary
-    if dims.pp == 1 and dims.tp == 1:
+    if dims.pp == 1 and dims.tp == 1 and not config.lora.enabled:  # conversations need not hold images
         # Held out: the validation split; without one, the training stream's next micro-batches
         # (not trained on in this run, though earlier epochs may have seen their samples).
         held_out = [b for step in valid for b in step] if valid else [next(loader) for _ in range(4)]

@@ -1,0 +1,139 @@
+"""LoRA under parallelism == single process (CPU, gloo, tiny, fp32, rtol 1e-5).
+
+The adapters of q, k, v (column-parallel base: A replicated, B split by rows) and of o
+(row-parallel base: A split by columns, B replicated) under TP2 + sequence parallel, and
+under DP2 FSDP2 and PP2 (the last stage reads the answer mask from the step's micro-batch
+feed): the answer-only loss and every adapter gradient of each step equal the
+plainly written single-process reference; the frozen base never receives a gradient.
+Two steps: at step 1 B = 0 (only B learns); at step 2 both A and B have gradients.
+Adam's eps is large here: with the default 1e-6 every entry moves by ~lr whatever its
+gradient, so a near-zero gradient's summation-order noise would become an O(lr) change
+of B; a large eps keeps the update proportional to the gradient, the noise at roundoff.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from megatron_emu.config import (
+    NUM_INSTRUCT_SPECIAL_TOKENS, DataConfig, LoRAConfig, OptimizerConfig, ParallelConfig, PerformanceConfig,
+    TrainConfig, get_preset,
+)
+from megatron_emu.model.emu import build_emu
+from megatron_emu.model.init import init_parameters
+from megatron_emu.model.lora import LoRASpec, apply_lora, is_lora_parameter
+from megatron_emu.model.loss import emu_loss
+from megatron_emu.parallel.mesh import ParallelDims, build_mesh
+from megatron_emu.parallel.parallelize import parallelize_emu
+from megatron_emu.parallel.pipeline import MicrobatchFeed
+from megatron_emu.training.optim import build_optimizer
+from megatron_emu.training.train import build_parallel_optimizer, pipeline_loss_fn, train_step
+from tests.batches import random_batch
+from tests.dist_utils import spawn
+
+STEPS, MICRO, SEQ, SEED, RTOL = 2, 2, 80, 7, 1e-5
+ATOL = 1e-5  # of each tensor's largest entry, as tests/test_parallel_parity.py
+SPEC = LoRASpec(rank=8, alpha=16.0)
+
+
+def run_config(performance: dict | None = None, **parallel) -> TrainConfig:
+    model = get_preset("tiny")
+    model.llm.num_special_tokens = NUM_INSTRUCT_SPECIAL_TOKENS
+    return TrainConfig(performance=PerformanceConfig(**{"fused_kernels": False, **(performance or {})}), preset="tiny",
+                       model=model,
+                       data=DataConfig(seq_length=SEQ, micro_batch_size=1, global_batch_size=MICRO),
+                       optimizer=OptimizerConfig(lr=1e-2, lr_decay_style="constant", weight_decay=0.0, clip_grad=1.0,
+                                                 adam_eps=1e-2),
+                       parallel=ParallelConfig(**parallel), lora=LoRAConfig(SPEC.rank, SPEC.alpha), seed=SEED)
+
+
+def step_batches(config: TrainConfig) -> list[list[dict]]:
+    """Random micro-batches whose last 30 tokens are the 'answer' (the rest: prompt, image)."""
+    out = []
+    for s in range(STEPS):
+        step = []
+        for m in range(MICRO):
+            b = random_batch(config.model, 1, SEQ, 1, seed=100 * s + m)
+            b["answer_mask"] = torch.zeros(b["tokens"].shape)
+            b["answer_mask"][:, SEQ - 30:] = 1.0
+            step.append(b)
+        out.append(step)
+    return out
+
+
+def reference(config: TrainConfig) -> list[dict]:
+    model = build_emu(config.model, seed=SEED)
+    init_parameters(model, config.model.init_std, SEED, set(apply_lora(model, SPEC)))
+    optimizer = build_optimizer(model, config.optimizer)
+    history = []
+    for batches in step_batches(config):
+        optimizer.zero_grad(set_to_none=True)
+        lm = 0.0
+        for b in batches:
+            loss = emu_loss(*model(b["tokens"], b["images"]), b["tokens"], config.model.special_tokens,
+                            vocab_size=config.model.llm.vocab_size, answer_mask=b["answer_mask"])
+            (loss.total / len(batches)).backward()
+            lm += loss.lm.item() / len(batches)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0).item()
+        history.append(dict(lm=lm, norm=norm, grads={n: p.grad.clone() for n, p in model.named_parameters()
+                                                     if p.grad is not None}))
+        optimizer.step()
+    return history
+
+
+def check_layout(rank: int, world: int, name: str, parallel: dict, ref: list[dict]) -> None:
+    config = run_config(**parallel)
+    dims = ParallelDims.from_config(config.parallel, world, config.model, SEQ)
+    n_micro = dims.validate(config.model, config.data)
+    pmesh = build_mesh(dims, torch.device("cpu"))
+    losses: list = []
+    feed = MicrobatchFeed()  # as training/train.py: the pipeline's loss reads the answer masks there
+    pmodel = parallelize_emu(build_emu(config.model, seed=SEED), pmesh, n_micro, pipeline_loss_fn(losses, config, feed),
+                             SEED, config.performance, SPEC, feed)
+    pmodel.losses = losses
+    optimizer = build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels)
+    for step, batches in enumerate(step_batches(config)):
+        mine = batches[pmesh.dp_rank * n_micro:(pmesh.dp_rank + 1) * n_micro]
+        result = train_step(pmodel, optimizer, mine, config)
+        expect = ref[step]
+        assert math.isclose(result.lm_loss, expect["lm"], rel_tol=RTOL), f"{name} step {step}: {result.lm_loss} vs {expect['lm']}"
+        assert math.isclose(result.grad_norm, expect["norm"], rel_tol=RTOL), f"{name} step {step} norm"
+        compared = set()  # with PP, each rank holds its stage's adapters
+        for pname, param in pmodel.named_parameters():
+            if not is_lora_parameter(pname):
+                assert param.grad is None, f"{name}: frozen {pname} got a gradient"
+                continue
+            got = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+            want = expect["grads"][pname]
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL * max(want.abs().max().item(), 1e-12),
+                                       msg=lambda m: f"{name} step {step} {pname}: {m}")
+            compared.add(pname)
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, sorted(compared))
+        assert set().union(*map(set, everyone)) == set(expect["grads"]), f"{name}: adapters not compared"
+        if step == 1:
+            assert all(expect["grads"][n].abs().max() > 0 for n in compared if n.endswith("lora_A"))
+
+
+LAYOUTS = {
+    "TP2+SP": dict(tensor_model_parallel_size=2, sequence_parallel=True),
+    "TP2": dict(tensor_model_parallel_size=2),
+    "DP2 FSDP2": dict(data_parallel_sharding="fsdp"),
+    "TP2+SP + selective recompute, fused kernels": dict(tensor_model_parallel_size=2, sequence_parallel=True,
+                                                         performance=dict(recompute_granularity="selective",
+                                                                          fused_kernels=True)),
+    "DP2 FSDP2 + full recompute": dict(data_parallel_sharding="fsdp", performance=dict(recompute_granularity="full")),
+    "PP2 1F1B": dict(pipeline_model_parallel_size=2),
+}
+
+
+def worker(rank: int, world: int, ref: list[dict]) -> None:
+    for name, parallel in LAYOUTS.items():
+        check_layout(rank, world, name, parallel, ref)
+
+
+def test_lora_two_ranks_equal_single_process():
+    spawn(2, worker, reference(run_config()))
