@@ -40,3 +40,13 @@ def test_mistakes_are_one_line_before_any_work(flags, message):
     assert run.returncode == 2, run.stderr[-2000:]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert "optimizer: " not in run.stderr  # refused before the model and its optimizer were built
+
+
+def test_summary_windows_never_overlap():
+    from megatron_emu.training.train import TrainSummary
+
+    rows = [(i, 10.0 - i, 1.0 / i) for i in range(1, 7)]  # 6 iterations: windows of 3
+    text = TrainSummary(history=rows).format()
+    assert "lm loss 8.0000 -> 5.0000" in text and "first and last 3 iterations" in text
+    assert TrainSummary(history=rows[:1]).format() == "summary: 1 iteration | lm loss 9.0000 | l2 loss 1.0000"
+    assert "first and last 10 iterations" in TrainSummary(history=[(i, 1.0, 1.0) for i in range(1, 31)]).format()

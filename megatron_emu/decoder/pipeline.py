@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import os
 
+import sys
+
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from megatron_emu.decoder.conditions import generate_for_prompts, null_condition
 from megatron_emu.decoder.unet import check_condition_dim, vae_scale_factor
@@ -81,7 +84,8 @@ class EmuImagePipeline:
         latents = torch.randn(shape, generator=generator).to(self.device, dtype)  # (B, C, h, w)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         latents = latents * self.scheduler.init_noise_sigma
-        for t in self.scheduler.timesteps:
+        # Minutes per batch on CPU: show the steps (on a terminal; logs stay clean).
+        for t in tqdm(self.scheduler.timesteps, desc="denoising", unit="step", disable=not sys.stderr.isatty()):
             eps = self.predict_noise(self.scheduler.scale_model_input(latents, t), t, conditions, null, guidance_scale)
             latents = self.scheduler.step(eps, t, latents).prev_sample
         pixels = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample  # (B, 3, H, W)

@@ -62,14 +62,19 @@ class TrainSummary:
     def format(self, window: int = 10) -> str:
         if not self.history:  # e.g. resumed from a checkpoint at --train-iters
             return "summary: no iterations run (the run had already reached --train-iters)"
-        first, last = self.history[:window], self.history[-window:]
-        mean = lambda rows, i: sum(r[i] for r in rows) / len(rows)  # noqa: E731
-        text = (
-            f"summary: {len(self.history)} iterations | "
-            f"lm loss {mean(first, 1):.4f} -> {mean(last, 1):.4f} | "
-            f"l2 loss {mean(first, 2):.4f} -> {mean(last, 2):.4f} "
-            f"(means of the first and last {min(window, len(self.history))} iterations)"
-        )
+        if len(self.history) == 1:
+            _, lm, l2 = self.history[0]
+            text = f"summary: 1 iteration | lm loss {lm:.4f} | l2 loss {l2:.4f}"
+        else:
+            window = min(window, len(self.history) // 2)  # the two windows never overlap
+            first, last = self.history[:window], self.history[-window:]
+            mean = lambda rows, i: sum(r[i] for r in rows) / len(rows)  # noqa: E731
+            text = (
+                f"summary: {len(self.history)} iterations | "
+                f"lm loss {mean(first, 1):.4f} -> {mean(last, 1):.4f} | "
+                f"l2 loss {mean(first, 2):.4f} -> {mean(last, 2):.4f} "
+                f"(means of the first and last {window} iterations)"
+            )
         if self.grounding:
             text += (f"\ntext CE on the {self.grounding_data}: {self.grounding[0]:.4f} with the true images, "
                      f"{self.grounding[1]:.4f} with shuffled images")
@@ -257,6 +262,11 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     # Never silent: what the sequence builder had to cut to fit --seq-length (this DP rank).
     log.info("data cut to fit --seq-length: %(dropped_images)d images dropped, "
              "%(truncated_tokens)d text tokens truncated", loader.totals)
+    if loader.totals["dropped_images"]:
+        log.info("(an image is never cut: one that does not fit its sequence is dropped whole; a video's 8 "
+                 "frames alone need 8 x %d tokens, so --seq-length %d keeps at most %d of them: a longer "
+                 "--seq-length keeps more)", config.model.tokens_per_image, config.data.seq_length,
+                 max(0, (config.data.seq_length - 2) // config.model.tokens_per_image))
     return summary
 
 
