@@ -2,6 +2,7 @@
 only adapters get optimizer state and checkpoints, a pretraining base grows by two rows,
 resume is exact, another base is refused."""
 
+import json
 import os
 
 import pytest
@@ -103,6 +104,8 @@ def test_adapter_checkpoints_grow_base_resume_exact_refuse_other_base(conversati
     assert delta.abs().max() > 0
     torch.testing.assert_close(full[f"{name}.weight"], base_state[f"{name}.weight"] + delta)
     assert not any(is_lora_parameter(k) for k in full)
+    recorded = json.load(open(os.path.join(iteration_dir(merged, 2), "checksums.json")))  # written like every save
+    assert "run_config.json" in json.dumps(recorded) and not os.path.exists(iteration_dir(merged, 2) + ".tmp")
     assert full["llm.tok_embeddings.weight"].shape[0] == base_state["llm.tok_embeddings.weight"].shape[0] + 2
     torch.testing.assert_close(full["llm.tok_embeddings.weight"][:-2], base_state["llm.tok_embeddings.weight"])
 

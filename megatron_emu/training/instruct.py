@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -20,6 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from megatron_emu.config import LoRAConfig, TrainConfig
 from megatron_emu.model.lora import LoRASpec, merge_lora
+from megatron_emu.training.checksum_writer import ChecksummingWriter
 from megatron_emu.training.checkpoint import Checkpointer, model_state
 from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, iteration_dir, write_latest
 from megatron_emu.training.pretrained import load_pretrained
@@ -103,13 +105,19 @@ def save_full_checkpoint(model, config: TrainConfig, iteration: int, merged_from
     """A single-process model (no adapters) as a model-only checkpoint in config.checkpoint.save,
     readable by --pretrained-checkpoint and tools/convert_checkpoint.py (--to hf)."""
     directory = iteration_dir(config.checkpoint.save, iteration)
-    os.makedirs(directory, exist_ok=True)
+    # Written like every save (training/checkpoint.py): into a .tmp directory with checksums.json
+    # (run_config.json included), renamed into place, and only then made `latest`.
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     plain = dataclasses.replace(config, lora=LoRAConfig())
-    with open(os.path.join(directory, RUN_CONFIG_NAME), "w") as f:
+    with open(os.path.join(tmp, RUN_CONFIG_NAME), "w") as f:
         json.dump({"iteration": iteration, "consumed_samples": 0, "layout": {"tp": 1, "pp": 1, "dp": 1},
                    "torch_version": torch.__version__, "config": dataclasses.asdict(plain),
                    "merged_from": merged_from}, f, indent=2)
     common = {"iteration": iteration, "consumed_samples": 0, "scheduler": None, "layout": None}
-    dcp.save({"model": model_state([model]), "common": pickle.dumps(common)}, storage_writer=dcp.FileSystemWriter(directory))
+    dcp.save({"model": model_state([model]), "common": pickle.dumps(common)}, storage_writer=ChecksummingWriter(tmp))
+    shutil.rmtree(directory, ignore_errors=True)  # an earlier merge into the same --save
+    os.rename(tmp, directory)
     write_latest(config.checkpoint.save, iteration)
     return directory
