@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from megatron_emu.arguments import add_sink_args, sink_config
+from megatron_emu.logging_args import add_sink_args, sink_config
 from megatron_emu.config import PRESETS, LoggingConfig
 
 

@@ -29,20 +29,16 @@ import json
 import logging
 import os
 import pickle
-import random
 import shutil
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     set_model_state_dict,
 )
 
@@ -61,6 +57,14 @@ from megatron_emu.training.checkpoint_files import (
     read_run_config,
     iteration_dir,
     write_latest,
+)
+from megatron_emu.training.checkpoint_state import (
+    as_list,
+    model_state,
+    optimizer_state,
+    rng_state,
+    set_optimizer_hyperparameters,
+    set_rng_state,
 )
 from megatron_emu.training.checkpoint_guard import disk_full, no_checkpoint_message, sweep_interrupted_saves
 from megatron_emu.training.failsafe import RunStopped, agree_count, nonfinite_state
@@ -99,97 +103,6 @@ class TrainState:
 
     iteration: int = 0
     consumed_samples: int = 0
-
-
-def _as_list(x) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-# ---------------------------------------------------------------------------
-# State gathering
-# ---------------------------------------------------------------------------
-def model_state(models) -> dict[str, Any]:
-    """FQN -> tensor over all model parts of this rank (pipeline stages keep global names)."""
-    state: dict[str, Any] = {}
-    for model in _as_list(models):
-        state.update(get_model_state_dict(model))
-    return state
-
-
-# Wrappers that insert a name component without changing what a parameter is.
-_WRAPPER_NAMES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def _clean_name(name: str) -> str:
-    for wrapper in _WRAPPER_NAMES:
-        name = name.replace(wrapper, "")
-    return name[len("module."):] if name.startswith("module.") else name  # DDP
-
-
-def _ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create Adam's moments for every parameter (a step with lr 0 and zero gradients),
-    so a fresh optimizer has tensors for DCP to load into."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if all(optimizer.state.get(p) for p in params):
-        return
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    grads = [p.grad for p in params]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0 if not torch.is_tensor(group["lr"]) else torch.zeros_like(group["lr"])
-    for p in params:  # no gradient = skipped by the step: existing moments stay untouched
-        p.grad = None if optimizer.state.get(p) else torch.zeros_like(p)
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    for p, grad in zip(params, grads):
-        p.grad = grad
-
-
-# How the optimizer runs on this layout, not what it learned: foreach kernels are off
-# with DTensors (TP, FSDP2) and on without, so they must never travel with a checkpoint.
-_IMPLEMENTATION_KEYS = ("params", "foreach", "fused", "capturable", "differentiable")
-
-
-def optimizer_state(models, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """One optimizer over all of this rank's model parts, keyed by parameter name:
-    `state.<fqn>.exp_avg` (the live tensors, so DCP loads in place) and
-    `param_groups.<fqn>.lr` (hyper-parameters, per parameter, so stages split freely)."""
-    names = {id(p): _clean_name(n) for model in _as_list(models) for n, p in model.named_parameters()}
-    _ensure_optimizer_state(optimizer)
-    state: dict[str, Any] = {}
-    for group in optimizer.param_groups:
-        hyper = {k: v for k, v in group.items() if k not in _IMPLEMENTATION_KEYS}
-        for p in group["params"]:
-            fqn = names[id(p)]
-            for key, value in optimizer.state[p].items():
-                state[f"state.{fqn}.{key}"] = value
-            for key, value in hyper.items():
-                state[f"param_groups.{fqn}.{key}"] = value
-    return state
-
-
-def set_optimizer_hyperparameters(models, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Moments were loaded in place; copy the loaded hyper-parameters back into the groups."""
-    names = {id(p): _clean_name(n) for model in _as_list(models) for n, p in model.named_parameters()}
-    for group in optimizer.param_groups:
-        first = names[id(group["params"][0])]
-        for key in [k for k in group if k not in _IMPLEMENTATION_KEYS]:
-            group[key] = state[f"param_groups.{first}.{key}"]
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _rank_key(layout: Layout) -> str:
@@ -425,7 +338,7 @@ class Checkpointer:
             state["optim"] = optimizer_state(models, optimizer)
         check_state_keys(directory, metadata, state, record.get("layout", {}), self.layout)
         dcp.load(state, storage_reader=dcp.FileSystemReader(directory), process_group=self.process_group)
-        for model in _as_list(models):
+        for model in as_list(models):
             set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
         if load_optim:
             set_optimizer_hyperparameters(models, optimizer, state["optim"])
