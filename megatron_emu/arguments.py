@@ -6,6 +6,7 @@ Each concern adds its flags in its own function and reads them back in `to_confi
 import argparse
 import dataclasses
 import signal
+import sys
 
 from megatron_emu.config import (
     CheckpointConfig,
@@ -108,7 +109,8 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpointing")
-    g.add_argument("--save", default="", help="checkpoint root; iterations go to SAVE/iter_0000100/")
+    g.add_argument("--save", default="", help="checkpoint root; iterations go to SAVE/iter_0000100/ (no flags at "
+                                               "all, README command 1: runs/tiny/checkpoints)")
     g.add_argument("--save-interval", type=int, default=0, help="iterations between saves (0: save at the end only)")
     g.add_argument("--load", default="", help="checkpoint root (loads its latest) or one iteration directory")
     g.add_argument("--finetune", action="store_true", help="load model weights only; start at iteration 0")
@@ -358,5 +360,15 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
     )
 
 
+# README command 1, `python pretrain_emu.py` with no flags at all, keeps its final checkpoint here
+# for the walkthrough that follows it (README "After command 1"); running it again replaces it.
+# With any flag a run saves only with --save, as in Megatron-LM.
+DEMO_SAVE = "runs/tiny/checkpoints"
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    return to_config(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if not argv:
+        args.save, args.allow_checkpoint_rewind = DEMO_SAVE, True  # a rerun starts at 0 over the last one's 300
+    return to_config(args)

@@ -12,7 +12,7 @@ TRAIN_LINE = re.compile(
     r"iteration\s+(?P<iteration>\d+)/\s*\d+ \| consumed samples:\s+(?P<consumed>\d+) \| "
     r"elapsed time per iteration \(ms\): (?P<ms>\S+) \| learning rate: (?P<lr>\S+) \| "
     r"global batch size:\s+(?P<batch>\d+) \| lm loss: (?P<lm>\S+) \| l2 loss: (?P<l2>\S+) \| "
-    r"grad norm: (?P<grad>\S+) \| tokens/s: (?P<tokens>\S+) \| TFLOP/s/GPU: (?P<tflops>\S+) \|")
+    r"grad norm: (?P<grad>\S+) \| tokens/s: (?P<tokens>\S+) \| TFLOP/s/(?:GPU|device): (?P<tflops>\S+) \|")
 VALID_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: (\S+) \| lm loss PPL: (\S+) \| "
                         r"l2 loss value: (\S+) \|")
 

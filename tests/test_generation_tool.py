@@ -97,11 +97,11 @@ def test_tool_refuses_bad_input_in_one_line(checkpoint, image_path, argv, messag
     argv = [checkpoint if a == "CKPT" else image_path if a == "IMG" else a for a in argv]
     with pytest.raises(SystemExit) as exit_:
         generate_text.main(argv)
-    assert message in str(exit_.value.code)
+    assert message in str(exit_.value.code) + capsys.readouterr().err  # usage errors: on stderr, exit 2
 
 
 def test_tool_run_bare_prints_usage_and_an_example_not_a_traceback():
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate_text.py")],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
-    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "usage: generate_text.py" in done.stderr and "example: python tools/generate_text.py --load" in done.stderr

@@ -24,6 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_emu.cli import ToolParser  # noqa: E402
 from megatron_emu.config import PRESETS, get_preset  # noqa: E402
 from megatron_emu.convert.imports import KINDS  # noqa: E402
 from megatron_emu.convert.streams import parse_dtype  # noqa: E402
@@ -38,7 +39,8 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                   example="python tools/convert_checkpoint.py --to hf --input runs/tiny/checkpoints --output runs/tiny/hf")
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to", choices=["hf", "diffusers", "peft"])
     direction.add_argument("--from", dest="source", nargs="+", choices=KINDS, help="one kind per --input")

@@ -258,3 +258,11 @@ class _Tiled:
 
     def item_range(self, doc):
         return range(int(self.doc_index[doc]), int(self.doc_index[doc + 1]))
+
+
+if __name__ == "__main__":  # a module of benchmark_data.py, not a tool of its own
+    from megatron_emu.cli import ToolParser
+
+    ToolParser(prog="data_scale.py", description=__doc__.splitlines()[0],
+               example="python tools/benchmark_data.py --scale --scale-pairs 1e4,1e6 --scale-interleaved 1e4,1e5",
+               ).error("this module is the --scale mode of tools/benchmark_data.py: run that")

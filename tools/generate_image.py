@@ -15,12 +15,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from megatron_emu.cli import ToolParser  # noqa: E402
 from megatron_emu.config import PRESETS, get_preset  # noqa: E402
+from megatron_emu.decoder.arguments import DECODER_RECIPES  # noqa: E402
+from megatron_emu.training.errors import exit_on_error  # noqa: E402
+
+
+EXAMPLE = ('python tools/generate_image.py --emu-load runs/tiny/checkpoints --decoder runs/decoder_tiny/decoder '
+           '--prompt "a red circle on the left"')
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="emu-14b", choices=sorted(PRESETS))
+    p = ToolParser(description=__doc__.splitlines()[0], example=EXAMPLE)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="Emu size (default: tiny)")
     p.add_argument("--emu-load", default="", help="Emu checkpoint (DCP dir or state-dict file)")
     p.add_argument("--tokenizer-model", default="", help="sentencepiece .model (default: tiny tokenizer)")
     p.add_argument("--decoder", required=True, help="finetune output dir: unet/ vae/ scheduler/")
@@ -30,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-text", default="", help="text shown after the context images")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--num-inference-steps", type=int, default=50)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=None, help="default: the preset's decoder resolution (tiny 64, else 512)")
+    p.add_argument("--width", type=int, default=None, help="default: as --height")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -50,15 +57,20 @@ def read_context_image(path: str, size: int) -> torch.Tensor:
 
 
 def main(argv=None) -> list[str]:
+    from diffusers.utils import logging as diffusers_logging
+
     from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
     from megatron_emu.decoder.frozen import freeze, load_emu
     from megatron_emu.decoder.pipeline import EmuImagePipeline, load_decoder, save_pngs
 
     args = build_parser().parse_args(argv)
+    diffusers_logging.set_verbosity_error()  # notices about float32 modules when casting, at every start
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     config = get_preset(args.preset)
+    resolution = DECODER_RECIPES.get(args.preset, {}).get("resolution", 512)  # what the decoder was trained at
+    height, width = args.height or resolution, args.width or args.height or resolution
     tokenizer = EmuTokenizer(args.tokenizer_model or build_tiny_tokenizer())
     emu = load_emu(config, args.emu_load, device).to(dtype)
     unet, vae, schedule = load_decoder(args.decoder, args.unet_subfolder)
@@ -67,7 +79,7 @@ def main(argv=None) -> list[str]:
     context = [("", read_context_image(p, config.vision.image_size)) for p in args.context_image]
     if args.context_text:
         context.append((args.context_text, None))
-    images = pipe(args.prompt, [context] * len(args.prompt), args.height, args.width, args.num_inference_steps,
+    images = pipe(args.prompt, [context] * len(args.prompt), height, width, args.num_inference_steps,
                   args.guidance_scale, args.seed)
     paths = save_pngs(images, args.output_dir)
     for prompt, path in zip(args.prompt, paths):
@@ -76,4 +88,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)  # bad input (a checkpoint, a decoder dir, an image): one line, exit 2

@@ -20,15 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_emu.cli import ToolParser  # noqa: E402
 from megatron_emu.config import PRESETS  # noqa: E402
 
 TASKS = ("caption", "vqa", "video-qa", "video-temporal-qa", "few-shot", "chat", "prompt")
-USAGE_EXAMPLE = ("example: python tools/generate_text.py --load runs/tiny/ckpt --task caption --image cat.png "
-                 "(train one: python pretrain_emu.py --train-iters 60 --save runs/tiny/ckpt)")
+# The checkpoint of README command 1 (python pretrain_emu.py) and an image of the synthetic corpus.
+USAGE_EXAMPLE = "python tools/generate_text.py --load runs/tiny/checkpoints --task caption --image red_circle.png"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=USAGE_EXAMPLE)
+    p = ToolParser(description=__doc__.splitlines()[0], example=USAGE_EXAMPLE)
     p.add_argument("--load", default="", help="checkpoint dir (DCP), HF export dir, or .safetensors/.pt state dict")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size of a state-dict file")
     p.add_argument("--tokenizer-model", default="", help="sentencepiece .model (default: the tiny tokenizer)")
@@ -159,10 +160,9 @@ def main(argv=None) -> list[str]:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.load:
-        parser.print_usage(sys.stderr)
-        sys.exit(f"generate_text.py: --load CHECKPOINT is required\n{USAGE_EXAMPLE}")
+        parser.error("--load CHECKPOINT is required")
     if not (args.image or args.video or args.prompt):
-        sys.exit(f"generate_text.py: nothing to do: give --image, --video or --prompt\n{USAGE_EXAMPLE}")
+        parser.error("nothing to do: give --image, --video or --prompt")
     try:
         lines = run(args)
     except ValueError as e:

@@ -21,6 +21,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_emu.cli import ToolParser  # noqa: E402
+
 # (panel title, TensorBoard tag, y on a log scale)
 PANELS = (
     ("lm loss", "lm loss", False),
@@ -107,7 +111,8 @@ def plot(runs: dict[str, Series], x: str, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ToolParser(description=__doc__.split("\n\n")[0],
+                        example="python tools/plot_logs.py runs/tiny runs/pp2 --x samples --out runs.png")
     parser.add_argument("runs", nargs="+", metavar="RUN", help="--tensorboard-dir or text log of a run")
     parser.add_argument("--x", choices=["iterations", "samples"], default="iterations")
     parser.add_argument("--out", default="plot.png", help="the PNG to write")

@@ -33,6 +33,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_emu.cli import ToolParser  # noqa: E402
 from megatron_emu.data.images import IMAGE_FORMATS, JPEG_QUALITY  # noqa: E402
 from megatron_emu.data.preprocess import Shard, merge_parts, preprocess, synthetic_shards  # noqa: E402
 
@@ -58,7 +59,9 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                   example="python tools/preprocess_data.py --input-type synthetic-pairs --num-documents 200 "
+                           "--output-prefix data/syn_pairs")
     p.add_argument("--input-type", required=True,
                    choices=["pairs", "mmc4", "video", "sharegpt", "alpaca", "llava", "videochat",
                             "synthetic-pairs", "synthetic-interleaved", "synthetic-video"])

@@ -17,9 +17,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_emu.cli import ToolParser  # noqa: E402
+
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                   example="python tools/validate_data.py data/syn_pairs   # written by tools/preprocess_data.py")
     p.add_argument("prefixes", nargs="+", metavar="PREFIX", help="dataset prefixes (<prefix>.bin/.idx/.json)")
     p.add_argument("--tokenizer-model", default="",
                    help="sentencepiece .model the data was written with (default: the tiny tokenizer, "

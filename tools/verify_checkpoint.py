@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tqdm import tqdm  # noqa: E402
 
+from megatron_emu.cli import ToolParser  # noqa: E402
 from megatron_emu.training.checkpoint_files import iteration_dir, list_iterations, read_latest  # noqa: E402
 from megatron_emu.training.checksums import read_checksums, total_bytes, verify_directory  # noqa: E402
 
@@ -33,7 +34,8 @@ def iteration_dirs(path: str, every: bool) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                   example="python tools/verify_checkpoint.py runs/tiny/checkpoints   # README command 1's")
     p.add_argument("checkpoint")
     p.add_argument("--all", action="store_true", help="every iteration under a --save root, not only the latest")
     p.add_argument("--jobs", type=int, default=2, help="files verified at once (default 2)")

@@ -56,9 +56,10 @@ class ParallelDims:
         if tp < 1 or pp < 1:
             raise ValueError(f"parallel sizes must be >= 1, got TP={tp} PP={pp}")
         if world_size % (tp * pp):
+            hint = f" (one process: start {tp * pp} or a multiple with torchrun --nproc-per-node)" if world_size == 1 else ""
             raise ValueError(
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-                f"--pipeline-model-parallel-size {pp}"
+                f"--pipeline-model-parallel-size {pp}{hint}"
             )
         dp = world_size // (tp * pp)
         if parallel.sequence_parallel and tp == 1:

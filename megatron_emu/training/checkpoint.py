@@ -30,6 +30,7 @@ import logging
 import os
 import pickle
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,9 @@ from megatron_emu.training.failsafe import RunStopped, agree_count, nonfinite_st
 from megatron_emu.training.pretrained import base_identity, check_same_base
 
 log = logging.getLogger("megatron_emu")
+
+# One process saves and loads without a process group, as intended: DCP would say so at every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 @dataclass

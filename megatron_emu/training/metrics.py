@@ -249,6 +249,7 @@ class IterationStats:
     tflops_per_device: float
     skipped_iterations: int = 0  # since the last log line: no optimizer update
     nan_iterations: int = 0  # since the last log line: non-finite loss or grad norm
+    device_type: str = "cuda"  # the throughput column's unit: TFLOP/s/GPU on CUDA (Megatron's), else per device
 
     def format(self) -> str:
         """One Megatron-style log line."""
@@ -262,7 +263,7 @@ class IterationStats:
             f" l2 loss: {self.l2_loss:.6E} |"
             f" grad norm: {self.grad_norm:.3f} |"
             f" tokens/s: {self.tokens_per_s:.1f} |"
-            f" TFLOP/s/GPU: {self.tflops_per_device:.3f} |"
+            f" TFLOP/s/{'GPU' if self.device_type == 'cuda' else 'device'}: {self.tflops_per_device:.3f} |"
             f" number of skipped iterations: {self.skipped_iterations:3d} |"
             f" number of nan iterations: {self.nan_iterations:3d} |"
         )

@@ -35,6 +35,7 @@ from megatron_emu.parallel.pipeline import MicrobatchFeed
 from megatron_emu.parallel.parallelize import ParallelModel, init_adapters, parallelize_emu
 from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_compile
 from megatron_emu.training.checkpoint import Checkpointer, Layout
+from megatron_emu.training.checkpoint_files import iteration_dir
 from megatron_emu.training.evaluate import image_grounding
 from megatron_emu.training.failsafe import SkipTracker, check_save_before_training
 from megatron_emu.training.signals import ExitConditions
@@ -58,6 +59,7 @@ class TrainSummary:
     grounding: tuple[float, float] | None = None  # text CE with true / shuffled images
     grounding_data: str = "validation split"  # or the next training micro-batches (no valid split)
     exit_reason: str | None = None  # why the run stopped before --train-iters (saved, exit 0)
+    checkpoint: str | None = None  # the final checkpoint's directory (with --save)
 
     def format(self, window: int = 10) -> str:
         if not self.history:  # e.g. resumed from a checkpoint at --train-iters
@@ -78,6 +80,8 @@ class TrainSummary:
         if self.grounding:
             text += (f"\ntext CE on the {self.grounding_data}: {self.grounding[0]:.4f} with the true images, "
                      f"{self.grounding[1]:.4f} with shuffled images")
+        if self.checkpoint:
+            text += f"\ncheckpoint: {self.checkpoint} (export, generate, resume: README \"After command 1\")"
         return text
 
 
@@ -221,7 +225,8 @@ def pretrain(config: TrainConfig) -> TrainSummary:
             steps = 1 if iteration == 0 else config.log_interval
             elapsed = (now - last_log) / steps
             last_log = now
-            stats = iteration_stats(config, iteration + 1, elapsed, lr, result, world_size, skips.take_counts())
+            stats = iteration_stats(config, iteration + 1, elapsed, lr, result, world_size, skips.take_counts(),
+                                    device.type)
             if is_logger:
                 tqdm.write(stats.format(), file=sys.stdout)
             monitor.log_line(stats)
@@ -246,6 +251,8 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     if config.checkpoint.save and last > start_iteration and not checkpointer.should_save(last):
         checkpointer.save(last, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
     checkpointer.wait()
+    if config.checkpoint.save and last > start_iteration:
+        summary.checkpoint = iteration_dir(config.checkpoint.save, last)
     if summary.exit_reason:
         saved = f"saved {config.checkpoint.save}" if config.checkpoint.save else "nothing saved (no --save)"
         log.info("stopping at iteration %d of %d: %s; %s", last, config.train_iters, summary.exit_reason, saved)
@@ -257,17 +264,30 @@ def pretrain(config: TrainConfig) -> TrainSummary:
         summary.grounding_data = "validation split" if valid else "next training micro-batches"
         summary.grounding = image_grounding(pmodel.parts[0], [move_batch(b, device) for b in held_out],
                                             config.model.special_tokens)
+    log_data_cut(config, data_cut_totals(loader, pmesh, device))  # before the summary: it ends the log
     if is_logger:
         print(summary.format(), flush=True)
-    # Never silent: what the sequence builder had to cut to fit --seq-length (this DP rank).
+    return summary
+
+
+def data_cut_totals(loader, pmesh: ParallelMesh | None, device: torch.device) -> dict[str, int]:
+    """What the sequence builder cut to fit --seq-length in this run, summed over DP ranks
+    (a collective: every rank calls it)."""
+    counts = torch.tensor([loader.totals["dropped_images"], loader.totals["truncated_tokens"]], device=device)
+    if pmesh is not None and pmesh.dims.dp > 1:
+        dist.all_reduce(counts, group=pmesh.dp_mesh.get_group())
+    return {"dropped_images": int(counts[0]), "truncated_tokens": int(counts[1])}
+
+
+def log_data_cut(config: TrainConfig, totals: dict[str, int]) -> None:
+    """Never silent: what was cut, and why an image goes whole."""
     log.info("data cut to fit --seq-length: %(dropped_images)d images dropped, "
-             "%(truncated_tokens)d text tokens truncated", loader.totals)
-    if loader.totals["dropped_images"]:
+             "%(truncated_tokens)d text tokens truncated", totals)
+    if totals["dropped_images"]:
         log.info("(an image is never cut: one that does not fit its sequence is dropped whole; a video's 8 "
                  "frames alone need 8 x %d tokens, so --seq-length %d keeps at most %d of them: a longer "
                  "--seq-length keeps more)", config.model.tokens_per_image, config.data.seq_length,
                  max(0, (config.data.seq_length - 2) // config.model.tokens_per_image))
-    return summary
 
 
 def validation_batches(config: TrainConfig, build_loader, n_micro: int) -> list[list[dict]]:
@@ -292,7 +312,7 @@ def format_validation(iteration: int, lm: float, l2: float) -> str:
 
 
 def iteration_stats(config: TrainConfig, iteration: int, seconds: float, lr: float, result: StepResult, devices: int = 1,
-                    skipped: tuple[int, int] = (0, 0)) -> IterationStats:
+                    skipped: tuple[int, int] = (0, 0), device_type: str = "cuda") -> IterationStats:
     d = config.data
     # Rows actually computed: the global batch, or fewer when samples are packed.
     tokens = result.sequences * d.seq_length
@@ -313,4 +333,5 @@ def iteration_stats(config: TrainConfig, iteration: int, seconds: float, lr: flo
         tflops_per_device=flops / seconds / 1e12 / devices,
         skipped_iterations=skipped[0],  # (skipped, nan) since the last log line
         nan_iterations=skipped[1],
+        device_type=device_type,
     )

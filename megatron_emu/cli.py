@@ -1,0 +1,40 @@
+"""What the entry points and tools print around their work. No torch import here: `--help`
+and usage errors answer before torch loads (it costs seconds).
+
+- `setup_logging`: setup lines (INFO) come from rank 0 only; the other ranks of a torchrun
+  job log warnings and errors (their `error:` lines come from training/errors.py either way).
+  The training log lines and the summary are printed by the logging rank, not through here.
+- `ToolParser`: argparse, whose usage errors end with one example to copy (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def launch_rank() -> int:
+    """This process's global rank as torchrun (also under srun) sets it; 0 without a launcher."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging() -> None:
+    level = logging.INFO if launch_rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its dataset loading is chatty
+
+
+class ToolParser(argparse.ArgumentParser):
+    """An ArgumentParser that answers a bare or wrong call with its usage, one `error:` line and
+    one example line, exit code 2; `--help` shows the example last."""
+
+    def __init__(self, *args, example: str, **kwargs):
+        epilog = kwargs.pop("epilog", None)
+        super().__init__(*args, epilog=f"{epilog}\n\nexample: {example}" if epilog else f"example: {example}", **kwargs)
+        self.example = example
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\nexample: {self.example}\n")
