@@ -1,8 +1,9 @@
 """What the entry points and tools print around their work. No torch import here: `--help`
 and usage errors answer before torch loads (it costs seconds).
 
-- `setup_logging`: setup lines (INFO) come from rank 0 only; the other ranks of a torchrun
-  job log warnings and errors (their `error:` lines come from training/errors.py either way).
+- `setup_logging`: setup lines and warnings come from rank 0 only (every rank has the same
+  config, so rank 0's say it for all); the other ranks of a torchrun job log errors only, and
+  their `error:` lines come from training/errors.py either way.
   The training log lines and the summary are printed by the logging rank, not through here.
 - `ToolParser`: argparse, whose usage errors end with one example to copy (exit code 2).
 """
@@ -21,7 +22,7 @@ def launch_rank() -> int:
 
 
 def setup_logging() -> None:
-    level = logging.INFO if launch_rank() == 0 else logging.WARNING
+    level = logging.INFO if launch_rank() == 0 else logging.ERROR
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its dataset loading is chatty
 

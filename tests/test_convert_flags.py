@@ -15,6 +15,7 @@ def test_tokenizer_model_is_refused_where_unused(tmp_path, direction):
                           "--output", str(tmp_path / "out"), "--tokenizer-model", str(tmp_path / "sp.model")],
                          capture_output=True, text=True)
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1].endswith(f"--tokenizer-model is read only by --to hf (the export writes "
-                                                        f"the tokenizer); {' '.join(direction)} does not use it")
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]  # then the usage's example line
+    assert len(errors) == 1 and errors[0].endswith(f"--tokenizer-model is read only by --to hf (the export writes "
+                                                   f"the tokenizer); {' '.join(direction)} does not use it")
     assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
