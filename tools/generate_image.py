@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from megatron_emu.cli import ToolParser  # noqa: E402
 from megatron_emu.config import PRESETS, get_preset  # noqa: E402
-from megatron_emu.decoder.arguments import DECODER_RECIPES  # noqa: E402
+from megatron_emu.decoder.arguments import DECODER_RECIPES, DecoderConfig  # noqa: E402
 from megatron_emu.training.errors import exit_on_error  # noqa: E402
 
 
@@ -69,7 +69,8 @@ def main(argv=None) -> list[str]:
                           ("cpu" if args.device == "auto" else args.device))
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     config = get_preset(args.preset)
-    resolution = DECODER_RECIPES.get(args.preset, {}).get("resolution", 512)  # what the decoder was trained at
+    # What the preset's decoder recipe trains at (the paper's 512 but for tiny).
+    resolution = DECODER_RECIPES.get(args.preset, {}).get("resolution", DecoderConfig.resolution)
     height, width = args.height or resolution, args.width or args.height or resolution
     tokenizer = EmuTokenizer(args.tokenizer_model or build_tiny_tokenizer())
     emu = load_emu(config, args.emu_load, device).to(dtype)
