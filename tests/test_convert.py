@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from megatron_emu.config import get_preset
-from megatron_emu.convert.export import export_hf, load_emu_from_hf
+from megatron_emu.convert.export import export_hf
+from megatron_emu.convert.hf_emu import load_emu_from_hf
 from megatron_emu.convert.imports import fresh_parameters, import_checkpoint
 from megatron_emu.convert.keys import ours_to_eva
 from megatron_emu.convert.streams import DCPSource
@@ -262,7 +263,7 @@ def test_direct_read_equals_dcp_load_and_views_stored_tensors(ours):
 
 def test_export_and_import_with_a_dtype_cast_read_the_spans_they_change(ours, exported, tmp_path):
     """With a cast the tensors are read (not copied as spans) and converted on both sides."""
-    from megatron_emu.convert.export import hf_emu_tensors
+    from megatron_emu.convert.hf_emu import hf_emu_tensors
 
     out = tmp_path / "bf16"
     export_hf(ours[0], str(out), build_tiny_tokenizer(), max_shard_bytes=400_000, dtype=torch.bfloat16)

@@ -5,7 +5,7 @@ Export (any TP/PP/DP layout):
   python tools/convert_checkpoint.py --to hf --input CKPT --output OUT [--tokenizer-model SP] [--dtype bf16]
       OUT: transformers LlamaForCausalLM dir (config.json, sharded safetensors + index, tokenizer
       with [PAD] [IMG] [/IMG] <image> at the spec ids) + OUT/visual/ (ViT, ln_visual, Causal
-      Former, regression head; reload the whole Emu with megatron_emu.convert.export.load_emu_from_hf).
+      Former, regression head; reload the whole Emu with megatron_emu.convert.hf_emu.load_emu_from_hf).
   python tools/convert_checkpoint.py --to peft --input ADAPTER_CKPT --output OUT   (LoRA: adapter_config.json + safetensors)
   python tools/convert_checkpoint.py --to diffusers --input DECODER_SAVE --output OUT
       the decoder's newest UNet (EMA weights if present) as a diffusers UNet2DConditionModel

@@ -29,15 +29,14 @@ def load_for_inference(path: str, preset: str = "tiny", device: torch.device | s
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such checkpoint, export or state-dict file")
     if os.path.isfile(os.path.join(path, "visual", "config.json")):
-        from megatron_emu.convert.export import load_emu_from_hf
+        from megatron_emu.convert.hf_emu import load_emu_from_hf
 
         return freeze(load_emu_from_hf(path).to(device, dtype))
     if os.path.isdir(path):
-        from megatron_emu.convert.export import model_config_from_dict
         from megatron_emu.convert.streams import DCPSource
 
         source = DCPSource(path)
-        config = model_config_from_dict(source.record["config"]["model"])
+        config = ModelConfig.from_dict(source.record["config"]["model"])
         state = source.read(list(source.entries))
     else:
         state = read_emu_state(path)
