@@ -94,6 +94,10 @@ class CausalFormerConfig:
 
 
 ROPE_TYPES = ("default", "linear", "llama3")
+# LLaMAConfig fields that change what the model computes but no tensor's shape: a checkpoint
+# (or an imported LLaMA's config.json) states them, and whoever loads it computes with them.
+LLAMA_FUNCTION_FIELDS = ("norm_eps", "rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor",
+                         "rope_high_freq_factor", "rope_original_max_positions")
 
 
 @dataclass

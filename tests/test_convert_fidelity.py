@@ -159,3 +159,35 @@ def test_refusal_from_the_command_line_is_one_line_and_exit_code_1(tmp_path):
     assert run.stderr.strip().splitlines()[-1] == (f"error: {file}: unsupported by our LLaMA: "
                                                    "hidden_act: checkpoint 'gelu' vs model 'silu'")
     assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
+
+
+def test_training_from_the_import_keeps_the_fields_in_its_checkpoint_and_export(tmp_path):
+    from megatron_emu.arguments import parse_args
+    from megatron_emu.training.train import pretrain
+
+    save_hf_llama(tmp_path / "llama", rms_norm_eps=1e-5, rope_theta=500000.0)
+    imported, save = str(tmp_path / "imported"), str(tmp_path / "trained")
+    import_checkpoint([("hf-llama", str(tmp_path / "llama"))], CONFIG, imported, preset="tiny", seed=0)
+    flags = ["--preset", "tiny", "--micro-batch-size", "2", "--global-batch-size", "2", "--seq-length", "80",
+             "--num-workers", "0", "--train-iters", "1", "--log-interval", "100", "--device", "cpu",
+             "--load", imported, "--finetune", "--save", save]
+    with pytest.raises(ValueError, match=r"model\.llm\.norm_eps: checkpoint 1e-05 vs this run 1e-06; "
+                                         r"model\.llm\.rope_theta: checkpoint 500000\.0 vs this run 10000\.0 "
+                                         r"\(--use-checkpoint-args takes the checkpoint's\)"):
+        pretrain(parse_args(flags))  # the preset's values would silently change the function
+    pretrain(parse_args([*flags, "--use-checkpoint-args"]))
+    trained = DCPSource(save).record["config"]["model"]["llm"]
+    assert (trained["norm_eps"], trained["rope_theta"]) == (1e-5, 500000.0)
+    export_hf(save, str(tmp_path / "hf"), build_tiny_tokenizer())
+    stated = llm_config_from_hf(str(tmp_path / "hf"), CONFIG.llm)
+    assert (stated.norm_eps, stated.rope_theta) == (1e-5, 500000.0)
+
+
+def test_the_decoder_computes_the_frozen_emu_with_the_checkpoint_fields(tmp_path):
+    from megatron_emu.decoder.frozen import load_emu
+
+    hf = save_hf_llama(tmp_path / "llama", rms_norm_eps=1e-5, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    import_checkpoint([("hf-llama", str(tmp_path / "llama"))], CONFIG, str(tmp_path / "ckpt"), seed=0)
+    emu = load_emu(get_preset("tiny"), str(tmp_path / "ckpt"))  # --emu-load of finetune_decoder.py
+    assert (emu.config.llm.norm_eps, emu.config.llm.rope_type, emu.config.llm.rope_factor) == (1e-5, "linear", 4.0)
+    assert logit_diff(hf, emu) < 1e-4

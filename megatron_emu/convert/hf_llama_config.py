@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from megatron_emu.config import LLaMAConfig
+from megatron_emu.config import LLAMA_FUNCTION_FIELDS, LLaMAConfig
 from megatron_emu.files import read_json
 
 ARCHITECTURES = ["LlamaForCausalLM"]  # what transformers writes for this model
@@ -53,9 +53,7 @@ _ROPE_KEYS = {  # rope type -> its parameters (transformers' names) -> ours
                "original_max_position_embeddings": "rope_original_max_positions"},
 }
 _DEFAULTS = LLaMAConfig()
-# Our LLaMAConfig fields a source's config sets (the rest is the preset's).
-CARRIED_FIELDS = ("norm_eps", "rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor",
-                  "rope_high_freq_factor", "rope_original_max_positions")
+CARRIED_FIELDS = LLAMA_FUNCTION_FIELDS  # what a source's config sets; the rest is the preset's
 
 
 def llm_config_from_hf(path: str, llm: LLaMAConfig) -> LLaMAConfig:

@@ -3,12 +3,15 @@ that turn a wrong or damaged checkpoint into one clear error before DCP reads it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from typing import Any
 
 import torch
+
+from megatron_emu.config import ModelConfig
 
 LATEST_NAME = "latest_checkpointed_iteration.txt"  # Megatron-LM's tracker file
 RUN_CONFIG_NAME = "run_config.json"
@@ -70,12 +73,26 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def recorded_model_config(path: str) -> ModelConfig:
+    """The model config a checkpoint (a root with `latest`, or an iteration directory) was saved with."""
+    directory = path
+    if not os.path.exists(os.path.join(path, ".metadata")):
+        iteration = read_latest(path) if os.path.isdir(path) else None
+        if iteration is None:
+            raise ValueError(f"{path}: no checkpoint there to take the model config from (no .metadata, no latest iteration)")
+        directory = iteration_dir(path, iteration)
+    return ModelConfig.from_dict(read_run_config(directory)["config"]["model"])
+
+
 def check_model_config(directory: str, saved: dict, current: dict) -> None:
-    """The model's shapes must match: name every field that differs."""
+    """The model must match (shapes, and what it computes: norm eps, rope): name every field that differs."""
     a, b = _flatten(saved, "model."), _flatten(current, "model.")
+    newer = {k: v for k, v in _flatten(dataclasses.asdict(ModelConfig()), "model.").items() if k in b and k not in a}
+    a.update(newer)  # fields the checkpoint predates (e.g. rope_type): their defaults
     diffs = [f"{k}: checkpoint {a.get(k)!r} vs this run {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     if diffs:
-        raise ValueError(f"{directory}: model config differs from this run's: {'; '.join(diffs)}")
+        raise ValueError(f"{directory}: model config differs from this run's: {'; '.join(diffs)} "
+                         "(--use-checkpoint-args takes the checkpoint's)")
 
 
 def check_shards(directory: str, metadata) -> None:
