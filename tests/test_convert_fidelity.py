@@ -191,3 +191,13 @@ def test_the_decoder_computes_the_frozen_emu_with_the_checkpoint_fields(tmp_path
     emu = load_emu(get_preset("tiny"), str(tmp_path / "ckpt"))  # --emu-load of finetune_decoder.py
     assert (emu.config.llm.norm_eps, emu.config.llm.rope_type, emu.config.llm.rope_factor) == (1e-5, "linear", 4.0)
     assert logit_diff(hf, emu) < 1e-4
+
+
+def test_emu_14b_has_the_parameter_count_of_the_official_release():
+    """README's table: EVA-CLIP-g 1.011B, Causal Former 0.129B (not the "about 0.2B" once written),
+    LLaMA-13B 13.016B, regression head 26M (counted on the meta device: nothing allocated)."""
+    model = build_emu(get_preset("emu-14b"), device="meta")
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    assert counts == {"visual": 1_011_143_296, "ln_visual": 2_816, "causal_former": 129_033_344,
+                      "llm": 13_015_905_280, "regression_head": 26_214_400}
+    assert sum(counts.values()) == 14_182_299_136
