@@ -201,3 +201,20 @@ def test_emu_14b_has_the_parameter_count_of_the_official_release():
     assert counts == {"visual": 1_011_143_296, "ln_visual": 2_816, "causal_former": 129_033_344,
                       "llm": 13_015_905_280, "regression_head": 26_214_400}
     assert sum(counts.values()) == 14_182_299_136
+
+
+def test_our_export_reimported_keeps_the_fields_and_names_any_other_difference(tmp_path):
+    import dataclasses
+
+    save_hf_llama(tmp_path / "llama", rms_norm_eps=1e-5, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    import_checkpoint([("hf-llama", str(tmp_path / "llama"))], CONFIG, str(tmp_path / "ckpt"), seed=0)
+    export_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), build_tiny_tokenizer())
+    import_checkpoint([("hf-emu", str(tmp_path / "hf"))], CONFIG, str(tmp_path / "back"), seed=0)
+    first, back = (DCPSource(str(tmp_path / d)).record["config"]["model"] for d in ("ckpt", "back"))
+    assert back == first and back["llm"]["norm_eps"] == 1e-5 and back["llm"]["rope_type"] == "linear"
+
+    other = dataclasses.replace(CONFIG, causal_former=dataclasses.replace(CONFIG.causal_former, norm_eps=1e-5))
+    with pytest.raises(ValueError, match=r"hf: exported from another model config: causal_former\.norm_eps: "
+                                         r"export 1e-06 vs preset 1e-05$"):
+        import_checkpoint([("hf-emu", str(tmp_path / "hf"))], other, str(tmp_path / "refused"), seed=0)
+    assert not (tmp_path / "refused").exists()
