@@ -218,3 +218,31 @@ def test_our_export_reimported_keeps_the_fields_and_names_any_other_difference(t
                                          r"export 1e-06 vs preset 1e-05$"):
         import_checkpoint([("hf-emu", str(tmp_path / "hf"))], other, str(tmp_path / "refused"), seed=0)
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_checkpoint_older_than_the_rope_fields_still_loads_and_a_mismatch_is_named():
+    import dataclasses
+
+    from megatron_emu.config import ModelConfig
+    from megatron_emu.training.checkpoint_files import check_model_config
+
+    old = dataclasses.asdict(CONFIG)
+    old["llm"] = {k: v for k, v in old["llm"].items() if not k.startswith("rope_") or k == "rope_theta"}
+    assert ModelConfig.from_dict(old) == CONFIG
+    check_model_config("old", old, dataclasses.asdict(CONFIG))  # no error: the fields it lacks are the defaults
+    linear = dataclasses.replace(CONFIG, llm=dataclasses.replace(CONFIG.llm, rope_type="linear", rope_factor=2.0))
+    with pytest.raises(ValueError, match=r"model\.llm\.rope_factor: checkpoint 1\.0 vs this run 2\.0; "
+                                         r"model\.llm\.rope_type: checkpoint 'default' vs this run 'linear'"):
+        check_model_config("old", old, dataclasses.asdict(linear))
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "--use-checkpoint-args takes the model config from --load or --pretrained-checkpoint: give one"),
+    (["--load", "EMPTY"], "EMPTY: no checkpoint there to take the model config from"),
+])
+def test_use_checkpoint_args_without_a_checkpoint_is_refused(tmp_path, flags, message):
+    from megatron_emu.arguments import parse_args
+
+    flags = [str(tmp_path) if f == "EMPTY" else f for f in flags]
+    with pytest.raises(ValueError, match=re.escape(message.replace("EMPTY", str(tmp_path)))):
+        parse_args(["--use-checkpoint-args", *flags])

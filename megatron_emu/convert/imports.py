@@ -32,7 +32,7 @@ from megatron_emu.convert.streams import SafetensorsSource, atomic_output_dir, o
 from megatron_emu.data.tokenizer import resize_token_embeddings
 from megatron_emu.model.emu import build_emu
 from megatron_emu.model.init import init_parameters
-from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, iteration_dir, write_latest
+from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, flatten, iteration_dir, write_latest
 
 log = logging.getLogger("megatron_emu")
 
@@ -63,18 +63,11 @@ def source_config(inputs: list[tuple[str, str]], config: ModelConfig) -> ModelCo
 def _carried_from_export(path: str, config: ModelConfig):
     saved = read_visual_config(path)
     llm = dataclasses.replace(config.llm, **{f: getattr(saved.llm, f) for f in CARRIED_FIELDS})
-    a, b = _flat(dataclasses.asdict(saved)), _flat(dataclasses.asdict(dataclasses.replace(config, llm=llm)))
+    a, b = flatten(dataclasses.asdict(saved)), flatten(dataclasses.asdict(dataclasses.replace(config, llm=llm)))
     diffs = [f"{k}: export {a[k]!r} vs preset {b[k]!r}" for k in a if a[k] != b.get(k)]
     if diffs:
         raise ValueError(f"{path}: exported from another model config: {'; '.join(diffs)}")
     return llm
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def _fit_vocab(name: str, tensor: torch.Tensor, target: torch.Tensor, where: str, llm) -> torch.Tensor:

@@ -62,12 +62,13 @@ def read_run_config(directory: str) -> dict:
         raise ValueError(f"{path}: unreadable ({e})") from None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (with the prefix): nested configs compared field by field."""
     out: dict[str, Any] = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
+            out.update(flatten(value, name + "."))
         else:
             out[name] = value
     return out
@@ -86,8 +87,8 @@ def recorded_model_config(path: str) -> ModelConfig:
 
 def check_model_config(directory: str, saved: dict, current: dict) -> None:
     """The model must match (shapes, and what it computes: norm eps, rope): name every field that differs."""
-    a, b = _flatten(saved, "model."), _flatten(current, "model.")
-    newer = {k: v for k, v in _flatten(dataclasses.asdict(ModelConfig()), "model.").items() if k in b and k not in a}
+    a, b = flatten(saved, "model."), flatten(current, "model.")
+    newer = {k: v for k, v in flatten(dataclasses.asdict(ModelConfig()), "model.").items() if k in b and k not in a}
     a.update(newer)  # fields the checkpoint predates (e.g. rope_type): their defaults
     diffs = [f"{k}: checkpoint {a.get(k)!r} vs this run {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     if diffs:
@@ -118,7 +119,7 @@ def check_state_keys(directory: str, metadata, state: dict, saved_layout: dict, 
     """Everything this rank needs is in the checkpoint with the same global shape."""
     stored = metadata.state_dict_metadata
     missing, mismatched = [], []
-    for key, value in _flatten(state).items():
+    for key, value in flatten(state).items():
         if key not in stored:
             missing.append(key)
             continue
