@@ -10,7 +10,8 @@ Export (any TP/PP/DP layout):
   python tools/convert_checkpoint.py --to diffusers --input DECODER_SAVE --output OUT
       the decoder's newest UNet (EMA weights if present) as a diffusers UNet2DConditionModel
       (--unet-config SD_UNET_DIR only for decoder checkpoints that do not store the UNet config).
-Import (our checkpoint at iteration 0; train with --load OUT --finetune):
+Import (our checkpoint at iteration 0; train with --load OUT --finetune --use-checkpoint-args, which keeps
+the norm eps / rope a LLaMA's config.json carried; a config field our LLaMA cannot compute is refused):
   python tools/convert_checkpoint.py --from hf-llama eva-clip --input LLAMA_DIR EVA.pt --preset emu-14b --output OUT
   python tools/convert_checkpoint.py --from emu-v1 --input Emu-pretrain.pt --preset emu-14b --output OUT
 """

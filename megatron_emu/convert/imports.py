@@ -1,7 +1,8 @@
-"""Public checkpoints -> our DCP checkpoint (`--load DIR --finetune` starts training from it).
+"""Public checkpoints -> our DCP checkpoint (`--load DIR --finetune --use-checkpoint-args` trains from it).
 
 Kinds: hf-llama (transformers LLaMA dir: the LLM; embedding and LM head grown for the
-added tokens, new rows = mean of the old ones), eva-clip (the ViT, fused qkv split),
+added tokens, new rows = mean of the old ones; its config.json's norm eps and rope carried,
+hf_llama_config.py), eva-clip (the ViT, fused qkv split; any EVA-CLIP / open_clip layout),
 emu-v1 (the official Emu v1 release, whole model), hf-emu (our own export_hf output).
 Modules no source provides get a fresh initialisation (seeded, family by family).
 Streaming: the model is never held whole; source tensors go out in groups of about
