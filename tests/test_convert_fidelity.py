@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_emu.config import get_preset
+from megatron_emu.config import LLAMA_FUNCTION_FIELDS, get_preset
 from megatron_emu.convert.export import export_hf
-from megatron_emu.convert.hf_llama_config import CARRIED_FIELDS, llm_config_from_hf
+from megatron_emu.convert.hf_llama_config import llm_config_from_hf
 from megatron_emu.convert.imports import import_checkpoint
 from megatron_emu.convert.streams import DCPSource
 from megatron_emu.data.tokenizer import build_tiny_tokenizer
@@ -83,7 +83,7 @@ def test_function_fields_are_carried_through_import_and_export(tmp_path, case):
     written = json.load(open(tmp_path / "hf" / "config.json"))
     assert written["architectures"] == ["LlamaForCausalLM"]
     stated = llm_config_from_hf(str(tmp_path / "hf"), CONFIG.llm)  # what the export's config.json says
-    assert {k: getattr(stated, k) for k in CARRIED_FIELDS} == {k: recorded[k] for k in CARRIED_FIELDS}
+    assert {k: getattr(stated, k) for k in LLAMA_FUNCTION_FIELDS} == {k: recorded[k] for k in LLAMA_FUNCTION_FIELDS}
     back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     assert logit_diff(back, ours) < 1e-4
 

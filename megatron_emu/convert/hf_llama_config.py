@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from megatron_emu.config import LLAMA_FUNCTION_FIELDS, LLaMAConfig
+from megatron_emu.config import LLaMAConfig
 from megatron_emu.files import read_json
 
 ARCHITECTURES = ["LlamaForCausalLM"]  # what transformers writes for this model
@@ -35,7 +35,7 @@ _FIXED = {
     "model_type": "llama",
 }
 _FIXED_KWARGS = {k: v for k, v in _FIXED.items() if k != "model_type"}  # LlamaConfig sets model_type
-_CARRIED = ("rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters")
+_CARRIED = ("rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters")  # ours: LLAMA_FUNCTION_FIELDS
 _NO_EFFECT = frozenset({
     "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
     "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "max_position_embeddings",
@@ -53,7 +53,6 @@ _ROPE_KEYS = {  # rope type -> its parameters (transformers' names) -> ours
                "original_max_position_embeddings": "rope_original_max_positions"},
 }
 _DEFAULTS = LLaMAConfig()
-CARRIED_FIELDS = LLAMA_FUNCTION_FIELDS  # what a source's config sets; the rest is the preset's
 
 
 def llm_config_from_hf(path: str, llm: LLaMAConfig) -> LLaMAConfig:

@@ -23,11 +23,11 @@ import pickle
 import torch
 from tqdm import tqdm
 
-from megatron_emu.config import ModelConfig
+from megatron_emu.config import LLAMA_FUNCTION_FIELDS, ModelConfig
 from megatron_emu.convert.dcp_writer import GroupedDCPWriter
 from megatron_emu.convert.direct_io import FileSpan
 from megatron_emu.convert.hf_emu import hf_emu_tensors, read_visual_config
-from megatron_emu.convert.hf_llama_config import CARRIED_FIELDS, llm_config_from_hf
+from megatron_emu.convert.hf_llama_config import llm_config_from_hf
 from megatron_emu.convert.keys import emu_v1_to_ours, eva_to_ours, hf_to_llama
 from megatron_emu.convert.streams import SafetensorsSource, atomic_output_dir, open_source
 from megatron_emu.data.tokenizer import resize_token_embeddings
@@ -54,7 +54,7 @@ def source_config(inputs: list[tuple[str, str]], config: ModelConfig) -> ModelCo
         else:
             continue  # a bare state dict (EVA-CLIP, Emu v1) states no config
         changed = [f"{f} {getattr(llm, f)!r} (preset {getattr(config.llm, f)!r})"
-                   for f in CARRIED_FIELDS if getattr(llm, f) != getattr(config.llm, f)]
+                   for f in LLAMA_FUNCTION_FIELDS if getattr(llm, f) != getattr(config.llm, f)]
         if changed:
             log.info("%s: carried from its config: %s", path, ", ".join(changed))
         config = dataclasses.replace(config, llm=llm)
@@ -63,7 +63,7 @@ def source_config(inputs: list[tuple[str, str]], config: ModelConfig) -> ModelCo
 
 def _carried_from_export(path: str, config: ModelConfig):
     saved = read_visual_config(path)
-    llm = dataclasses.replace(config.llm, **{f: getattr(saved.llm, f) for f in CARRIED_FIELDS})
+    llm = dataclasses.replace(config.llm, **{f: getattr(saved.llm, f) for f in LLAMA_FUNCTION_FIELDS})
     a, b = flatten(dataclasses.asdict(saved)), flatten(dataclasses.asdict(dataclasses.replace(config, llm=llm)))
     diffs = [f"{k}: export {a[k]!r} vs preset {b[k]!r}" for k in a if a[k] != b.get(k)]
     if diffs:
