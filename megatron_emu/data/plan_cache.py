@@ -31,7 +31,7 @@ import numpy as np
 import xxhash
 
 from megatron_emu.data.idx_file import IdxFile
-from megatron_emu.data.locks import file_lock
+from megatron_emu.data.locks import file_lock, sidecar_base
 
 FORMAT = "megatron_emu.plan.v1"
 DOCS_PER_BLOCK = 1 << 14  # its item arrays stay in cache: ~2.5x faster than 2^18 per document
@@ -49,14 +49,7 @@ def plan_key(prefix: str, name: str, params: dict) -> dict:
 def plan_path(prefix: str, name: str, key: dict, cache_dir: str) -> str:
     """Path without extension: beside the dataset, or under cache_dir if that is read-only."""
     digest = xxhash.xxh3_64_hexdigest(json.dumps(key, sort_keys=True).encode())
-    base = prefix
-    if not os.access(os.path.dirname(os.path.abspath(prefix)), os.W_OK):
-        from megatron_emu.data.tokenizer import default_cache_dir
-
-        where = xxhash.xxh3_64_hexdigest(os.path.abspath(prefix).encode())[:8]
-        base = os.path.join(cache_dir or default_cache_dir(), "plans", f"{os.path.basename(prefix)}-{where}")
-        os.makedirs(os.path.dirname(base), exist_ok=True)
-    return f"{base}.plan-{name}-{digest}"
+    return f"{sidecar_base(prefix, cache_dir)}.plan-{name}-{digest}"
 
 
 def sampled_checksum(path: str, size: int) -> str:
