@@ -86,7 +86,9 @@ def _load(path: str, key: dict, width: int) -> tuple[np.ndarray | None, str]:
             if size != rows * width * 8:
                 return None, f"has {size} bytes of rows, its header says {rows * width * 8} (truncated or replaced)"
             if size <= IN_MEMORY_BYTES:
-                checksum = xxhash.xxh3_64_hexdigest(str(size).encode() + whole[HEADER_BYTES:])
+                h = xxhash.xxh3_64(str(size).encode())
+                h.update(memoryview(whole)[HEADER_BYTES:])
+                checksum = h.hexdigest()
             else:
                 checksum = sampled_checksum(f, HEADER_BYTES, size)
     except FileNotFoundError:
