@@ -55,10 +55,6 @@ def save_hf_llama(path, **changes):
     return model
 
 
-def recorded_names(checkpoint) -> list[str]:
-    return list(DCPSource(str(checkpoint)).entries)
-
-
 def logit_diff(hf, ours) -> float:
     tokens = torch.randint(0, CONFIG.llm.base_vocab_size, (2, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # 200 positions: past original_max_position_embeddings, where llama3 differs
@@ -76,7 +72,8 @@ def test_function_fields_are_carried_through_import_and_export(tmp_path, case):
     ours = load_for_inference(str(tmp_path / "ckpt"))  # built from the checkpoint's recorded config
     assert logit_diff(hf, ours) < 1e-4
     silent = build_emu(CONFIG, seed=0)  # what an import that dropped the fields computed: the preset's
-    silent.load_state_dict(DCPSource(str(tmp_path / "ckpt")).read(list(recorded_names(tmp_path / "ckpt"))))
+    source = DCPSource(str(tmp_path / "ckpt"))
+    silent.load_state_dict(source.read(list(source.entries)))
     assert logit_diff(hf, silent) > 1e-3  # so the case is one a dropped field gets wrong
 
     export_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), build_tiny_tokenizer())
