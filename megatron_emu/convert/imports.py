@@ -2,7 +2,9 @@
 
 Kinds: hf-llama (transformers LLaMA dir: the LLM; embedding and LM head grown for the
 added tokens, new rows = mean of the old ones), eva-clip (the ViT, fused qkv split),
-emu-v1 (the official Emu v1 release, whole model), hf-emu (our own export_hf output).
+emu-v1 (the official Emu v1 release, whole model; also the released Emu-I: its PEFT LoRA
+merged on the way, convert/emu_i.py, and its 32006-row vocabulary imported as Emu-I's six
+added tokens), hf-emu (our own export_hf output).
 Modules no source provides get a fresh initialisation (seeded, family by family).
 Streaming: the model is never held whole; source tensors go out in groups of about
 --max-shard-size (convert/dcp_writer.py). Safetensors inputs whose tensors pass through
@@ -15,15 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
 
 import torch
 from tqdm import tqdm
 
-from megatron_emu.config import ModelConfig
+from megatron_emu.config import NUM_INSTRUCT_SPECIAL_TOKENS, ModelConfig
 from megatron_emu.convert.export import hf_emu_tensors, read_visual_config
 from megatron_emu.convert.dcp_writer import GroupedDCPWriter
+from megatron_emu.convert.emu_i import EMU_I_LORA_ALPHA, embedding_rows, merge_peft_lora
 from megatron_emu.convert.direct_io import FileSpan
 from megatron_emu.convert.keys import emu_v1_to_ours, eva_to_ours, hf_to_llama
 from megatron_emu.convert.streams import SafetensorsSource, atomic_output_dir, open_source
@@ -32,6 +36,8 @@ from megatron_emu.files import read_json
 from megatron_emu.model.emu import build_emu
 from megatron_emu.model.init import init_parameters
 from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, iteration_dir, write_latest
+
+log = logging.getLogger("megatron_emu")
 
 KINDS = ("hf-llama", "eva-clip", "emu-v1", "hf-emu")
 # Which of our modules each kind must fill completely.
@@ -113,7 +119,7 @@ def _eva_pairs(name, tensor):
     return eva_to_ours(name[len("visual."):] if name.startswith("visual.") else name, tensor)
 
 
-def source_tensors(kind: str, path: str, config: ModelConfig):
+def source_tensors(kind: str, path: str, config: ModelConfig, lora_alpha: float = EMU_I_LORA_ALPHA):
     """(our name, tensor) pairs of one input, validated before anything is written."""
     if kind == "hf-llama":
         check_hf_llama_config(path, config)
@@ -121,7 +127,7 @@ def source_tensors(kind: str, path: str, config: ModelConfig):
     if kind == "eva-clip":
         return _mapped(open_source(path), _eva_pairs, path)
     if kind == "emu-v1":
-        return _mapped(open_source(path), emu_v1_to_ours, path)
+        return _mapped(merge_peft_lora(open_source(path), path, lora_alpha), emu_v1_to_ours, path)
     if kind == "hf-emu":
         saved = dataclasses.asdict(read_visual_config(path))
         if saved != dataclasses.asdict(config):
@@ -162,8 +168,24 @@ def fresh_parameters(model, names: list[str], seed: int):
         module.to("meta")  # free it before the next family
 
 
+def with_vocabulary_of_inputs(inputs: list[tuple[str, str]], config: ModelConfig) -> ModelConfig:
+    """The config with Emu-I's six added tokens when an emu-v1 input is the released Emu-I
+    (an embedding of base + 6 rows, [USER] and [ASSISTANT] included); else unchanged."""
+    llm = config.llm
+    for kind, path in inputs:
+        if kind != "emu-v1":
+            continue
+        rows = embedding_rows(open_source(path).shapes())
+        if rows == llm.base_vocab_size + NUM_INSTRUCT_SPECIAL_TOKENS and llm.num_special_tokens != NUM_INSTRUCT_SPECIAL_TOKENS:
+            log.info("%s: embedding of %d rows = %d + [PAD] [IMG] [/IMG] <image> [USER] [ASSISTANT]: importing as Emu-I",
+                     path, rows, llm.base_vocab_size)
+            return dataclasses.replace(config, llm=dataclasses.replace(llm, num_special_tokens=NUM_INSTRUCT_SPECIAL_TOKENS))
+    return config
+
+
 def import_checkpoint(inputs: list[tuple[str, str]], config: ModelConfig, output: str, preset: str = "",
-                      seed: int = 1234, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**30) -> None:
+                      seed: int = 1234, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**30,
+                      lora_alpha: float = EMU_I_LORA_ALPHA) -> None:
     """Build our checkpoint from `inputs` [(kind, path)] as iteration 0 of `output`.
 
     Streaming: source tensors are checked, converted and collected into groups of about
@@ -171,8 +193,9 @@ def import_checkpoint(inputs: list[tuple[str, str]], config: ModelConfig, output
     then the modules no input provides are initialised family by family. Peak memory:
     one group plus the largest fresh family, never the whole model.
     """
+    config = with_vocabulary_of_inputs(inputs, config)
     targets = dict(build_emu(config, device="meta").named_parameters())  # shapes only
-    sources = [(kind, path, source_tensors(kind, path, config)) for kind, path in inputs]  # validated up front
+    sources = [(kind, path, source_tensors(kind, path, config, lora_alpha)) for kind, path in inputs]  # validated up front
     with atomic_output_dir(output) as tmp:
         directory = iteration_dir(tmp, 0)
         writer = GroupedDCPWriter(directory)
