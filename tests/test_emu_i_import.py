@@ -77,3 +77,20 @@ def test_broken_adapters_are_refused_and_nothing_is_written(tmp_path, break_it, 
         import_checkpoint([("emu-v1", str(tmp_path / "broken.pt"))], TINY, str(tmp_path / "out"))
     assert "broken.pt" in str(error.value) and not os.path.exists(tmp_path / "out")
     assert not [n for n in os.listdir(tmp_path) if "partial" in n]
+
+
+def test_an_emu_i_base_keeps_its_chat_rows_under_instruction_tuning(tmp_path):
+    """[USER] / [ASSISTANT] rows are set from the words only when the base grows them: an
+    imported Emu-I keeps its trained rows (here: --lora-merge without adapters = the base)."""
+    from megatron_emu.arguments import parse_args
+    from megatron_emu.training.train import pretrain
+
+    model = build_emu(EMU_I, seed=6)
+    torch.save(emu_v1_state(model), tmp_path / "emu-i.pt")
+    import_checkpoint([("emu-v1", str(tmp_path / "emu-i.pt"))], TINY, str(tmp_path / "emu-i"), seed=0)
+    pretrain(parse_args(["--lora-rank", "16", "--pretrained-checkpoint", str(tmp_path / "emu-i"), "--lora-merge",
+                         "--save", str(tmp_path / "merged"), "--device", "cpu", "--num-workers", "0"]))
+    source = DCPSource(str(tmp_path / "merged"))
+    merged = source.read(list(source.entries))
+    for name in ("llm.tok_embeddings.weight", "llm.output.weight"):
+        assert torch.equal(merged[name], model.state_dict()[name]), name  # rows 516, 517 included

@@ -75,7 +75,7 @@ def adapted_on_base(source, config: ModelConfig, base: str, tokenizer_model: str
     (training/instruct.py merge_checkpoint) in memory."""
     from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
     from megatron_emu.model.lora import LoRASpec, apply_lora, merge_lora
-    from megatron_emu.training.instruct import init_chat_token_rows
+    from megatron_emu.training.instruct import init_new_chat_token_rows
     from megatron_emu.training.pretrained import base_identity, check_same_base, load_pretrained
 
     recorded = source.record.get("pretrained_checkpoint")
@@ -94,6 +94,7 @@ def adapted_on_base(source, config: ModelConfig, base: str, tokenizer_model: str
                          f"of rank {lora['rank']} its run config describes")
     load_pretrained(base, [model], dataclasses.asdict(config))
     model.load_state_dict(source.read(sorted(adapters)), strict=False)  # adapters only (checksums verified)
-    init_chat_token_rows([model], EmuTokenizer(tokenizer_model or build_tiny_tokenizer(), config.llm.num_special_tokens))
+    tokenizer = EmuTokenizer(tokenizer_model or build_tiny_tokenizer(), config.llm.num_special_tokens)
+    init_new_chat_token_rows([model], tokenizer, base)
     merge_lora(model)
     return model

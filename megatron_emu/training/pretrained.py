@@ -79,6 +79,12 @@ def _short(identity: dict) -> str:
     return f"fingerprint {identity['fingerprint'][:12]}" + (f", content {content[:12]}" if content else "")
 
 
+def vocabulary_rows(path: str) -> int:
+    """Rows of the base's token embedding (base + 4: pretrained Emu; base + 6: an Emu-I)."""
+    saved = dcp.FileSystemReader(resolve_pretrained(path)).read_metadata().state_dict_metadata
+    return int(saved[f"model.{VOCAB_ROWS[0]}"].size[0])
+
+
 def _without_vocab(model: dict) -> dict:
     llm = {k: v for k, v in model["llm"].items() if k not in ("num_special_tokens",)}
     return {**model, "llm": llm}
