@@ -26,17 +26,25 @@ def llm_logits(model, tokens):  # (B, S) -> (B, S, V)
     return llm.output(llm.norm(llm.forward_layers(llm.tok_embeddings(tokens))))
 
 
-@pytest.mark.parametrize("old_peft", [False, True], ids=["peft-base_layer", "peft-0.3-names"])
-def test_released_emu_i_imports_as_emu_i_with_logit_parity(tmp_path, old_peft):
+@pytest.mark.parametrize("old_peft, alpha, file", [(False, 16.0, "pt"), (True, 16.0, "pt"), (False, 4.0, "pt"),
+                                                    (False, 16.0, "safetensors")],
+                         ids=["peft-base_layer", "peft-0.3-names", "lora-alpha-4", "safetensors"])
+def test_released_emu_i_imports_as_emu_i_with_logit_parity(tmp_path, old_peft, alpha, file):
     from tools.convert_checkpoint import main as convert_main
 
     model = build_emu(EMU_I, seed=3)
-    state, source = emu_i_state(model, rank=8, alpha=16.0, old_peft=old_peft)  # alpha / r = 2
+    state, source = emu_i_state(model, rank=8, alpha=alpha, old_peft=old_peft)  # alpha / r = 2 or 0.5
     assert len(state["decoder.lm.base_model.model.model.embed_tokens.weight"]) == 518  # 512 + 6
-    path = tmp_path / "Emu-instruct.pt"
-    torch.save({"module": state}, path)
+    path = tmp_path / f"Emu-instruct.{file}"
+    if file == "pt":
+        torch.save({"module": state}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     out = str(tmp_path / "emu-i")
-    convert_main(["--from", "emu-v1", "--input", str(path), "--preset", "tiny", "--output", out])
+    flags = [] if alpha == 16.0 else ["--lora-alpha", str(alpha)]  # 16: the release's, the default
+    convert_main(["--from", "emu-v1", "--input", str(path), "--preset", "tiny", "--output", out, *flags])
 
     gen = EmuGenerator.load(out)
     assert gen.model == "emu-i" and gen.emu.config.llm.num_special_tokens == 6
@@ -94,3 +102,11 @@ def test_an_emu_i_base_keeps_its_chat_rows_under_instruction_tuning(tmp_path):
     merged = source.read(list(source.entries))
     for name in ("llm.tok_embeddings.weight", "llm.output.weight"):
         assert torch.equal(merged[name], model.state_dict()[name]), name  # rows 516, 517 included
+
+
+def test_lora_alpha_is_refused_where_nothing_reads_it(capsys):
+    from tools.convert_checkpoint import main as convert_main
+
+    with pytest.raises(SystemExit) as exit_:
+        convert_main(["--to", "hf", "--input", "ckpt", "--output", "out", "--lora-alpha", "8"])
+    assert exit_.value.code == 2 and "--lora-alpha is read only by --from emu-v1" in capsys.readouterr().err

@@ -47,10 +47,10 @@ def embedding_rows(shapes: dict[str, tuple[int, ...]]) -> int | None:
 def _adapters(source, path: str) -> dict[str, dict[str, torch.Tensor]]:
     """Projection weight name (unwrapped) -> {"A": (r, in), "B": (out, r)}; both halves required."""
     found: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in source:
+    for name in source.shapes():  # from the index: only the adapters are read
         m = _LORA.match(unwrap_peft_name(name))
         if m:
-            found.setdefault(m["linear"] + ".weight", {})[m["half"]] = tensor
+            found.setdefault(m["linear"] + ".weight", {})[m["half"]] = source.get(name)
     for weight, halves in found.items():
         if set(halves) != {"A", "B"}:
             raise ValueError(f"{path}: LoRA of {weight} has lora_{''.join(halves)} without lora_{'B' if 'A' in halves else 'A'}")
@@ -62,7 +62,7 @@ def _adapters(source, path: str) -> dict[str, dict[str, torch.Tensor]]:
 
 def merge_peft_lora(source, path: str, lora_alpha: float = EMU_I_LORA_ALPHA):
     """(name, tensor) of `source` with PEFT names unwrapped and LoRA folded into its weights.
-    Two passes over the source: the adapters (small) first, then every other tensor, streamed."""
+    The adapters (small) are read first, by name; then every other tensor streams past."""
     adapters = _adapters(source, path)
     merged = set()
     for name, tensor in source:

@@ -240,6 +240,9 @@ class TorchFileSource:
     def __iter__(self):
         yield from self.state.items()
 
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(t.shape) for n, t in self.state.items()}  # memory-mapped: nothing read
 

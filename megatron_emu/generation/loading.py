@@ -32,12 +32,13 @@ def load_for_inference(path: str, preset: str = "tiny", device: torch.device | s
 
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such checkpoint, export or state-dict file")
-    if os.path.isfile(os.path.join(path, "visual", "config.json")):
+    hf_export = os.path.isfile(os.path.join(path, "visual", "config.json"))
+    if base and (hf_export or not os.path.isdir(path)):
+        raise ValueError(f"--pretrained-checkpoint {base}: only an adapter checkpoint --load has a base, not {path}")
+    if hf_export:
         from megatron_emu.convert.export import load_emu_from_hf
 
         return freeze(load_emu_from_hf(path).to(device, dtype))
-    if base and not os.path.isdir(path):
-        raise ValueError(f"--pretrained-checkpoint {base}: only an adapter checkpoint --load has a base; {path} is a file")
     if os.path.isdir(path):
         from megatron_emu.convert.export import model_config_from_dict
         from megatron_emu.convert.streams import DCPSource
