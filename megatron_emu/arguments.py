@@ -96,6 +96,10 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
                         "as equal as whole layers allow")
     g.add_argument("--pipeline-balance-images-per-sample", type=float, default=2.0,
                    help="auto: images (and video frames) per sample of the data mix (default 2, the paper's mix)")
+    g.add_argument("--vision-tensor-parallel", default="heads", choices=["heads", "images", "auto"],
+                   help="TP placement of the ViT and Causal Former: heads (split heads where TP divides them, else "
+                        "replicate), images (replicate; each TP rank encodes 1/TP of the images, then all-gather), "
+                        "auto (per module, whichever moves fewer bytes per step)")
     g.add_argument("--data-parallel-sharding", default=None, choices=["ddp", "fsdp", "hsdp"],
                    help="ddp: replicas; fsdp: FSDP2 ZeRO-3; hsdp: shard within groups, replicate across (default ddp)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
@@ -352,6 +356,7 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
         decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
         pipeline_balance=args.pipeline_balance,
         pipeline_balance_images_per_sample=args.pipeline_balance_images_per_sample,
+        vision_tensor_parallel=args.vision_tensor_parallel,
         data_parallel_sharding=sharding or "ddp",
         num_distributed_optimizer_instances=args.num_distributed_optimizer_instances,
         distributed_timeout_minutes=args.distributed_timeout_minutes,

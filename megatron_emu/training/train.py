@@ -29,6 +29,7 @@ from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
 from megatron_emu.kernels import apply_fused_norms, build_adamw, build_parallel_adamw
 from megatron_emu.model.attention import configure_attention
 from megatron_emu.model.emu import build_emu
+from megatron_emu.parallel.image_split import choose_placement
 from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh, build_mesh, init_distributed
 from megatron_emu.model.lora import apply_lora
 from megatron_emu.parallel.pipeline import MicrobatchFeed
@@ -134,9 +135,19 @@ def build_model(config: TrainConfig, pmesh: ParallelMesh | None, n_micro: int, d
     losses: list = []  # the pipeline's loss_fn records each micro-batch's (lm, l2) here
     feed = MicrobatchFeed()  # the pipeline's micro-batches; its loss reads answer masks there
     pmodel = parallelize_emu(full, pmesh, n_micro, pipeline_loss_fn(losses, config, feed), config.seed,
-                             config.performance, lora_spec(config), feed)
+                             config.performance, lora_spec(config), feed, vision_placement(config, pmesh.dims))
     pmodel.losses = losses
     return pmodel
+
+
+def vision_placement(config: TrainConfig, dims) -> dict[str, str]:
+    """--vision-tensor-parallel resolved per image encoder (parallel/image_split.py)."""
+    images_per_step = config.data.global_batch_size / dims.dp * config.parallel.pipeline_balance_images_per_sample
+    placement = choose_placement(config.parallel.vision_tensor_parallel, config.model, dims.tp, images_per_step)
+    if dims.tp > 1:
+        log.info("image encoders under TP=%d: ViT %s, Causal Former %s", dims.tp, placement["visual"],
+                 placement["causal_former"])
+    return placement
 
 
 def build_parallel_optimizer(pmodel: ParallelModel, config: OptimizerConfig, fused: bool = False) -> torch.optim.AdamW:
