@@ -15,6 +15,7 @@ from megatron_emu.convert.keys import ours_to_eva
 from megatron_emu.convert.streams import DCPSource
 from megatron_emu.data.tokenizer import build_tiny_tokenizer
 from megatron_emu.model.emu import build_emu
+from tests.official_emu import emu_v1_state
 
 transformers = pytest.importorskip("transformers")
 CONFIG = get_preset("tiny")
@@ -115,39 +116,10 @@ def test_import_hf_llama_logit_parity_and_mean_initialised_rows(hf_llama, tmp_pa
     assert torch.allclose(model.llm.output.weight[CONFIG.llm.base_vocab_size:], hf.lm_head.weight.mean(0).expand_as(new_rows))
 
 
-def _emu_v1_state(model) -> dict[str, torch.Tensor]:
-    """Our tiny model written in the Emu v1 release's key layout (models/modeling_emu.py,
-    causal_former.py: a transformers T5 decoder stack; decoder.lm: LlamaForCausalLM)."""
-    sd = model.state_dict()
-    out = {f"visual.{k}": v for k, v in ours_to_eva(sd).items()}
-    out.update({k: v for k, v in sd.items() if k.startswith("ln_visual.")})
-    out["cformer.causal_tokens"] = sd["causal_former.query_embeds"]
-    out["cformer.projection.weight"] = sd["causal_former.proj.weight"]
-    out["cformer.projection.bias"] = sd["causal_former.proj.bias"]
-    out["cformer.cformer.final_layer_norm.weight"] = sd["causal_former.norm.weight"]
-    out["cformer.cformer.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = sd["causal_former.relative_attention_bias.weight"]
-    out["cformer.cformer.embed_tokens.weight"] = torch.zeros(8, CONFIG.causal_former.d_model)  # unused by Emu
-    for i in range(CONFIG.causal_former.layers):
-        b, t = f"causal_former.blocks.{i}.", f"cformer.cformer.block.{i}.layer."
-        for p in "qkvo":
-            out[f"{t}0.SelfAttention.{p}.weight"] = sd[f"{b}self_attn.{p}.weight"]
-            out[f"{t}1.EncDecAttention.{p}.weight"] = sd[f"{b}cross_attn.{p}.weight"]
-        out[f"{t}0.layer_norm.weight"] = sd[f"{b}self_attn_norm.weight"]
-        out[f"{t}1.layer_norm.weight"] = sd[f"{b}cross_attn_norm.weight"]
-        out[f"{t}2.layer_norm.weight"] = sd[f"{b}ffn_norm.weight"]
-        out[f"{t}2.DenseReluDense.wi.weight"] = sd[f"{b}ffn.wi.weight"]
-        out[f"{t}2.DenseReluDense.wo.weight"] = sd[f"{b}ffn.wo.weight"]
-    from megatron_emu.convert.keys import llama_to_hf
-
-    out.update({f"decoder.lm.{llama_to_hf(k)}": v for k, v in sd.items() if llama_to_hf(k)})
-    out["decoder.lm.stu_regress_head.weight"] = sd["regression_head.weight"]
-    return out
-
-
 def test_import_emu_v1_and_eva_clip_layouts(tmp_path):
     model = build_emu(CONFIG, seed=3)
     v1 = tmp_path / "emu-v1.pt"
-    torch.save({"module": _emu_v1_state(model)}, v1)
+    torch.save({"module": emu_v1_state(model)}, v1)
     import_checkpoint([("emu-v1", str(v1))], CONFIG, str(tmp_path / "from-v1"), seed=0)
     got = read_model(str(tmp_path / "from-v1"))
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())

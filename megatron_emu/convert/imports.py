@@ -3,7 +3,9 @@
 Kinds: hf-llama (transformers LLaMA dir: the LLM; embedding and LM head grown for the
 added tokens, new rows = mean of the old ones; its config.json's norm eps and rope carried,
 hf_llama_config.py), eva-clip (the ViT, fused qkv split; any EVA-CLIP / open_clip layout),
-emu-v1 (the official Emu v1 release, whole model), hf-emu (our own export_hf output).
+emu-v1 (the official Emu v1 release, whole model; also the released Emu-I: its PEFT LoRA
+merged on the way, convert/emu_i.py, and its 32006-row vocabulary imported as Emu-I's six
+added tokens), hf-emu (our own export_hf output).
 Modules no source provides get a fresh initialisation (seeded, family by family).
 Streaming: the model is never held whole; source tensors go out in groups of about
 --max-shard-size (convert/dcp_writer.py). Safetensors inputs whose tensors pass through
@@ -23,8 +25,9 @@ import pickle
 import torch
 from tqdm import tqdm
 
-from megatron_emu.config import LLAMA_FUNCTION_FIELDS, ModelConfig
+from megatron_emu.config import LLAMA_FUNCTION_FIELDS, NUM_INSTRUCT_SPECIAL_TOKENS, ModelConfig
 from megatron_emu.convert.dcp_writer import GroupedDCPWriter
+from megatron_emu.convert.emu_i import EMU_I_LORA_ALPHA, embedding_rows, merge_peft_lora
 from megatron_emu.convert.direct_io import FileSpan
 from megatron_emu.convert.hf_emu import hf_emu_tensors, read_visual_config
 from megatron_emu.convert.hf_llama_config import llm_config_from_hf
@@ -146,14 +149,14 @@ def _eva_source(path: str):
     return source, pairs
 
 
-def source_tensors(kind: str, path: str, targets: dict, llm):
+def source_tensors(kind: str, path: str, targets: dict, llm, lora_alpha: float = EMU_I_LORA_ALPHA):
     """(our name, tensor) pairs of one input, checked against `targets` (our parameters)."""
     if kind == "hf-llama":
         return _mapped(SafetensorsSource(path).spans(), _hf_llama_pair, path, targets, llm)  # renames: copied unread
     if kind == "eva-clip":
         return _mapped(*_eva_source(path), path, targets, llm)
     if kind == "emu-v1":
-        return _mapped(open_source(path), emu_v1_to_ours, path, targets, llm)
+        return _mapped(merge_peft_lora(open_source(path), path, lora_alpha), emu_v1_to_ours, path, targets, llm)
     if kind == "hf-emu":
         return _mapped(hf_emu_tensors(path, spans=True), lambda n, t: [(n, t)], path, targets, llm)
     raise ValueError(f"unknown --from {kind!r}; choose from {KINDS}")
@@ -179,8 +182,24 @@ def fresh_parameters(model, names: list[str], seed: int):
         module.to("meta")  # free it before the next family
 
 
+def with_vocabulary_of_inputs(inputs: list[tuple[str, str]], config: ModelConfig) -> ModelConfig:
+    """The config with Emu-I's six added tokens when an emu-v1 input is the released Emu-I
+    (an embedding of base + 6 rows, [USER] and [ASSISTANT] included); else unchanged."""
+    llm = config.llm
+    for kind, path in inputs:
+        if kind != "emu-v1":
+            continue
+        rows = embedding_rows(open_source(path).shapes())
+        if rows == llm.base_vocab_size + NUM_INSTRUCT_SPECIAL_TOKENS and llm.num_special_tokens != NUM_INSTRUCT_SPECIAL_TOKENS:
+            log.info("%s: embedding of %d rows = %d + [PAD] [IMG] [/IMG] <image> [USER] [ASSISTANT]: importing as Emu-I",
+                     path, rows, llm.base_vocab_size)
+            return dataclasses.replace(config, llm=dataclasses.replace(llm, num_special_tokens=NUM_INSTRUCT_SPECIAL_TOKENS))
+    return config
+
+
 def import_checkpoint(inputs: list[tuple[str, str]], config: ModelConfig, output: str, preset: str = "",
-                      seed: int = 1234, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**30) -> None:
+                      seed: int = 1234, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**30,
+                      lora_alpha: float = EMU_I_LORA_ALPHA) -> None:
     """Build our checkpoint from `inputs` [(kind, path)] as iteration 0 of `output`.
 
     Streaming: source tensors are checked, converted and collected into groups of about
@@ -188,9 +207,9 @@ def import_checkpoint(inputs: list[tuple[str, str]], config: ModelConfig, output
     then the modules no input provides are initialised family by family. Peak memory:
     one group plus the largest fresh family, never the whole model.
     """
-    config = source_config(inputs, config)  # validated up front, before anything is written
+    config = with_vocabulary_of_inputs(inputs, source_config(inputs, config))  # validated up front
     targets = dict(build_emu(config, device="meta").named_parameters())  # shapes only
-    sources = [(kind, path, source_tensors(kind, path, targets, config.llm)) for kind, path in inputs]
+    sources = [(kind, path, source_tensors(kind, path, targets, config.llm, lora_alpha)) for kind, path in inputs]
     with atomic_output_dir(output) as tmp:
         directory = iteration_dir(tmp, 0)
         writer = GroupedDCPWriter(directory)
