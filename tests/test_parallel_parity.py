@@ -27,8 +27,9 @@ from megatron_emu.model.emu import build_emu
 from megatron_emu.model.loss import emu_loss
 from megatron_emu.parallel.mesh import ParallelDims, build_mesh
 from megatron_emu.parallel.parallelize import parallelize_emu
+from megatron_emu.training.build import build_run as build
 from megatron_emu.training.optim import build_optimizer
-from megatron_emu.training.train import build_parallel_optimizer, pipeline_loss_fn, train_step
+from megatron_emu.training.step import train_step
 from tests.batches import random_batch
 from tests.dist_utils import spawn
 
@@ -87,18 +88,13 @@ def local_numel(param) -> int:
 
 
 def build_run(world: int, parallel: dict, make_config=run_config):
-    """(config, ParallelModel, optimizer, pmesh, micro-batches per DP rank) for one layout;
-    parallel["performance"]: PerformanceConfig fields (default: fused kernels, fp32)."""
+    """(config, ParallelModel, optimizer, pmesh, micro-batches per DP rank) for one layout, built
+    as pretraining builds it (training/build.py); parallel["performance"]: PerformanceConfig
+    fields (default: fused kernels, fp32)."""
     config = make_config(**parallel)
-    dims = ParallelDims.from_config(config.parallel, world, config.model, config.data.seq_length)
-    n_micro = dims.validate(config.model, config.data)
-    pmesh = build_mesh(dims, torch.device("cpu"))
-    losses: list = []
-    pmodel = parallelize_emu(build_emu(config.model, seed=config.seed), pmesh, n_micro, pipeline_loss_fn(losses, config),
-                             config.seed, config.performance)
-    pmodel.losses = losses
-    optimizer = build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels)
-    return config, pmodel, optimizer, pmesh, n_micro
+    run = build(config)
+    assert run.dims.world_size == world
+    return config, run.pmodel, run.optimizer, run.pmesh, run.n_micro
 
 
 def check_layout(rank: int, world: int, name: str, parallel: dict, ref: list[dict]) -> None:

@@ -104,9 +104,10 @@ def causal_former_block_plan() -> dict:
 def apply_tensor_parallel(part: nn.Module, tp_mesh: DeviceMesh, config: ModelConfig, sequence_parallel: bool) -> None:
     """Shard one model part (the whole Emu, or one pipeline stage) in place over `tp_mesh`."""
     tp = tp_mesh.size()
-    if part.visual is not None:
+    stacks = part.transformer_stacks()
+    if "vision" in stacks:
         parallelize_vision(part, tp_mesh, config, tp)
-    layers = list(part.llm.layers.values())
+    layers = stacks["llm"]
     for layer in layers:
         parallelize_module(layer, tp_mesh, llama_layer_plan(sequence_parallel))
     if sequence_parallel and layers:
@@ -126,12 +127,12 @@ def parallelize_vision(part: nn.Module, tp_mesh: DeviceMesh, config: ModelConfig
     """EVA ViT and Causal Former: split along heads when TP divides them, else replicate."""
     v, c = config.vision, config.causal_former
     if v.heads % tp == 0 and v.mlp_dim % tp == 0:
-        for block in part.visual.blocks:
+        for block in part.transformer_stacks()["vision"]:
             parallelize_module(block, tp_mesh, vision_block_plan())
     else:
         log.info("EVA ViT: %d heads / MLP %d not divisible by TP=%d; replicated across TP", v.heads, v.mlp_dim, tp)
     if c.heads % tp == 0 and c.ffn_dim % tp == 0:
-        for block in part.causal_former.blocks:
+        for block in part.transformer_stacks()["causal_former"]:
             parallelize_module(block, tp_mesh, causal_former_block_plan())
         # The shared relative-position bias table holds one column per head: split it
         # like the heads so each rank's bias matches its local heads.
