@@ -13,7 +13,7 @@ from megatron_emu.parallel.mesh import ParallelDims
 from megatron_emu.training import train
 from megatron_emu.training.build import build_run
 from megatron_emu.training.metrics import CPUPeakMemory
-from megatron_emu.training.planner import (HARDWARE, Workload, allreduce_seconds, estimate_memory,
+from megatron_emu.parallel.planner import (HARDWARE, Workload, allreduce_seconds, estimate_memory,
                                            estimate_step_time, parameter_counts, plan, rank_stages)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from megatron_emu.data.random_batches import random_batch
 from megatron_emu.training import train
 from megatron_emu.training.build import build_run
 from megatron_emu.training.metrics import CPUPeakMemory
-from megatron_emu.training.planner import Workload, estimate_memory, rank_parameters
+from megatron_emu.parallel.planner import Workload, estimate_memory, rank_parameters
 from tests.dist_utils import spawn
 
 LAYOUTS = {
