@@ -1,9 +1,12 @@
 """Pipeline parallelism with torch.distributed.pipelining: stage split and schedules.
 
-Stage 0 is multimodal: EVA ViT + ln_visual + Causal Former + token embedding + the
-image splice + the first LLaMA layers. The last stage holds the final norm, the LM
-head and the regression head; the mixed loss runs there. The tokens (labels, masks)
-and the detached input embeddings (the l2 targets) travel with the hidden states:
+Each stage is an Emu without the pieces the other stages hold (EmuStage; model/emu.py's
+embed -> layers -> head). Stage 0 is multimodal: EVA ViT + ln_visual + Causal Former +
+token embedding + the image splice + the first LLaMA layers. The last stage holds the
+final norm, the LM head and the regression head; the trainer's objective runs there, on
+the micro-batch it reads from the feed, and the step returns each micro-batch's loss
+terms. The tokens and the detached input embeddings (the l2 targets) travel with the
+hidden states:
 
     stage 0:      (mb index)               -> (hidden, tokens, targets)
     middle:       (hidden, tokens, targets) -> (hidden, tokens, targets)
@@ -19,11 +22,12 @@ a MicrobatchFeed filled before each step.
 Stages send and receive plain full tensors only: with tensor/sequence parallelism every
 stage starts from a replicated input and gathers its output back (tensor_parallel.py),
 and the last stage hands its vocab-/hidden-sharded head outputs to the loss as local
-shards, re-wrapped as DTensors there (sharded_outputs). The stage metadata (shapes, dtypes) is declared
-from the micro-batch shape (static mode): torch.distributed.pipelining would otherwise
-infer it by running every stage forward and backward on uninitialised receive buffers,
-and the loss's data-dependent branches (images present? text present?) then take
-different paths on different TP ranks: mismatched TP collectives and wrong gradients.
+shards, re-wrapped as DTensors there (sharded_outputs). The stage metadata (shapes,
+dtypes) is declared from the micro-batch shape (static mode): torch.distributed.pipelining
+would otherwise infer it by running every stage forward and backward on uninitialised
+receive buffers, and the loss's data-dependent branches (images present? text present?)
+then take different paths on different TP ranks: mismatched TP collectives and wrong
+gradients.
 """
 
 from __future__ import annotations
