@@ -84,6 +84,10 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
                         "as equal as whole layers allow")
     g.add_argument("--pipeline-balance-images-per-sample", type=float, default=None,
                    help="auto: images (and video frames) per sample of the data mix (default 2, the paper's mix)")
+    g.add_argument("--vision-tensor-parallel", default=None, choices=["heads", "images", "auto"],
+                   help="TP placement of the ViT and Causal Former: heads (split heads where TP divides them, else "
+                        "replicate), images (replicate; each TP rank encodes 1/TP of the images, then all-gather), "
+                        "auto (per module, whichever moves fewer bytes per step; default heads)")
     g.add_argument("--data-parallel-sharding", default=None, choices=["ddp", "fsdp", "hsdp"],
                    help="ddp: replicas; fsdp: FSDP2 ZeRO-3; hsdp: shard within groups, replicate across (default ddp)")
     g.add_argument("--use-distributed-optimizer", action="store_true", default=None,
@@ -195,7 +199,7 @@ FIELDS: dict[str, str] = {
         "tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel", "pipeline_schedule",
         "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
         "decoder_last_pipeline_num_layers", "pipeline_balance", "pipeline_balance_images_per_sample",
-        "data_parallel_sharding", "num_distributed_optimizer_instances", "distributed_timeout_minutes")},
+        "vision_tensor_parallel", "data_parallel_sharding", "num_distributed_optimizer_instances", "distributed_timeout_minutes")},
     **{name: f"checkpoint.{name}" for name in (
         "save", "save_interval", "load", "finetune", "no_load_optim", "no_load_rng", "keep_last", "async_save",
         "pretrained_checkpoint", "allow_checkpoint_rewind")},

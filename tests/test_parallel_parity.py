@@ -29,6 +29,7 @@ from megatron_emu.parallel.mesh import ParallelDims, build_mesh
 from megatron_emu.parallel.parallelize import parallelize_emu
 from megatron_emu.training.build import build_run as build
 from megatron_emu.training.optim import build_optimizer
+from megatron_emu.training import build as build_module
 from megatron_emu.training.step import train_step
 from tests.batches import random_batch
 from tests.dist_utils import spawn
@@ -90,9 +91,18 @@ def local_numel(param) -> int:
 def build_run(world: int, parallel: dict, make_config=run_config):
     """(config, ParallelModel, optimizer, pmesh, micro-batches per DP rank) for one layout, built
     as pretraining builds it (training/build.py); parallel["performance"]: PerformanceConfig
-    fields (default: fused kernels, fp32)."""
+    fields (default: fused kernels, fp32); parallel["vision_placement"]: a per-encoder placement
+    (one --vision-tensor-parallel auto may choose) instead of the flag's."""
+    parallel = dict(parallel)
+    placement = parallel.pop("vision_placement", None)
     config = make_config(**parallel)
-    run = build(config)
+    chooser = build_module.vision_placement
+    if placement is not None:
+        build_module.vision_placement = lambda config, dims: placement
+    try:
+        run = build(config)
+    finally:
+        build_module.vision_placement = chooser
     assert run.dims.world_size == world
     return config, run.pmodel, run.optimizer, run.pmesh, run.n_micro
 
@@ -308,6 +318,13 @@ WORLD2 = {
     "PP2 zero-bubble full recompute": dict(pipeline_model_parallel_size=2, pipeline_schedule="zero-bubble",
                                            performance=dict(recompute_granularity="full")),
     "TP2+SP unfused": dict(tensor_model_parallel_size=2, sequence_parallel=True, performance=dict(fused_kernels=False)),
+    # Image encoders replicated, each TP rank encoding its share of the images (1 per micro-batch:
+    # rank 1 encodes a padding copy whose output is dropped).
+    "TP2 images split": dict(tensor_model_parallel_size=2, vision_tensor_parallel="images"),
+    "TP2+SP ViT heads, Causal Former images": dict(tensor_model_parallel_size=2, sequence_parallel=True,
+                                                   vision_placement=dict(visual="heads", causal_former="images")),
+    "TP2 ViT images, Causal Former heads": dict(tensor_model_parallel_size=2,
+                                                vision_placement=dict(visual="images", causal_former="heads")),
 }
 BYTES2 = {k: WORLD2[k] for k in ("TP2", "PP2 1F1B", "DP2 FSDP2", "DP2 DDP")}
 # TP x PP (the layout whose stage hand-offs and TP collectives interact), sequence
@@ -319,6 +336,8 @@ WORLD4 = {
                                     pipeline_schedule="interleaved", num_layers_per_virtual_pipeline_stage=1),
     "TP2+SP xDP2 FSDP2": dict(tensor_model_parallel_size=2, sequence_parallel=True, data_parallel_sharding="fsdp"),
     "DP4 HSDP 2x2": dict(data_parallel_sharding="hsdp", num_distributed_optimizer_instances=2),
+    "TP2 images split xDP2 FSDP2": dict(tensor_model_parallel_size=2, vision_tensor_parallel="images",
+                                        data_parallel_sharding="fsdp"),
 }
 BYTES4 = {k: WORLD4[k] for k in ("TP2xPP2", "DP4 HSDP 2x2")}
 WORLD8 = {

@@ -57,7 +57,8 @@ class ParallelModel:
 
 def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, objective, seed: int,
                     performance: PerformanceConfig | None = None, lora: LoRASpec | None = None,
-                    compute_dtype: torch.dtype = torch.float32) -> ParallelModel:
+                    compute_dtype: torch.dtype = torch.float32,
+                    vision_placement: dict[str, str] | None = None) -> ParallelModel:
     """`full` is either initialised (every rank the same: tests, checkpoint loading) or on
     the meta device, in which case each rank materialises and initialises only its stages.
     `objective(outputs, batch) -> EmuLoss`: the loss the last pipeline stage computes (PP only).
@@ -65,7 +66,8 @@ def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, objective, see
     `compute_dtype` (--bf16 / --fp16, the trainer's Precision): what pipeline stages send
     each other and what FSDP2 gathers parameters in; master weights stay fp32.
     `lora`: freeze the base and adapt the LLM's q, k, v, o (model/lora.py); adapters of an
-    initialised `full` start from the single-process values (init by name), like the base."""
+    initialised `full` start from the single-process values (init by name), like the base.
+    `vision_placement`: TP placement of the image encoders (image_split.choose_placement)."""
     performance = performance or PerformanceConfig(fused_kernels=False)
     dims = pmesh.dims
     if dims.pp > 1:
@@ -79,7 +81,7 @@ def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, objective, see
         if not on_meta:
             part.to(pmesh.device)
         if dims.tp > 1:
-            apply_tensor_parallel(part, pmesh.tp_mesh, full.config, dims.sequence_parallel)
+            apply_tensor_parallel(part, pmesh.tp_mesh, full.config, dims.sequence_parallel, vision_placement)
         if lora is not None:
             # After TP: its plans would shard the adapters as if they were the base's own weights.
             init_adapters(part, apply_lora(part, lora), full.config.init_std, seed, on_meta)

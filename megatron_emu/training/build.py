@@ -11,6 +11,7 @@ so a single process builds, steps and clips through the same code as 8 ranks do.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -19,12 +20,15 @@ import torch
 from megatron_emu.config import TrainConfig
 from megatron_emu.model.attention import configure_attention
 from megatron_emu.model.emu import build_emu
+from megatron_emu.parallel.image_split import choose_placement
 from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh, build_mesh, init_distributed
 from megatron_emu.parallel.parallelize import ParallelModel, parallelize_emu
 from megatron_emu.training.instruct import lora_spec
 from megatron_emu.training.optim import apply_freezing, build_optimizer
 from megatron_emu.training.precision import Precision
 from megatron_emu.training.step import emu_objective
+
+log = logging.getLogger("megatron_emu")
 
 
 @dataclass
@@ -80,4 +84,14 @@ def build_model(config: TrainConfig, pmesh: ParallelMesh, n_micro: int,
     full = build_emu(config.model, device="meta")
     apply_freezing(full, config.optimizer)
     return parallelize_emu(full, pmesh, n_micro, emu_objective(config), config.seed, config.performance,
-                           lora_spec(config), compute_dtype)
+                           lora_spec(config), compute_dtype, vision_placement(config, pmesh.dims))
+
+
+def vision_placement(config: TrainConfig, dims: ParallelDims) -> dict[str, str]:
+    """--vision-tensor-parallel resolved per image encoder (parallel/image_split.py)."""
+    images_per_step = config.data.global_batch_size / dims.dp * config.parallel.pipeline_balance_images_per_sample
+    placement = choose_placement(config.parallel.vision_tensor_parallel, config.model, dims.tp, images_per_step)
+    if dims.tp > 1:
+        log.info("image encoders under TP=%d: ViT %s, Causal Former %s", dims.tp, placement["visual"],
+                 placement["causal_former"])
+    return placement
