@@ -8,7 +8,7 @@ and replaces the fields of the flags given. The dataclasses check their own valu
 import argparse
 import dataclasses
 
-from megatron_emu.config import PRESETS, ModelConfig, TrainConfig, recipe_config, with_fields
+from megatron_emu.config import NUM_INSTRUCT_SPECIAL_TOKENS, PRESETS, ModelConfig, TrainConfig, recipe_config, with_fields
 from megatron_emu.logging_args import add_logging_args, logging_config
 
 
@@ -104,6 +104,9 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-interval", type=int, default=None, help="iterations between saves (0: save at the end only)")
     g.add_argument("--load", default=None, help="checkpoint root (loads its latest) or one iteration directory")
     g.add_argument("--finetune", action="store_true", default=None, help="load model weights only; start at iteration 0")
+    g.add_argument("--use-checkpoint-args", action="store_true", default=None,
+                   help="the model config is the one --load (else --pretrained-checkpoint) was saved with, e.g. "
+                        "an imported LLaMA's rms_norm_eps / rope_theta / rope scaling; --preset then picks the recipe only")
     g.add_argument("--no-load-optim", action="store_true", default=None, help="do not load optimizer / LR-scheduler state")
     g.add_argument("--no-load-rng", action="store_true", default=None, help="do not load RNG states")
     g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints (0: all)")
@@ -213,7 +216,8 @@ FIELDS: dict[str, str] = {
         "exit_duration_in_mins", "exit_interval")},
 }
 # Flags that are not one field: read by `flag_values` / `to_config` (the logging flags by logging_args.py).
-COMPOSITE = {"preset", "make_vocab_size_divisible_by", "recompute_activations", "use_distributed_optimizer"}
+COMPOSITE = {"preset", "make_vocab_size_divisible_by", "recompute_activations", "use_distributed_optimizer",
+             "use_checkpoint_args"}
 
 
 def flag_values(args: argparse.Namespace) -> dict:
@@ -251,12 +255,27 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
     """The preset's recipe, then every flag given (an explicit flag always wins)."""
     config = recipe_config(args.preset, instruct=(args.lora_rank or 0) > 0)
     config = with_fields(config, flag_values(args))
-    config = dataclasses.replace(config, model=model_config(config.model, args.make_vocab_size_divisible_by),
-                                 logging=logging_config(args))
-    return config
+    model = checkpoint_model_config(config) if args.use_checkpoint_args else config.model
+    return dataclasses.replace(config, model=padded_vocab(model, args.make_vocab_size_divisible_by),
+                               logging=logging_config(args))
 
 
-def model_config(model: ModelConfig, make_vocab_size_divisible_by: int | None) -> ModelConfig:
+def checkpoint_model_config(config: TrainConfig) -> ModelConfig:
+    """--use-checkpoint-args: the model config --load (else --pretrained-checkpoint) was saved
+    with; instruction tuning adds [USER] / [ASSISTANT] to its vocabulary."""
+    from megatron_emu.training.checkpoint_files import recorded_model_config
+
+    path = config.checkpoint.load or config.checkpoint.pretrained_checkpoint
+    if not path:
+        raise ValueError("--use-checkpoint-args takes the model config from --load or --pretrained-checkpoint: give one")
+    model = recorded_model_config(path)
+    if config.lora.enabled:
+        model = dataclasses.replace(model, llm=dataclasses.replace(model.llm, num_special_tokens=NUM_INSTRUCT_SPECIAL_TOKENS))
+    return model
+
+
+def padded_vocab(model: ModelConfig, make_vocab_size_divisible_by: int | None) -> ModelConfig:
+    """--make-vocab-size-divisible-by."""
     if make_vocab_size_divisible_by is None:
         return model
     if make_vocab_size_divisible_by < 1:

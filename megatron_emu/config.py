@@ -15,6 +15,7 @@ import signal
 from dataclasses import dataclass, field
 
 from megatron_emu.model_config import (  # noqa: F401 (re-exported: config.py is the one import)
+    LLAMA_FUNCTION_FIELDS,
     NUM_INSTRUCT_SPECIAL_TOKENS,
     NUM_PRETRAIN_SPECIAL_TOKENS,
     PRESETS,

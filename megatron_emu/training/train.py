@@ -31,7 +31,7 @@ from megatron_emu.training.evaluate import image_grounding
 from megatron_emu.training.failsafe import SkipTracker, check_save_before_training
 from megatron_emu.training.signals import ExitConditions
 from megatron_emu.training.pretrained import load_pretrained
-from megatron_emu.training.instruct import check_instruct_run, init_chat_token_rows, merge_checkpoint
+from megatron_emu.training.instruct import check_instruct_run, init_new_chat_token_rows, merge_checkpoint
 from megatron_emu.training.step import StepResult, train_step, validation_loss
 from megatron_emu.training.metrics import IterationStats, training_flops
 from megatron_emu.training.optim import LRScheduler
@@ -151,7 +151,7 @@ def train_loop(config: TrainConfig, run: Run) -> TrainSummary:
                                    pmesh.rank, cpu_group)
     skips = SkipTracker(config.failsafe.max_skipped_iterations)
     if config.lora.enabled:  # from the (loaded) base's "user" / "assistant" rows
-        init_chat_token_rows(pmodel.parts, tokenizer)
+        init_new_chat_token_rows(pmodel.parts, tokenizer, config.checkpoint.pretrained_checkpoint)
     params = sum(p.numel() for _, p in pmodel.named_parameters())  # DTensor numel is the global size
     log.info("model %s: %.1fM parameters on this rank's stages, %s; %d micro-batches of %d per step per DP rank",
              config.preset, params / 1e6, device, n_micro, config.data.micro_batch_size)
