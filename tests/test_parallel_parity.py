@@ -336,6 +336,8 @@ WORLD4 = {
                                     pipeline_schedule="interleaved", num_layers_per_virtual_pipeline_stage=1),
     "TP2+SP xDP2 FSDP2": dict(tensor_model_parallel_size=2, sequence_parallel=True, data_parallel_sharding="fsdp"),
     "DP4 HSDP 2x2": dict(data_parallel_sharding="hsdp", num_distributed_optimizer_instances=2),
+    # Each stage reduce-scatters during its last backward (pipeline.OverlappedStage).
+    "PP2 1F1B xDP2 FSDP2": dict(pipeline_model_parallel_size=2, data_parallel_sharding="fsdp"),
     "TP2 images split xDP2 FSDP2": dict(tensor_model_parallel_size=2, vision_tensor_parallel="images",
                                         data_parallel_sharding="fsdp"),
 }

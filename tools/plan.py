@@ -48,8 +48,8 @@ def assumptions(hw) -> str:
     return (f"assumed: matmul-bound blocks at {hw.efficiency:.0%} of peak; TP collectives on "
             f"{hw.intra_node_gbs:g} GB/s per GPU (NVLink, {hw.gpus_per_node} GPUs per node) and fully exposed; "
             f"DP on {hw.inter_node_gbs:g} GB/s per GPU across nodes; FSDP all-gathers prefetched behind compute; "
-            f"gradients reduced once per step, hidden by the last micro-batch's backward without PP and not at all "
-            f"with PP (reduced after the schedule); 1F1B bubble (PP-1)/v micro-batches")
+            f"gradients reduced once per step, hidden by the last micro-batch's backward (each stage's with PP; "
+            f"not at all with zero-bubble); 1F1B bubble (PP-1)/v micro-batches")
 
 
 def flags(row, images_per_sample: float) -> str:

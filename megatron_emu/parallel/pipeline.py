@@ -36,6 +36,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.pipelining import (
     PipelineStage,
@@ -43,6 +44,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining._backward import stage_backward
 
 from megatron_emu.model.emu import Emu, EmuOutput
 from megatron_emu.parallel.mesh import ParallelMesh
@@ -171,6 +173,27 @@ def sharded_outputs(outputs: tuple, pmesh: ParallelMesh) -> EmuOutput:
     return EmuOutput(logits, regression, targets)
 
 
+class OverlappedStage(PipelineStage):
+    """A pipeline stage whose data-parallel gradient reduction overlaps its last backward.
+
+    torch's stage keeps FSDP2's gradient sync off for every backward and reduces each stage
+    after the schedule (perform_reduce_grad): the reduce-scatters of the whole stage then
+    wait behind the pipeline's drain. Here the last micro-batch's full backward (1F1B,
+    interleaved) runs with sync on, so each block is reduce-scattered as soon as its
+    gradients are final, as without PP (tests/test_overlap_grad_reduce.py);
+    perform_reduce_grad then finds nothing left (FSDP2's post_backward is idempotent) and
+    only scales. Zero-bubble splits backward into input and weight halves: unchanged."""
+
+    def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+        if not (last_backward and backward_type == "full" and isinstance(self.submod, FSDPModule)):
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+        self.submod.set_is_last_backward(True)
+        self.submod.set_reshard_after_backward(True)
+        self.submod.set_requires_gradient_sync(True)
+        grads = stage_backward(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"])
+        return grads, None
+
+
 class EmuPipeline:
     """This rank's stages and their schedule, built on the first step from the micro-batch
     shape (static stage metadata, see the module docstring) and rebuilt if it changes.
@@ -198,8 +221,8 @@ class EmuPipeline:
         pipe_stages = []
         for part, index in zip(self.parts, self.stages):
             inputs, outputs = part.io_metas(*shape[:2], tp=dims.tp, packed=shape[2])
-            pipe_stages.append(PipelineStage(part, index, dims.num_stages, self.pmesh.device,
-                                             input_args=inputs, output_args=outputs, group=group))
+            pipe_stages.append(OverlappedStage(part, index, dims.num_stages, self.pmesh.device,
+                                               input_args=inputs, output_args=outputs, group=group))
         if dims.schedule == "1f1b":
             return Schedule1F1B(pipe_stages[0], self.n_micro, loss_fn=self.loss_fn)
         if dims.schedule == "interleaved":

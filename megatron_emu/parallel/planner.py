@@ -272,10 +272,11 @@ def data_parallel_exposed_seconds(model: ModelConfig, work: Workload, dims: Para
       block is gathered in forward and again in backward of every micro-batch; with PP
       the stage stays gathered for the whole step (data_parallel.py), once.
     - Gradient reduction (fp32 reduce-scatter, or all-reduce of full replicas): gradients
-      accumulate over micro-batches and are reduced once. Without PP, FSDP2 reduces each
-      block as its gradient becomes final in the last micro-batch, which hides behind at
-      most that micro-batch's backward (~2/3 of it). With PP, torch.distributed.pipelining
-      reduces after the whole schedule: nothing hides it.
+      accumulate over micro-batches and are reduced once: FSDP2 reduces each block as its
+      gradient becomes final in the last micro-batch, which hides behind at most that
+      micro-batch's backward (~2/3 of it); with PP, per stage (pipeline.OverlappedStage).
+      Zero-bubble splits the backward and keeps torch's reduction after the schedule:
+      nothing hides it.
     """
     counts = parameter_counts(model)
     params = max(sum(layers[s] * counts["layer"] for s in rank_stages(dims, r)) for r in range(dims.pp))
@@ -290,7 +291,7 @@ def data_parallel_exposed_seconds(model: ModelConfig, work: Workload, dims: Para
         gather_s, reduce_s = 0.0, 0.0
     if dims.dp_replicate > 1:  # full replicas (ddp, hsdp across groups): all-reduce of fp32 gradients
         reduce_s += allreduce_seconds(4 * params / dims.dp_shard, dims.dp_replicate, bw)
-    reduce_hidden_by = t_mb * 2 / 3 if dims.pp == 1 else 0.0
+    reduce_hidden_by = t_mb * 2 / 3 if dims.pp == 1 or dims.schedule != "zero-bubble" else 0.0
     return max(0.0, gather_s - pipeline) + max(0.0, reduce_s - reduce_hidden_by)
 
 
