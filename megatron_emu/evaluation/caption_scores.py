@@ -66,8 +66,10 @@ def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]
     missing = [k for k in keys if not references.get(k)]
     if missing:
         raise ValueError(f"caption {missing[0]}: no reference captions")
-    refs, tokenizer = tokenize({k: references[k] for k in keys}, java)
-    preds, _ = tokenize({k: [predictions[k]] for k in keys}, java)
+    # one tokeniser call (one JVM start) for references and predictions
+    both = {**{("ref", k): references[k] for k in keys}, **{("pred", k): [predictions[k]] for k in keys}}
+    tokens, tokenizer = tokenize(both, java)
+    refs, preds = {k: tokens[("ref", k)] for k in keys}, {k: tokens[("pred", k)] for k in keys}
     corpus, per_sample = {}, {k: {} for k in keys}
     scorers, skipped = [("CIDEr", Cider()), ("BLEU", Bleu(4))], {}
     if java:

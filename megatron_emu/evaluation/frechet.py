@@ -48,8 +48,9 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     """pytorch-fid's statistics file (.npz with mu and sigma)."""
     try:
         with np.load(path) as stats:
+            missing = [name for name in ("mu", "sigma") if name not in stats.files]
+            if missing:
+                raise ValueError(f"{path}: statistics file lacks {missing[0]!r} (pytorch-fid writes mu and sigma)")
             return stats["mu"], stats["sigma"]
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise ValueError(f"{path}: not a readable .npz statistics file ({e})") from None
-    except KeyError as e:
-        raise ValueError(f"{path}: statistics file lacks {e} (pytorch-fid writes mu and sigma)") from None

@@ -19,7 +19,9 @@ def _vocab_logprobs(forward: CachedForward, hidden: torch.Tensor) -> torch.Tenso
     logits = forward.emu.llm.output(forward.emu.llm.norm(hidden))
     if hasattr(logits, "full_tensor"):  # vocab-sharded under tensor parallelism
         logits = logits.full_tensor()
-    return logits[..., :forward.vocab_size].float().log_softmax(dim=-1)
+    logits = logits[..., :forward.vocab_size].float()
+    logits[..., forward.never] = float("-inf")  # as for the first token: tokens text never holds
+    return logits.log_softmax(dim=-1)
 
 
 @torch.no_grad()

@@ -47,9 +47,9 @@ def read_open_video_qa(path: str, video_dir: str, benchmark: str, mapping_path: 
     records = read_json(path, f"{benchmark} annotations")
     if not isinstance(records, list):
         raise ValueError(f"{path}: {benchmark} annotations are a list of questions")
-    mapping = read_msvd_mapping(mapping_path) if benchmark == "msvd_qa" else None
     if benchmark == "msvd_qa" and not mapping_path:
         raise ValueError("msvd_qa: give --video-map youtube_mapping.txt")
+    mapping = read_msvd_mapping(mapping_path) if benchmark == "msvd_qa" else None
     samples = []
     for i, r in enumerate(records):
         video_id = field_of(r, "video_id", path, f"record {i}")
