@@ -10,7 +10,8 @@ Tasks and their files: coco_caption (Karpathy dataset_coco.json, test split; the
 restval splits are the RICES pool), vqav2 / okvqa (questions + annotations), vizwiz (val.json),
 visdial (visdial_1.0_val.json + --dense-annotations), msvd_qa (test_qa.json + --video-map
 youtube_mapping.txt), msrvtt_qa (test_qa.json), nextqa (test.csv / val.csv, --video-map
-map_vid_vidorID.json). Writes <output-dir>/<task>/<setting>.json and <output-dir>/results.md;
+map_vid_vidorID.json), coco_fid (captions_val2014.json, --decoder, --inception-weights: needs
+the optional `fid` extra, torch-fidelity). Writes <output-dir>/<task>/<setting>.json and <output-dir>/results.md;
 rerun the same command after an interruption: cached answers are not recomputed.
 """
 
@@ -30,7 +31,7 @@ FILE_FLAGS = ("annotations", "questions", "dense_annotations", "image_dir", "vid
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLE)
-    p.add_argument("--task", choices=list(TASKS), help="the benchmark")
+    p.add_argument("--task", choices=list(TASKS) + ["coco_fid"], help="the benchmark")
     p.add_argument("--checkpoint", "--load", dest="checkpoint", default="",
                    help="our checkpoint (any layout), an HF export or a state-dict file")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size of a state-dict file")
@@ -49,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--train-{name.replace('_', '-')}", default="", help=f"--{name.replace('_', '-')} of the training split (RICES)")
     g.add_argument("--limit", type=int, default=0, help="only the first N samples (0: all)")
     g.add_argument("--rices-pool-size", type=int, default=5000, help="training samples RICES draws from (paper: 5000)")
+    f = p.add_argument_group("coco_fid: text-to-image FID (--annotations captions_val2014.json)")
+    f.add_argument("--decoder", default="", help="finetuned decoder dir (finetune_decoder.py output: unet/ vae/ scheduler/)")
+    f.add_argument("--unet-subfolder", default="unet", help="unet (EMA when trained with it) or unet_trained")
+    f.add_argument("--num-prompts", type=int, default=30000, help="validation captions drawn (paper: 30k)")
+    f.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (paper: 5.0 for Emu)")
+    f.add_argument("--num-inference-steps", type=int, default=50, help="PNDM steps (paper: 50)")
+    f.add_argument("--image-size", type=int, default=512)
+    f.add_argument("--inception-weights", default="", help="local FID Inception-v3 weights (torch-fidelity's .pth)")
+    f.add_argument("--fid-reference-stats", default="", help="pytorch-fid .npz (mu, sigma) of the real images")
+    f.add_argument("--fid-reference-dir", default="", help="or: the real images (statistics computed once, cached)")
     d = p.add_argument_group("decoding")
     d.add_argument("--max-new-tokens", type=int, default=0, help="default: 30 for captions, 10 for answers")
     d.add_argument("--num-beams", type=int, default=1)
@@ -103,6 +114,8 @@ def run(args) -> str:
     from megatron_emu.evaluation.tasks import get_task, read_samples
     from megatron_emu.generation import DecodingConfig, EmuGenerator
 
+    if args.task == "coco_fid":
+        return run_fid(args)
     spec, settings, files = get_task(args.task), settings_of(args), files_of(args)
     samples = read_samples(spec, files)[:args.limit or None]
     needs_examples = any(s != "0" for s in settings)
@@ -122,6 +135,40 @@ def run(args) -> str:
         if needs_examples else None
     for setting in settings:
         run_setting(gen, spec, setting, samples, rices, options, dp, identity)
+    return write_table(args.output_dir) if dp.rank == 0 and dp.writes else ""
+
+
+def run_fid(args) -> str:
+    import torch
+
+    from megatron_emu.decoder.frozen import freeze
+    from megatron_emu.decoder.pipeline import EmuImagePipeline, load_decoder
+    from megatron_emu.evaluation.coco_files import read_caption_prompts
+    from megatron_emu.evaluation.distributed import DataParallel
+    from megatron_emu.evaluation.report import checkpoint_identity, write_table
+    from megatron_emu.evaluation.text_to_image import InceptionFeatures, reference_statistics, run_fid
+    from megatron_emu.generation import EmuGenerator
+
+    if args.shots != [0] or args.text_examples:
+        raise ValueError("coco_fid is zero-shot only (paper Table 2)")
+    if not args.decoder:
+        raise ValueError("--task coco_fid needs --decoder (the finetuned decoder directory)")
+    prompts = read_caption_prompts(args.annotations, args.num_prompts, args.seed)
+    device, mesh = mesh_of(args)
+    extractor = InceptionFeatures(args.inception_weights, device)
+    dp = DataParallel.from_mesh(mesh)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    gen = EmuGenerator.load(args.checkpoint, args.preset, args.tokenizer_model, device, dtype, args.model)
+    unet, vae, schedule = load_decoder(args.decoder, args.unet_subfolder)
+    pipe = EmuImagePipeline(gen.emu, gen.tokenizer, freeze(unet).to(device, dtype), freeze(vae).to(device, dtype),
+                            schedule, where=args.decoder)
+    reference = reference_statistics(args.fid_reference_stats, args.fid_reference_dir, extractor,
+                                     os.path.join(args.output_dir, "coco_fid"))
+    options = {"batch_size": args.batch_size, "height": args.image_size, "width": args.image_size,
+               "steps": args.num_inference_steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
+               "files": {"annotations": os.path.abspath(args.annotations), "decoder": os.path.abspath(args.decoder)}}
+    run_fid(pipe, prompts, extractor, reference, args.output_dir, dp, options, checkpoint_identity(args.checkpoint),
+            gen.model)
     return write_table(args.output_dir) if dp.rank == 0 and dp.writes else ""
 
 
