@@ -125,6 +125,15 @@ def test_two_data_parallel_ranks_give_the_same_json_as_one(checkpoint, data, sin
                for c in caches)
 
 
+def test_tensor_parallel_ranks_answer_as_one_process(checkpoint, data, single_process, tmp_path):
+    """Two ranks holding one TP=2 model (DP=1): the same answers, RICES examples and scores."""
+    spawn(2, _two_ranks, vqa_argv(checkpoint, data, tmp_path, "--shots", "0", "2", "--tensor-model-parallel-size", "2"))
+    for setting in ("0", "2"):
+        sharded = read(tmp_path, "vqav2", setting)
+        assert sharded["config"]["data_parallel_size"] == 1
+        assert comparable(sharded) == comparable(read(single_process, "vqav2", setting))
+
+
 def _killed_run(argv):
     import torch
 
