@@ -141,3 +141,20 @@ def flags(files: dict, prefix: str = "") -> list[str]:
     for name, value in files.items():
         out += [f"--{prefix}{name.replace('_', '-')}", value]
     return out
+
+
+def write_all(root: str) -> dict:
+    """Every benchmark's fixture under `root` (the README's evaluation example)."""
+    os.makedirs(root, exist_ok=True)
+    vqa = vqa_pair(root, "val2014", 4)  # OK-VQA's files have VQAv2's format: the same fixture serves both
+    return {"coco": karpathy(root), "vqa": vqa, "vqa_train": vqa_pair(root, "train2014", 6, first_id=100),
+            "okvqa": vqa, "vizwiz": vizwiz(root, 4), "visdial": visdial(root, 2),
+            "msvd": msvd(root, 2), "msrvtt": msrvtt(root, 3), "msrvtt_train": msrvtt(root, 3, "train_qa.json", first=3),
+            "nextqa": nextqa(root, 3)}
+
+
+if __name__ == "__main__":  # python -m tests.eval_fixtures DIR: write them all, print where
+    import sys
+
+    for name, files in write_all(sys.argv[1] if len(sys.argv) > 1 else "eval_fixtures").items():
+        print(name, " ".join(flags(files)))

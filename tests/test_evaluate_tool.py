@@ -173,11 +173,16 @@ def test_killed_evaluation_resumes_from_cached_answers(checkpoint, data, single_
     (["--task", "vqav2", "--checkpoint", "CKPT"], "needs --annotations"),
     (["--task", "vqav2", "--checkpoint", "CKPT", "QUESTIONS", "--shots", "2"], "needs --train-annotations"),
     (["--task", "vqav2", "--checkpoint", "/nonexistent", "QUESTIONS"], "/nonexistent: no such checkpoint"),
+    (["--task", "vqav2", "--checkpoint", "CKPT", "QUESTIONS", "TRAIN", "--shots", "8"],
+     "setting 8 needs 8 in-context examples; the training files hold 4 samples"),
 ])
 def test_bad_input_is_one_line(checkpoint, data, argv, message, tmp_path):
     expanded = []
     for a in argv:
-        expanded += fx.flags(data["vqa"]) if a == "QUESTIONS" else [checkpoint if a == "CKPT" else a]
+        if a in ("QUESTIONS", "TRAIN"):
+            expanded += fx.flags(data["vqa"]) if a == "QUESTIONS" else fx.flags(data["vqa_train"], "train-")
+        else:
+            expanded.append(checkpoint if a == "CKPT" else a)
     with pytest.raises(SystemExit) as exit_:
         evaluate.main(expanded + ["--output-dir", str(tmp_path)])
     assert message in str(exit_.value.code)

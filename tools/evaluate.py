@@ -108,6 +108,7 @@ def run(args) -> str:
     import torch
 
     from megatron_emu.evaluation.distributed import DataParallel
+    from megatron_emu.evaluation.prompting import num_examples
     from megatron_emu.evaluation.report import checkpoint_identity, write_table
     from megatron_emu.evaluation.rices import Rices, draw_pool
     from megatron_emu.evaluation.runner import RunOptions, run_setting
@@ -120,6 +121,10 @@ def run(args) -> str:
     samples = read_samples(spec, files)[:args.limit or None]
     needs_examples = any(s != "0" for s in settings)
     pool = draw_pool(read_samples(spec, files, train=True), args.seed, args.rices_pool_size) if needs_examples else []
+    largest = max(settings, key=num_examples)
+    if len(pool) < num_examples(largest):  # said before the model is loaded
+        raise ValueError(f"setting {largest} needs {num_examples(largest)} in-context examples; "
+                         f"the training files hold {len(pool)} samples")
     device, mesh = mesh_of(args)
     dp = DataParallel.from_mesh(mesh)
     gen = EmuGenerator.load(args.checkpoint, args.preset, args.tokenizer_model, device,

@@ -24,6 +24,9 @@ class Predictor:
         self.k = prompting.num_examples(setting)
         if self.k and rices is None:
             raise ValueError(f"setting {setting} needs in-context examples: give the training files (--train-annotations ...)")
+        if self.k and len(rices.pool) < self.k:
+            raise ValueError(f"setting {setting} needs {self.k} in-context examples; the training files hold "
+                             f"{len(rices.pool)} samples")
 
     def examples(self, sample: Sample) -> list[Sample]:
         if not self.k:
