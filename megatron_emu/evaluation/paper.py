@@ -34,7 +34,6 @@ PAPER = {
 # Where our number is not measured as the paper's was.
 PAPER_NOTES = {
     "nextqa": "paper: WUPS on open-ended answers; ours: multiple-choice top-1 accuracy",
-    "visdial": "paper: NDCG on val; ours: NDCG of the densely annotated rounds",
 }
 
 
