@@ -47,16 +47,15 @@ def load_visual(sample: Sample, spec: TaskSpec):
     return Video.from_path(sample.visual) if spec.video else Path(sample.visual)
 
 
-def question_of(sample: Sample) -> str:
-    q = sample.question.strip()
-    return q if q.endswith("?") else q + "?"  # VisDial's questions come without one
+def with_question_mark(question: str) -> str:
+    question = question.strip()
+    return question if question.endswith("?") else question + "?"  # VisDial's questions come without one
 
 
 def _fields(spec: TaskSpec, model: str, sample: Sample) -> dict:
     if spec.kind == "dialog":
-        turns = [task_text("dialog_turn", model, question=question_of(Sample("", "", q)), answer=a)
-                 for q, a in sample.history]
-        return {"question": question_of(sample), "history": " ".join(turns)}
+        turns = [task_text("dialog_turn", model, question=with_question_mark(q), answer=a) for q, a in sample.history]
+        return {"question": with_question_mark(sample.question), "history": " ".join(turns)}
     return {"question": sample.question} if spec.kind != "caption" else {}
 
 
