@@ -96,6 +96,10 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
                         "as equal as whole layers allow")
     g.add_argument("--pipeline-balance-images-per-sample", type=float, default=2.0,
                    help="auto: images (and video frames) per sample of the data mix (default 2, the paper's mix)")
+    g.add_argument("--vision-tensor-parallel", default="heads", choices=["heads", "images", "auto"],
+                   help="TP placement of the ViT and Causal Former: heads (split heads where TP divides them, else "
+                        "replicate), images (replicate; each TP rank encodes 1/TP of the images, then all-gather), "
+                        "auto (per module, whichever moves fewer bytes per step)")
     g.add_argument("--data-parallel-sharding", default=None, choices=["ddp", "fsdp", "hsdp"],
                    help="ddp: replicas; fsdp: FSDP2 ZeRO-3; hsdp: shard within groups, replicate across (default ddp)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
@@ -112,6 +116,9 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-interval", type=int, default=0, help="iterations between saves (0: save at the end only)")
     g.add_argument("--load", default="", help="checkpoint root (loads its latest) or one iteration directory")
     g.add_argument("--finetune", action="store_true", help="load model weights only; start at iteration 0")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="the model config is the one --load (else --pretrained-checkpoint) was saved with, e.g. "
+                        "an imported LLaMA's rms_norm_eps / rope_theta / rope scaling; --preset then picks the recipe only")
     g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer / LR-scheduler state")
     g.add_argument("--no-load-rng", action="store_true", help="do not load RNG states")
     g.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
@@ -287,7 +294,7 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    model = get_preset(args.preset)
+    model = checkpoint_model_config(args) if args.use_checkpoint_args else get_preset(args.preset)
     if args.lora_rank > 0:  # [USER] and [ASSISTANT] join the vocabulary
         model = dataclasses.replace(model, llm=dataclasses.replace(model.llm, num_special_tokens=NUM_INSTRUCT_SPECIAL_TOKENS))
     multiple = args.make_vocab_size_divisible_by
@@ -296,6 +303,15 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     if multiple < 1:
         raise ValueError(f"--make-vocab-size-divisible-by must be >= 1, got {multiple}")
     return dataclasses.replace(model, llm=dataclasses.replace(model.llm, make_vocab_size_divisible_by=multiple))
+
+
+def checkpoint_model_config(args: argparse.Namespace) -> ModelConfig:
+    from megatron_emu.training.checkpoint_files import recorded_model_config
+
+    path = args.load or args.pretrained_checkpoint
+    if not path:
+        raise ValueError("--use-checkpoint-args takes the model config from --load or --pretrained-checkpoint: give one")
+    return recorded_model_config(path)
 
 
 def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
@@ -352,6 +368,7 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
         decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
         pipeline_balance=args.pipeline_balance,
         pipeline_balance_images_per_sample=args.pipeline_balance_images_per_sample,
+        vision_tensor_parallel=args.vision_tensor_parallel,
         data_parallel_sharding=sharding or "ddp",
         num_distributed_optimizer_instances=args.num_distributed_optimizer_instances,
         distributed_timeout_minutes=args.distributed_timeout_minutes,

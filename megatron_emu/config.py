@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_emu.model_config import (  # noqa: F401 (re-exported: config.py is the one import)
+    LLAMA_FUNCTION_FIELDS,
     NUM_INSTRUCT_SPECIAL_TOKENS,
     NUM_PRETRAIN_SPECIAL_TOKENS,
     PRESETS,
@@ -94,6 +95,9 @@ class ParallelConfig:
     # LAION-COCO 128 pairs at 1 image, MMC4 64 at ~3 per 1024-token chunk (up to 5), WebVid 16 +
     # YT-Storyboard 16 at 8 frames: (256 + 64 * 3 + 32 * 8) / 352 = 2.0.
     pipeline_balance_images_per_sample: float = 2.0
+    # TP placement of the ViT and Causal Former: heads (split heads where TP divides them) | images
+    # (replicated, each TP rank encodes 1/TP of the images) | auto (per module, fewer bytes moved).
+    vision_tensor_parallel: str = "heads"
     data_parallel_sharding: str = "ddp"  # ddp | fsdp (ZeRO-3, FSDP2) | hsdp (shard inside groups, replicate across)
     num_distributed_optimizer_instances: int = 1  # hsdp: number of replicas (the rest of DP shards)
     # Every process group's timeout: a rank that stops answering fails the others after this long.

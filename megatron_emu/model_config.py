@@ -93,6 +93,13 @@ class CausalFormerConfig:
     norm_eps: float = 1e-6
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+# LLaMAConfig fields that change what the model computes but no tensor's shape: a checkpoint
+# (or an imported LLaMA's config.json) states them, and whoever loads it computes with them.
+LLAMA_FUNCTION_FIELDS = ("norm_eps", "rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor",
+                         "rope_high_freq_factor", "rope_original_max_positions")
+
+
 @dataclass
 class LLaMAConfig:
     """LLaMA decoder (spec section 3). `vocab_size` includes the added tokens."""
@@ -105,11 +112,25 @@ class LLaMAConfig:
     num_special_tokens: int = NUM_PRETRAIN_SPECIAL_TOKENS
     max_positions: int = 2048
     rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    # RoPE frequency scaling, in transformers' rope_parameters names: "default" (none),
+    # "linear" (every frequency / rope_factor) or "llama3" (Llama 3.1: low frequencies /
+    # rope_factor, high ones kept, smoothed in between; the three rope_* fields below).
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    norm_eps: float = 1e-6  # RMSNorm epsilon (LLaMA-1: 1e-6, LLaMA-2: 1e-5)
     # Megatron's --make-vocab-size-divisible-by: the embedding and LM head get
     # padded_vocab_size rows (so TP can split them evenly); padded ids are never
     # predicted (the losses drop their logits). 1 = no padding, rows map 1:1 to HF.
     make_vocab_size_divisible_by: int = 1
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope_type!r} is not supported (choose from {', '.join(ROPE_TYPES)})")
+        if self.rope_factor <= 0:
+            raise ValueError(f"rope_factor must be > 0, got {self.rope_factor}")
 
     @property
     def vocab_size(self) -> int:
@@ -133,6 +154,17 @@ class ModelConfig:
     causal_former: CausalFormerConfig = field(default_factory=CausalFormerConfig)
     llm: LLaMAConfig = field(default_factory=LLaMAConfig)
     init_std: float = 0.02
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """The inverse of dataclasses.asdict (a checkpoint's or an export's record). A field
+        the record predates takes its default."""
+        return cls(
+            vision=VisionConfig(**d["vision"]),
+            causal_former=CausalFormerConfig(**d["causal_former"]),
+            llm=LLaMAConfig(**d["llm"]),
+            init_std=d.get("init_std", 0.02),
+        )
 
     @property
     def special_tokens(self) -> SpecialTokens:

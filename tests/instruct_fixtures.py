@@ -63,6 +63,7 @@ def write_counting_alpaca(path: str, n: int = 64) -> str:
         k = i % 10
         records.append({"instruction": f"what number comes after {NUMBERS[k]}?", "input": "",
                         "output": f"the number after {NUMBERS[k]} is {NUMBERS[k + 1]}."})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # README: data/ of a fresh clone
     with open(path, "w") as f:
         json.dump(records, f)
     return path

@@ -1,5 +1,5 @@
 """Conversion: logit parity with transformers LlamaForCausalLM (export and import), a
-bit-identical round trip, the EVA-CLIP and Emu v1 layouts, and bad inputs."""
+bit-identical round trip, the Emu v1 layout, and bad inputs (EVA-CLIP: test_convert_eva.py)."""
 
 import json
 import os
@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from megatron_emu.config import get_preset
-from megatron_emu.convert.export import export_hf, load_emu_from_hf
+from megatron_emu.convert.export import export_hf
+from megatron_emu.convert.hf_emu import load_emu_from_hf
 from megatron_emu.convert.imports import fresh_parameters, import_checkpoint
 from megatron_emu.convert.keys import ours_to_eva
 from megatron_emu.convert.streams import DCPSource
 from megatron_emu.data.tokenizer import build_tiny_tokenizer
 from megatron_emu.model.emu import build_emu
+from tests.official_emu import emu_v1_state
 
 transformers = pytest.importorskip("transformers")
 CONFIG = get_preset("tiny")
@@ -114,39 +116,10 @@ def test_import_hf_llama_logit_parity_and_mean_initialised_rows(hf_llama, tmp_pa
     assert torch.allclose(model.llm.output.weight[CONFIG.llm.base_vocab_size:], hf.lm_head.weight.mean(0).expand_as(new_rows))
 
 
-def _emu_v1_state(model) -> dict[str, torch.Tensor]:
-    """Our tiny model written in the Emu v1 release's key layout (models/modeling_emu.py,
-    causal_former.py: a transformers T5 decoder stack; decoder.lm: LlamaForCausalLM)."""
-    sd = model.state_dict()
-    out = {f"visual.{k}": v for k, v in ours_to_eva(sd).items()}
-    out.update({k: v for k, v in sd.items() if k.startswith("ln_visual.")})
-    out["cformer.causal_tokens"] = sd["causal_former.query_embeds"]
-    out["cformer.projection.weight"] = sd["causal_former.proj.weight"]
-    out["cformer.projection.bias"] = sd["causal_former.proj.bias"]
-    out["cformer.cformer.final_layer_norm.weight"] = sd["causal_former.norm.weight"]
-    out["cformer.cformer.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = sd["causal_former.relative_attention_bias.weight"]
-    out["cformer.cformer.embed_tokens.weight"] = torch.zeros(8, CONFIG.causal_former.d_model)  # unused by Emu
-    for i in range(CONFIG.causal_former.layers):
-        b, t = f"causal_former.blocks.{i}.", f"cformer.cformer.block.{i}.layer."
-        for p in "qkvo":
-            out[f"{t}0.SelfAttention.{p}.weight"] = sd[f"{b}self_attn.{p}.weight"]
-            out[f"{t}1.EncDecAttention.{p}.weight"] = sd[f"{b}cross_attn.{p}.weight"]
-        out[f"{t}0.layer_norm.weight"] = sd[f"{b}self_attn_norm.weight"]
-        out[f"{t}1.layer_norm.weight"] = sd[f"{b}cross_attn_norm.weight"]
-        out[f"{t}2.layer_norm.weight"] = sd[f"{b}ffn_norm.weight"]
-        out[f"{t}2.DenseReluDense.wi.weight"] = sd[f"{b}ffn.wi.weight"]
-        out[f"{t}2.DenseReluDense.wo.weight"] = sd[f"{b}ffn.wo.weight"]
-    from megatron_emu.convert.keys import llama_to_hf
-
-    out.update({f"decoder.lm.{llama_to_hf(k)}": v for k, v in sd.items() if llama_to_hf(k)})
-    out["decoder.lm.stu_regress_head.weight"] = sd["regression_head.weight"]
-    return out
-
-
 def test_import_emu_v1_and_eva_clip_layouts(tmp_path):
     model = build_emu(CONFIG, seed=3)
     v1 = tmp_path / "emu-v1.pt"
-    torch.save({"module": _emu_v1_state(model)}, v1)
+    torch.save({"module": emu_v1_state(model)}, v1)
     import_checkpoint([("emu-v1", str(v1))], CONFIG, str(tmp_path / "from-v1"), seed=0)
     got = read_model(str(tmp_path / "from-v1"))
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
@@ -222,23 +195,6 @@ def test_export_refuses_a_tokenizer_of_another_vocab(ours, tmp_path):
     assert not out.exists()
 
 
-def test_vit_parity_against_timm_eva():
-    timm = pytest.importorskip(
-        "timm", reason="timm is not installed: it pulls torchvision, which would replace the CPU torch here "
-        "with a multi-GB CUDA build, so it stays out of the test dependencies")
-    v = CONFIG.vision
-    reference = timm.models.eva.Eva(
-        img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.layers, num_heads=v.heads,
-        mlp_ratio=v.mlp_dim / v.width, qkv_bias=True, use_rot_pos_emb=False, num_classes=0, global_pool="",
-        norm_layer=lambda d: torch.nn.LayerNorm(d, eps=v.norm_eps),
-    ).eval()
-    model = build_emu(CONFIG, seed=4)
-    missing, unexpected = reference.load_state_dict(ours_to_eva(model.state_dict()), strict=False)
-    assert not unexpected and all(k.startswith(("norm.", "head", "fc_norm")) for k in missing)
-    reference.norm = torch.nn.Identity()  # Emu reads the last block, before EVA's final norm
-    pixels = torch.randn(2, 3, v.image_size, v.image_size)
-    with torch.no_grad():
-        assert (reference.forward_features(pixels) - model.visual(pixels)).abs().max().item() < 1e-4
 def _mapped_file(address: int) -> str:
     """The file mapped at `address` in this process ('' for anonymous memory)."""
     with open("/proc/self/maps") as f:
@@ -262,7 +218,7 @@ def test_direct_read_equals_dcp_load_and_views_stored_tensors(ours):
 
 def test_export_and_import_with_a_dtype_cast_read_the_spans_they_change(ours, exported, tmp_path):
     """With a cast the tensors are read (not copied as spans) and converted on both sides."""
-    from megatron_emu.convert.export import hf_emu_tensors
+    from megatron_emu.convert.hf_emu import hf_emu_tensors
 
     out = tmp_path / "bf16"
     export_hf(ours[0], str(out), build_tiny_tokenizer(), max_shard_bytes=400_000, dtype=torch.bfloat16)

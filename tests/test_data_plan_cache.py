@@ -52,6 +52,7 @@ def test_cached_plans_equal_the_reference_on_the_synthetic_corpus(tok, data, seq
 
 
 def test_plan_is_reused_and_a_changed_key_rebuilds(tok, data, monkeypatch):
+    monkeypatch.setattr(plan_cache, "IN_MEMORY_BYTES", 0)  # mapped, as a plan of a real dataset is
     builds = []
     real = plan_cache._build
     monkeypatch.setattr(plan_cache, "_build", lambda *a: builds.append(a[1]) or real(*a))
@@ -71,7 +72,7 @@ def test_plan_is_reused_and_a_changed_key_rebuilds(tok, data, monkeypatch):
     assert len(builds) == 6
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "garbage description", "description only"])
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "garbage header", "header only"])
 def test_damaged_plan_is_rebuilt_not_trusted(tok, data, damage):
     spec = SeqSpec.from_tokenizer(tok, 64)
     good = np.array(InterleavedView(data, spec).plan.array)
@@ -81,13 +82,13 @@ def test_damaged_plan_is_rebuilt_not_trusted(tok, data, damage):
         os.truncate(path, os.path.getsize(path) - 8)
     elif damage == "flip a byte":
         with open(path, "r+b") as f:
-            f.seek(8 * 5)
+            f.seek(plan_cache.HEADER_BYTES + 8 * 5)
             f.write(b"\x7f")
-    elif damage == "garbage description":
-        with open(path[:-4] + ".json", "w") as f:
-            f.write("{not json")
+    elif damage == "garbage header":
+        with open(path, "r+b") as f:
+            f.write(b"{not json")
     else:
-        os.remove(path)
+        os.truncate(path, plan_cache.HEADER_BYTES)
     with pytest.warns(UserWarning, match=r"\.plan-chunks-.*\.bin: .*rebuilding the plan"):
         again = InterleavedView(data, spec).plan.array
     np.testing.assert_array_equal(again, good)
@@ -98,6 +99,7 @@ def test_read_only_dataset_puts_its_plan_in_the_cache_dir(tok, data, tmp_path, m
     dataset_dir = os.path.dirname(data.prefix)
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if p == dataset_dir else real_access(p, mode))
+    monkeypatch.setattr(plan_cache, "IN_MEMORY_BYTES", 0)
     view = PairsWindowView(data, SeqSpec.from_tokenizer(tok, 512), cache_dir=str(tmp_path / "cache"))
     assert plan_files(data) == []
     assert os.path.dirname(view.plan.array.filename).startswith(str(tmp_path / "cache" / "plans"))
@@ -139,10 +141,14 @@ def test_a_wrong_sized_image_is_refused_when_read_naming_dataset_and_item(tok, t
         data.read_item(1)
 
 
-def test_views_pickle_their_plan_as_a_file_name_for_spawned_workers(tok, data):
+def test_views_pickle_their_plan_as_a_file_name_for_spawned_workers(tok, data, monkeypatch):
+    monkeypatch.setattr(plan_cache, "IN_MEMORY_BYTES", plan_cache.IN_MEMORY_BYTES)  # restored after
     import pickle
 
     view = InterleavedView(data, SeqSpec.from_tokenizer(tok, 40))  # many chunks
+    assert isinstance(view.plan.array, np.ndarray)  # small: read whole, pickles by value
+    plan_cache.IN_MEMORY_BYTES = 0
+    view = InterleavedView(data, SeqSpec.from_tokenizer(tok, 40))
     blob = pickle.dumps(view.plan)
     assert len(blob) < 1024 < view.plan.array.nbytes
     again = pickle.loads(blob).array

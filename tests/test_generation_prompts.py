@@ -13,10 +13,10 @@ from megatron_emu.config import get_preset
 from megatron_emu.data.prompts import system_message_parts
 from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
 from megatron_emu.generation.prompts import (
+    Tokens,
     Video,
     build_prompt,
     chat_prompt,
-    encode_text,
     few_shot_prompt,
     task_prompt,
     task_text,
@@ -96,19 +96,20 @@ def test_few_shot_puts_k_examples_before_the_query_with_two_frame_videos(tokeniz
 
 def test_chat_template_uses_the_added_tokens_and_the_image_system_message(instruct_tokenizer):
     image = picture(3)
-    items = chat_prompt([("what is it?", "a square")], "which colour?", visual=image)
+    tok = instruct_tokenizer
+    items = chat_prompt(tok, [("what is it?", "a square")], "which colour?", visual=image)
     before, after = system_message_parts("image")
-    assert items[0] == before and items[1] is image and items[2] == after
-    assert items[3] == " [USER]: what is it? [ASSISTANT]: a square</s> [USER]: which colour? [ASSISTANT]:"
-    ids = build_prompt(items, instruct_tokenizer, CONFIG).tokens
-    user, assistant, eos = SPECIAL.user, SPECIAL.assistant, instruct_tokenizer.eos_id
-    tail = [user] + encode_text(": what is it? ", instruct_tokenizer) + [assistant] + \
-        encode_text(": a square", instruct_tokenizer) + [eos, user] + encode_text(": which colour? ", instruct_tokenizer) + \
-        [assistant] + encode_text(":", instruct_tokenizer)
+    assert items[0] == Tokens(tok.encode(before.strip())) and items[1] is image
+    assert items[2] == Tokens(tok.encode(after.strip()))
+    ids = build_prompt(items, tok, CONFIG).tokens
+    user, assistant, eos = SPECIAL.user, SPECIAL.assistant, tok.eos_id
+    tail = [user] + tok.encode(": what is it?") + [assistant] + tok.encode(":") + tok.encode("a square") + \
+        [eos, user] + tok.encode(": which colour?") + [assistant] + tok.encode(":")
     assert ids[-len(tail):] == tail
     assert ids.count(SPECIAL.img_start) == 1
-    assert chat_prompt([], "hi")[0] == " [USER]: hi [ASSISTANT]:"  # language data: no system message
-    assert chat_prompt([], "hi", visual=Video([image] * 8))[0] == system_message_parts("video")[0]
+    assert chat_prompt(tok, [], "hi")[0] == Tokens([user] + tok.encode(": hi") + [assistant] + tok.encode(":"))  # no system message
+    video = chat_prompt(tok, [], "hi", visual=Video([image] * 8))
+    assert video[0] == Tokens(tok.encode(system_message_parts("video")[0].strip())) and video[1:9] == [image] * 8
 
 
 def test_user_marker_needs_the_instruct_vocabulary(tokenizer):

@@ -63,17 +63,17 @@ def test_a_six_token_state_file_is_emu_i_and_chats(tmp_path, image_path):
     gen = EmuGenerator.load(path)
     assert gen.model == "emu-i" and gen.tokenizer.vocab_size == 518
     assert gen.stop_ids == {gen.tokenizer.eos_id: "eos", config.special_tokens.user: "user"}  # [USER]: next turn
-    result = gen.generate([gen_chat(Path(image_path))], GREEDY)[0]
+    result = gen.generate([gen_chat(gen.tokenizer, Path(image_path))], GREEDY)[0]
     assert len(result.tokens) == 4 or result.stop in ("eos", "user")
     assert isinstance(gen.chat("which colour?", visual=Path(image_path), config=GREEDY), str)
     with pytest.raises(ValueError, match="Emu-I's \\[USER\\]/\\[ASSISTANT\\] template"):
         EmuGenerator(build_emu(CONFIG, seed=0), gen.tokenizer.__class__(build_tiny_tokenizer())).chat("hi")
 
 
-def gen_chat(image):
+def gen_chat(tokenizer, image):
     from megatron_emu.generation.prompts import chat_prompt
 
-    return chat_prompt([("what is it?", "a square")], "which colour?", visual=image)
+    return chat_prompt(tokenizer, [("what is it?", "a square")], "which colour?", visual=image)
 
 
 def test_tool_captions_images_with_a_progress_bar(checkpoint, image_path, capfd):
@@ -105,3 +105,39 @@ def test_tool_run_bare_prints_usage_and_an_example_not_a_traceback():
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "usage: generate_text.py" in done.stderr and "example: python tools/generate_text.py --load" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def emu_i_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen-i") / "ckpt"
+    config = dataclasses.replace(CONFIG, llm=dataclasses.replace(CONFIG.llm, num_special_tokens=6))
+    import_checkpoint([], config, str(root), seed=0)  # a random tiny Emu-I
+    return str(root)
+
+
+def test_tool_chats_without_an_image(emu_i_checkpoint):
+    """Language-only chat: one conversation per --question, no system message (Appendix B.2)."""
+    from megatron_emu.generation.prompts import build_prompt, chat_prompt
+
+    lines = generate_text.main(["--load", emu_i_checkpoint, "--task", "chat", "--question", "what comes after two?",
+                                "--question", "and after three?", "--turn", "hi", "hello.", "--max-new-tokens", "3"])
+    assert [line.split("\t")[0] for line in lines] == ["what comes after two?", "and after three?"]
+    gen = EmuGenerator.load(emu_i_checkpoint)
+    expected = gen.generate([chat_prompt(gen.tokenizer, [("hi", "hello.")], "what comes after two?")], DecodingConfig(3))[0]
+    assert lines[0] == f"what comes after two?\t{expected.text}"
+    prompt = build_prompt(chat_prompt(gen.tokenizer, [], "what comes after two?"), gen.tokenizer, CONFIG).tokens
+    assert prompt[1] == gen.tokenizer.special.user and CONFIG.special_tokens.img_start not in prompt
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "chat"], "nothing to do"),
+    (["--task", "caption", "--image", "IMG", "--turn", "q", "a"], "--turn gives a chat's earlier turns"),
+    (["--task", "chat", "--image", "IMG", "--image", "IMG", "--question", "a", "--question", "b", "--question", "c"],
+     "one --question per image / video"),
+    (["--task", "chat", "--question", "hi", "--pretrained-checkpoint", "CKPT"], "is a full checkpoint, not adapters"),
+])
+def test_tool_refuses_bad_chat_flags_in_one_line(emu_i_checkpoint, image_path, argv, message):
+    argv = [emu_i_checkpoint if a == "CKPT" else image_path if a == "IMG" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        generate_text.main(["--load", emu_i_checkpoint, *argv])
+    assert message in str(exit_.value.code)

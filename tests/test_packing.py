@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_emu.config import get_preset
+from megatron_emu.config import LLaMAConfig, get_preset
 from megatron_emu.data.packing import first_fit_decreasing, pad_rows
 from megatron_emu.model import attention
 from megatron_emu.model.attention import dense_document_mask, document_boundaries, set_attention_backend
@@ -57,8 +57,8 @@ def test_packed_layout_keeps_every_sample_whole():
 
 def test_positions_restart_and_mask_stays_within_documents():
     ids = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 1, 1]])
-    positions = token_positions(rotary_tables(4, 16, 10000.0), 6, ids)
-    table = rotary_tables(4, 16, 10000.0)
+    table = rotary_tables(LLaMAConfig(hidden=8, heads=2), 16)  # head_dim 4
+    positions = token_positions(table, 6, ids)
     expected = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
     torch.testing.assert_close(positions.cos, table[0, expected].unsqueeze(1))
     allowed = dense_document_mask(ids)[1, 0]

@@ -28,7 +28,7 @@ from megatron_emu.model.loss import emu_loss
 from megatron_emu.parallel.mesh import ParallelDims, build_mesh
 from megatron_emu.parallel.parallelize import parallelize_emu
 from megatron_emu.training.optim import build_optimizer
-from megatron_emu.training.train import build_parallel_optimizer, pipeline_loss_fn, train_step
+from megatron_emu.training.train import build_parallel_optimizer, pipeline_loss_fn, train_step, vision_placement
 from tests.batches import random_batch
 from tests.dist_utils import spawn
 
@@ -89,13 +89,15 @@ def local_numel(param) -> int:
 def build_run(world: int, parallel: dict, make_config=run_config):
     """(config, ParallelModel, optimizer, pmesh, micro-batches per DP rank) for one layout;
     parallel["performance"]: PerformanceConfig fields (default: fused kernels, fp32)."""
+    parallel = dict(parallel)
+    placement = parallel.pop("vision_placement", None)  # per encoder, else from --vision-tensor-parallel
     config = make_config(**parallel)
     dims = ParallelDims.from_config(config.parallel, world, config.model, config.data.seq_length)
     n_micro = dims.validate(config.model, config.data)
     pmesh = build_mesh(dims, torch.device("cpu"))
     losses: list = []
     pmodel = parallelize_emu(build_emu(config.model, seed=config.seed), pmesh, n_micro, pipeline_loss_fn(losses, config),
-                             config.seed, config.performance)
+                             config.seed, config.performance, vision_placement=placement or vision_placement(config, dims))
     pmodel.losses = losses
     optimizer = build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels)
     return config, pmodel, optimizer, pmesh, n_micro
@@ -312,6 +314,13 @@ WORLD2 = {
     "PP2 zero-bubble full recompute": dict(pipeline_model_parallel_size=2, pipeline_schedule="zero-bubble",
                                            performance=dict(recompute_granularity="full")),
     "TP2+SP unfused": dict(tensor_model_parallel_size=2, sequence_parallel=True, performance=dict(fused_kernels=False)),
+    # Image encoders replicated, each TP rank encoding its share of the images (1 per micro-batch:
+    # rank 1 encodes a padding copy whose output is dropped).
+    "TP2 images split": dict(tensor_model_parallel_size=2, vision_tensor_parallel="images"),
+    "TP2+SP ViT heads, Causal Former images": dict(tensor_model_parallel_size=2, sequence_parallel=True,
+                                                   vision_placement=dict(visual="heads", causal_former="images")),
+    "TP2 ViT images, Causal Former heads": dict(tensor_model_parallel_size=2,
+                                                vision_placement=dict(visual="images", causal_former="heads")),
 }
 BYTES2 = {k: WORLD2[k] for k in ("TP2", "PP2 1F1B", "DP2 FSDP2", "DP2 DDP")}
 # TP x PP (the layout whose stage hand-offs and TP collectives interact), sequence
@@ -323,6 +332,8 @@ WORLD4 = {
                                     pipeline_schedule="interleaved", num_layers_per_virtual_pipeline_stage=1),
     "TP2+SP xDP2 FSDP2": dict(tensor_model_parallel_size=2, sequence_parallel=True, data_parallel_sharding="fsdp"),
     "DP4 HSDP 2x2": dict(data_parallel_sharding="hsdp", num_distributed_optimizer_instances=2),
+    "TP2 images split xDP2 FSDP2": dict(tensor_model_parallel_size=2, vision_tensor_parallel="images",
+                                        data_parallel_sharding="fsdp"),
 }
 BYTES4 = {k: WORLD4[k] for k in ("TP2xPP2", "DP4 HSDP 2x2")}
 WORLD8 = {

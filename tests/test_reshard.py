@@ -218,7 +218,7 @@ def test_export_from_a_sharded_checkpoint_has_logit_parity(saved, name, tmp_path
     with torch.no_grad():
         ours = llm.output(llm.norm(llm.forward_layers(llm.tok_embeddings(tokens))))  # (B, S, V)
         assert (hf(tokens).logits - ours).abs().max().item() < 1e-4
-    from megatron_emu.convert.export import load_emu_from_hf
+    from megatron_emu.convert.hf_emu import load_emu_from_hf
 
     whole = load_emu_from_hf(out)  # visual side too: bit-identical to the loaded checkpoint
     assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in whole.named_parameters())

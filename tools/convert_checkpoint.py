@@ -5,14 +5,18 @@ Export (any TP/PP/DP layout):
   python tools/convert_checkpoint.py --to hf --input CKPT --output OUT [--tokenizer-model SP] [--dtype bf16]
       OUT: transformers LlamaForCausalLM dir (config.json, sharded safetensors + index, tokenizer
       with [PAD] [IMG] [/IMG] <image> at the spec ids) + OUT/visual/ (ViT, ln_visual, Causal
-      Former, regression head; reload the whole Emu with megatron_emu.convert.export.load_emu_from_hf).
+      Former, regression head; reload the whole Emu with megatron_emu.convert.hf_emu.load_emu_from_hf).
   python tools/convert_checkpoint.py --to peft --input ADAPTER_CKPT --output OUT   (LoRA: adapter_config.json + safetensors)
   python tools/convert_checkpoint.py --to diffusers --input DECODER_SAVE --output OUT
       the decoder's newest UNet (EMA weights if present) as a diffusers UNet2DConditionModel
       (--unet-config SD_UNET_DIR only for decoder checkpoints that do not store the UNet config).
-Import (our checkpoint at iteration 0; train with --load OUT --finetune):
+Import (our checkpoint at iteration 0; train with --load OUT --finetune --use-checkpoint-args, which keeps
+the norm eps / rope a LLaMA's config.json carried; a config field our LLaMA cannot compute is refused):
   python tools/convert_checkpoint.py --from hf-llama eva-clip --input LLAMA_DIR EVA.pt --preset emu-14b --output OUT
   python tools/convert_checkpoint.py --from emu-v1 --input Emu-pretrain.pt --preset emu-14b --output OUT
+  python tools/convert_checkpoint.py --from emu-v1 --input Emu-instruct.pt --preset emu-14b --output OUT
+      the released Emu-I: 32006 vocabulary rows -> an Emu-I checkpoint ([USER] [ASSISTANT]); its PEFT
+      LoRA (if unmerged) folded in with --lora-alpha (the release's 16) / r.
 """
 
 import argparse
@@ -50,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export: safetensors shard size; import: tensors held before each write (peak memory)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="cast floats (default: keep)")
     p.add_argument("--seed", type=int, default=1234, help="init of modules no input provides")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="--from emu-v1 with unmerged PEFT LoRA (Emu-I): its alpha (default: the release's 16)")
     p.add_argument("--unet-config", default="", help="--to diffusers: a diffusers UNet dir whose config to use "
                    "(default: the config stored in the decoder checkpoint)")
     return p
@@ -59,6 +65,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.lora_alpha is not None and "emu-v1" not in (args.source or []):
+        parser.error("--lora-alpha is read only by --from emu-v1 (the released Emu-I's unmerged LoRA)")
     if args.tokenizer_model and args.to != "hf":  # an ignored flag would look like it had been used
         parser.error(f"--tokenizer-model is read only by --to hf (the export writes the tokenizer); "
                      f"{'--to ' + args.to if args.to else '--from ' + ' '.join(args.source)} does not use it")
@@ -82,9 +90,12 @@ def main(argv=None) -> None:
 
         if len(args.source) != len(args.input):
             raise SystemExit(f"--from names {len(args.source)} kinds but --input gives {len(args.input)} paths")
+        from megatron_emu.convert.emu_i import EMU_I_LORA_ALPHA
+
         import_checkpoint(list(zip(args.source, args.input)), get_preset(args.preset), args.output,
                           preset=args.preset, seed=args.seed, dtype=parse_dtype(args.dtype),
-                          max_shard_bytes=args.max_shard_size)
+                          max_shard_bytes=args.max_shard_size,
+                          lora_alpha=EMU_I_LORA_ALPHA if args.lora_alpha is None else args.lora_alpha)
     seconds = time.perf_counter() - start
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.output) for f in files)
     print(json.dumps({"output": args.output, "bytes": size, "seconds": round(seconds, 2),

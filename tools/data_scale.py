@@ -119,7 +119,7 @@ def _fresh_process(path: str, model: str) -> dict:
 def _remove_plans(prefix: str) -> None:
     folder, name = os.path.split(prefix)
     for f in os.listdir(folder):
-        if f.startswith(name + ".plan-"):
+        if f.startswith(name + ".plan-") or f.startswith(name + ".idx-verified"):  # plans and checksum stamps
             os.remove(os.path.join(folder, f))
 
 

@@ -5,10 +5,13 @@
     python tools/generate_text.py --load CKPT --task video-qa --video frames_dir/ --question "what moves?"
     python tools/generate_text.py --load CKPT --task few-shot --example a.png "a red circle" --image q.png
     python tools/generate_text.py --load EMU_I --task chat --image cat.png --question "what is it?"
+    python tools/generate_text.py --load EMU_I --task chat --question "what comes after two?"   (no image: language chat)
+    python tools/generate_text.py --load ADAPTERS --task chat --question "hi"   (a LoRA checkpoint on its recorded base)
     python tools/generate_text.py --load CKPT --prompt "<img:cat.png> a photo of" --prompt "once upon"
     torchrun --nproc-per-node 2 tools/generate_text.py --load CKPT --image cat.png --tensor-model-parallel-size 2
 
---load takes our checkpoint (any TP/PP/DP layout), an HF export or a state-dict file.
+--load takes our checkpoint (any TP/PP/DP layout), an instruction-tuning adapter checkpoint (on the
+base it records, or --pretrained-checkpoint), an HF export or a state-dict file.
 One result per line: the prompt's visual and question, a tab, the generated text.
 """
 
@@ -30,13 +33,18 @@ USAGE_EXAMPLE = ("example: python tools/generate_text.py --load runs/tiny/ckpt -
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=USAGE_EXAMPLE)
     p.add_argument("--load", default="", help="checkpoint dir (DCP), HF export dir, or .safetensors/.pt state dict")
+    p.add_argument("--pretrained-checkpoint", default="",
+                   help="the base of an adapter checkpoint --load (default: the base it records; another base is refused)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size of a state-dict file")
     p.add_argument("--tokenizer-model", default="", help="sentencepiece .model (default: the tiny tokenizer)")
     p.add_argument("--task", default="", choices=TASKS, help="default: caption with --image, else prompt")
     p.add_argument("--model", default="", choices=["", "emu", "emu-i"], help="prompt style (default: from the vocabulary)")
     p.add_argument("--image", action="append", default=[], help="one query per image (repeat)")
     p.add_argument("--video", action="append", default=[], help="directory of frames or video file (8 frames kept)")
-    p.add_argument("--question", action="append", default=[], help="one per image/video, or one for all")
+    p.add_argument("--question", action="append", default=[],
+                   help="one per image/video, or one for all; chat without --image/--video: one conversation each")
+    p.add_argument("--turn", nargs=2, action="append", default=[], metavar=("QUESTION", "ANSWER"),
+                   help="chat: an earlier turn of the conversation (repeat, in order)")
     p.add_argument("--example", nargs=2, action="append", default=[], metavar=("VISUAL", "TEXT"),
                    help="few-shot: an in-context example (image or video path, its text with the answer)")
     p.add_argument("--prompt", action="append", default=[], help="free prompt; <img:PATH> / <video:PATH> insert media")
@@ -86,11 +94,15 @@ def queries(args, gen) -> list[tuple[str, list]]:
     task = args.task or ("caption" if args.image else "prompt")
     if task == "prompt":
         return [(text, free_prompt(text)) for text in args.prompt]
+    if args.turn and task != "chat":
+        raise ValueError(f"--turn gives a chat's earlier turns; --task {task} has none (use --task chat)")
+    if task == "chat":
+        return chat_queries(args)
     paths = args.video if task.startswith("video") else args.image
     if not paths:
         raise ValueError(f"--task {task} needs {'--video' if task.startswith('video') else '--image'}")
     questions = args.question * len(paths) if len(args.question) == 1 else args.question
-    if task in ("vqa", "video-qa", "video-temporal-qa", "chat") and len(questions) != len(paths):
+    if task in ("vqa", "video-qa", "video-temporal-qa") and len(questions) != len(paths):
         raise ValueError(f"--task {task}: give one --question per {'video' if task.startswith('video') else 'image'}"
                          f" or one for all ({len(questions)} for {len(paths)})")
     if task == "caption":
@@ -102,6 +114,21 @@ def queries(args, gen) -> list[tuple[str, list]]:
     return [(f"{p}\t{q}", (p, q)) for p, q in zip(paths, questions)]  # answered by the API's task methods
 
 
+def chat_queries(args) -> list[tuple[str, tuple]]:
+    """Emu-I chat: one conversation per image / video with its question, or, with neither, one
+    language-only conversation per --question (no system message, Appendix B.2)."""
+    paths = args.image + args.video
+    if not args.question:
+        raise ValueError("--task chat needs --question")
+    if not paths:
+        return [(q, (None, q)) for q in args.question]
+    questions = args.question * len(paths) if len(args.question) == 1 else args.question
+    if len(questions) != len(paths):
+        raise ValueError(f"--task chat: give one --question per image / video or one for all "
+                         f"({len(questions)} for {len(paths)})")
+    return [(f"{p}\t{q}", (p, q)) for p, q in zip(paths, questions)]
+
+
 def run(args) -> list[str]:
     import torch
     from tqdm import tqdm
@@ -110,16 +137,18 @@ def run(args) -> list[str]:
 
     device, tp_mesh = devices(args)
     gen = EmuGenerator.load(args.load, args.preset, args.tokenizer_model, device,
-                            torch.bfloat16 if args.bf16 else torch.float32, args.model, tp_mesh)
+                            torch.bfloat16 if args.bf16 else torch.float32, args.model, tp_mesh,
+                            base=args.pretrained_checkpoint)
     config = DecodingConfig(args.max_new_tokens, args.num_beams, args.sample, args.temperature, args.top_k, args.top_p,
                             args.repetition_penalty, args.length_penalty, args.seed)
     config.validate()
     todo, lines = queries(args, gen), []
+    turns = [tuple(t) for t in args.turn]
     task = args.task or ("caption" if args.image else "prompt")
     with tqdm(total=len(todo), desc="prompts", unit="prompt", file=sys.stderr, disable=not first_rank()) as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            for (label, _), text in zip(batch, answer(gen, task, [q for _, q in batch], config)):
+            for (label, _), text in zip(batch, answer(gen, task, [q for _, q in batch], config, turns)):
                 lines.append(f"{label}\t{text}")
             bar.update(len(batch))
     return lines
@@ -144,14 +173,14 @@ def first_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def answer(gen, task: str, batch: list, config) -> list[str]:
+def answer(gen, task: str, batch: list, config, turns: list[tuple[str, str]]) -> list[str]:
     if task in ("prompt", "caption", "few-shot"):
         return gen.texts(batch, config)
+    if task == "chat":
+        return [gen.chat(q, turns, None if p is None else visual(p), config) for p, q in batch]
     visuals, questions = [visual(p) for p, _ in batch], [q for _, q in batch]
     if task == "vqa":
         return gen.vqa(visuals, questions, config)
-    if task == "chat":
-        return [gen.chat(q, visual=v, config=config) for v, q in zip(visuals, questions)]
     return gen.video_qa(visuals, questions, temporal=task == "video-temporal-qa", config=config)
 
 
@@ -161,7 +190,7 @@ def main(argv=None) -> list[str]:
     if not args.load:
         parser.print_usage(sys.stderr)
         sys.exit(f"generate_text.py: --load CHECKPOINT is required\n{USAGE_EXAMPLE}")
-    if not (args.image or args.video or args.prompt):
+    if not (args.image or args.video or args.prompt or (args.task == "chat" and args.question)):
         sys.exit(f"generate_text.py: nothing to do: give --image, --video or --prompt\n{USAGE_EXAMPLE}")
     try:
         lines = run(args)

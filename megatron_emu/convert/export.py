@@ -1,7 +1,8 @@
 """Ours -> Hugging Face: the LLM as a transformers LlamaForCausalLM directory (config.json,
 sharded safetensors + index, tokenizer with Emu's added tokens at the spec ids) and the
 visual side (EVA ViT, ln_visual, Causal Former, regression head) in `visual/` as
-safetensors + our model config, so `load_emu_from_hf` rebuilds the whole Emu."""
+safetensors + our model config (the layout: hf_emu.py, whose `load_emu_from_hf` rebuilds
+the whole Emu). config.json states the model's real rope / norm settings (hf_llama_config.py)."""
 
 from __future__ import annotations
 
@@ -14,42 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from megatron_emu.config import (
-    SPECIAL_TOKEN_NAMES,
-    CausalFormerConfig,
-    LLaMAConfig,
-    ModelConfig,
-    VisionConfig,
-)
+from megatron_emu.config import SPECIAL_TOKEN_NAMES, LLaMAConfig, ModelConfig
 from megatron_emu.convert.direct_io import FileSpan
-from megatron_emu.convert.keys import hf_to_llama, llama_to_hf
-from megatron_emu.convert.streams import DCPSource, SafetensorsSource, atomic_output_dir, plan_shards, write_sharded
-from megatron_emu.files import read_json
+from megatron_emu.convert.hf_emu import VISUAL_DIR, VISUAL_FORMAT
+from megatron_emu.convert.hf_llama_config import hf_llama_config
+from megatron_emu.convert.keys import llama_to_hf
+from megatron_emu.convert.streams import DCPSource, atomic_output_dir, plan_shards, write_sharded
 
-VISUAL_DIR = "visual"
-VISUAL_FORMAT = "megatron_emu.emu-visual/1"
 VOCAB_ROWS = ("llm.tok_embeddings.weight", "llm.output.weight")  # our names
-
-
-def model_config_from_dict(d: dict) -> ModelConfig:
-    return ModelConfig(
-        vision=VisionConfig(**d["vision"]),
-        causal_former=CausalFormerConfig(**d["causal_former"]),
-        llm=LLaMAConfig(**d["llm"]),
-        init_std=d.get("init_std", 0.02),
-    )
-
-
-def hf_llama_config(llm: LLaMAConfig, special_ids: dict[str, int]):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=llm.vocab_size, hidden_size=llm.hidden, intermediate_size=llm.ffn_dim,
-        num_hidden_layers=llm.layers, num_attention_heads=llm.heads, num_key_value_heads=llm.heads,
-        max_position_embeddings=llm.max_positions, rms_norm_eps=llm.norm_eps, rope_theta=llm.rope_theta,
-        hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=special_ids["[PAD]"], torch_dtype="float32",
-    )
 
 
 def check_tokenizer(sp_model: str, llm: LLaMAConfig) -> dict[str, int]:
@@ -121,7 +94,7 @@ def _export_group(source: DCPSource, names: list[str], rename, directory: str, m
 def export_hf(checkpoint: str, output: str, tokenizer_model: str, max_shard_bytes: int = 5 * 2**30, dtype=None) -> None:
     """Our DCP checkpoint (any layout) -> `output` (nothing is left there on failure)."""
     source = DCPSource(checkpoint)
-    config = model_config_from_dict(source.record["config"]["model"])
+    config = ModelConfig.from_dict(source.record["config"]["model"])
     padded = config.llm.padded_vocab_size != config.llm.vocab_size
     # Hugging Face gets the real vocabulary only: padding rows are dropped on export.
     config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, make_vocab_size_divisible_by=1))
@@ -143,34 +116,3 @@ def export_hf(checkpoint: str, output: str, tokenizer_model: str, max_shard_byte
         with open(os.path.join(tmp, VISUAL_DIR, "config.json"), "w") as f:
             json.dump({"format": VISUAL_FORMAT, "model": dataclasses.asdict(config)}, f, indent=2)
         tokenizer.result()
-
-
-def read_visual_config(directory: str) -> ModelConfig:
-    path = os.path.join(directory, VISUAL_DIR, "config.json")
-    record = read_json(path, "not an Emu export")
-    if record.get("format") != VISUAL_FORMAT:
-        raise ValueError(f"{path}: format {record.get('format')!r}, expected {VISUAL_FORMAT!r}")
-    return model_config_from_dict(record["model"])
-
-
-def hf_emu_tensors(directory: str, spans: bool = False):
-    """(our name, tensor) for every tensor of an export made by export_hf; with spans=True
-    (our name, FileSpan): where the bytes lie, nothing read (SafetensorsSource.spans)."""
-    llm, visual = SafetensorsSource(directory), SafetensorsSource(os.path.join(directory, VISUAL_DIR))
-    for name, tensor in llm.spans() if spans else llm:
-        ours = hf_to_llama(name)
-        if ours is None:
-            raise ValueError(f"{directory}: unexpected tensor {name}")
-        yield ours, tensor
-    yield from visual.spans() if spans else visual
-
-
-def load_emu_from_hf(directory: str, device: str = "cpu"):
-    """The whole Emu from an export directory (for inference)."""
-    from megatron_emu.convert.imports import assign_all
-    from megatron_emu.model.emu import build_emu
-
-    config = read_visual_config(directory)
-    model = build_emu(config, device=device, seed=0)
-    assign_all(model, hf_emu_tensors(directory), source=directory, required=("",))
-    return model

@@ -1,8 +1,11 @@
-"""Public checkpoints -> our DCP checkpoint (`--load DIR --finetune` starts training from it).
+"""Public checkpoints -> our DCP checkpoint (`--load DIR --finetune --use-checkpoint-args` trains from it).
 
 Kinds: hf-llama (transformers LLaMA dir: the LLM; embedding and LM head grown for the
-added tokens, new rows = mean of the old ones), eva-clip (the ViT, fused qkv split),
-emu-v1 (the official Emu v1 release, whole model), hf-emu (our own export_hf output).
+added tokens, new rows = mean of the old ones; its config.json's norm eps and rope carried,
+hf_llama_config.py), eva-clip (the ViT, fused qkv split; any EVA-CLIP / open_clip layout),
+emu-v1 (the official Emu v1 release, whole model; also the released Emu-I: its PEFT LoRA
+merged on the way, convert/emu_i.py, and its 32006-row vocabulary imported as Emu-I's six
+added tokens), hf-emu (our own export_hf output).
 Modules no source provides get a fresh initialisation (seeded, family by family).
 Streaming: the model is never held whole; source tensors go out in groups of about
 --max-shard-size (convert/dcp_writer.py). Safetensors inputs whose tensors pass through
@@ -15,23 +18,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
 
 import torch
 from tqdm import tqdm
 
-from megatron_emu.config import ModelConfig
-from megatron_emu.convert.export import hf_emu_tensors, read_visual_config
+from megatron_emu.config import LLAMA_FUNCTION_FIELDS, NUM_INSTRUCT_SPECIAL_TOKENS, ModelConfig
 from megatron_emu.convert.dcp_writer import GroupedDCPWriter
+from megatron_emu.convert.emu_i import EMU_I_LORA_ALPHA, embedding_rows, merge_peft_lora
 from megatron_emu.convert.direct_io import FileSpan
+from megatron_emu.convert.hf_emu import hf_emu_tensors, read_visual_config
+from megatron_emu.convert.hf_llama_config import llm_config_from_hf
 from megatron_emu.convert.keys import emu_v1_to_ours, eva_to_ours, hf_to_llama
 from megatron_emu.convert.streams import SafetensorsSource, atomic_output_dir, open_source
 from megatron_emu.data.tokenizer import resize_token_embeddings
-from megatron_emu.files import read_json
 from megatron_emu.model.emu import build_emu
 from megatron_emu.model.init import init_parameters
-from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, iteration_dir, write_latest
+from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, flatten, iteration_dir, write_latest
+
+log = logging.getLogger("megatron_emu")
 
 KINDS = ("hf-llama", "eva-clip", "emu-v1", "hf-emu")
 # Which of our modules each kind must fill completely.
@@ -39,31 +46,39 @@ _REQUIRED = {"hf-llama": ("llm.",), "eva-clip": ("visual.",), "emu-v1": ("",), "
 _VOCAB_ROWS = ("llm.tok_embeddings.weight", "llm.output.weight")
 
 
-def check_hf_llama_config(path: str, config: ModelConfig) -> None:
-    """Every field of the transformers config.json that fixes a shape must match the preset."""
-    file = os.path.join(path, "config.json")
-    hf = read_json(file, "unreadable")
-    llm = config.llm
-    expected = {
-        "hidden_size": llm.hidden, "num_hidden_layers": llm.layers, "num_attention_heads": llm.heads,
-        "num_key_value_heads": llm.heads, "intermediate_size": llm.ffn_dim,
-    }
-    actual = dict(hf)
-    actual.setdefault("num_key_value_heads", hf.get("num_attention_heads"))  # absent = no GQA
-    diffs = [f"{k}: checkpoint {actual.get(k)} vs model {v}" for k, v in expected.items() if actual.get(k) != v]
-    if hf.get("vocab_size") not in (llm.base_vocab_size, llm.vocab_size):
-        diffs.append(f"vocab_size: checkpoint {hf.get('vocab_size')} vs model {llm.base_vocab_size} (+{llm.num_special_tokens} added)")
-    if hf.get("tie_word_embeddings"):
-        diffs.append("tie_word_embeddings: checkpoint true vs model false (Emu's LM head is untied)")
+def source_config(inputs: list[tuple[str, str]], config: ModelConfig) -> ModelConfig:
+    """The preset with what the inputs' own configs carry (rope, norm epsilon): a LLaMA's
+    config.json (hf_llama_config.py) or our export's; a different size is refused."""
+    for kind, path in inputs:
+        if kind == "hf-llama":
+            llm = llm_config_from_hf(path, config.llm)
+        elif kind == "hf-emu":
+            llm = _carried_from_export(path, config)
+        else:
+            continue  # a bare state dict (EVA-CLIP, Emu v1) states no config
+        changed = [f"{f} {getattr(llm, f)!r} (preset {getattr(config.llm, f)!r})"
+                   for f in LLAMA_FUNCTION_FIELDS if getattr(llm, f) != getattr(config.llm, f)]
+        if changed:
+            log.info("%s: carried from its config: %s", path, ", ".join(changed))
+        config = dataclasses.replace(config, llm=llm)
+    return config
+
+
+def _carried_from_export(path: str, config: ModelConfig):
+    saved = read_visual_config(path)
+    llm = dataclasses.replace(config.llm, **{f: getattr(saved.llm, f) for f in LLAMA_FUNCTION_FIELDS})
+    a, b = flatten(dataclasses.asdict(saved)), flatten(dataclasses.asdict(dataclasses.replace(config, llm=llm)))
+    diffs = [f"{k}: export {a[k]!r} vs preset {b[k]!r}" for k in a if a[k] != b.get(k)]
     if diffs:
-        raise ValueError(f"{file}: a different model size: {'; '.join(diffs)}")
+        raise ValueError(f"{path}: exported from another model config: {'; '.join(diffs)}")
+    return llm
 
 
-def _fit_vocab(name: str, tensor: torch.Tensor, target: torch.Tensor, source: str, llm) -> torch.Tensor:
+def _fit_vocab(name: str, tensor: torch.Tensor, target: torch.Tensor, where: str, llm) -> torch.Tensor:
     """Grow a base-vocabulary embedding / LM head by the added tokens (mean of old rows)."""
     if name in _VOCAB_ROWS and tensor.shape[0] != target.shape[0]:
         if tensor.shape[0] not in (llm.base_vocab_size, llm.vocab_size) or tensor.shape[1:] != target.shape[1:]:
-            raise ValueError(f"{source}: vocab mismatch: {name} has {tensor.shape[0]} rows, the model has "
+            raise ValueError(f"{where}: vocab mismatch: {tensor.shape[0]} rows, the model has "
                              f"{llm.base_vocab_size} pieces + {llm.num_special_tokens} added tokens")
         # Added tokens (and --make-vocab-size-divisible-by padding): mean of the old rows.
         return resize_token_embeddings(_loaded(tensor), target.shape[0])
@@ -75,29 +90,29 @@ def _loaded(tensor: torch.Tensor | FileSpan) -> torch.Tensor:
     return tensor.tensor() if isinstance(tensor, FileSpan) else tensor
 
 
-def assign_all(model, tensors, source: str, required: tuple[str, ...]) -> set[str]:
-    """Copy (our name, tensor) pairs into `model`, checking names and shapes; every
-    parameter under a `required` prefix must be filled. Returns the names filled."""
-    params = dict(model.named_parameters())
-    filled = set()
-    for name, tensor in tqdm(tensors, desc=f"read {os.path.basename(source.rstrip('/'))}", unit="tensor", leave=False):
-        tensor = _checked(name, tensor, params, source, model.config.llm)
-        with torch.no_grad():
-            params[name].copy_(tensor)
-        filled.add(name)
-    missing = [n for n in params if n.startswith(required) and n not in filled]
-    if missing:
-        raise ValueError(f"{source}: lacks {len(missing)} tensors the model needs, e.g. {', '.join(missing[:3])}")
-    return filled
+def _checked(name: str, tensor, targets: dict, path: str, original: str, llm):
+    """The tensor as our parameter `name` needs it (vocab grown), or one clear error naming
+    the tensor as the input names it (`original`)."""
+    where = f"{path}: {original}" + (f" (read as {name})" if original != name else "")
+    if name not in targets:
+        raise ValueError(f"{where}: has no place in this model")
+    target = targets[name]
+    tensor = _fit_vocab(name, tensor, target, where, llm)
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise ValueError(f"{where}: shape {tuple(tensor.shape)}, the model needs {tuple(target.shape)} "
+                         "(a checkpoint of another model size?)")
+    return tensor
 
 
-def _mapped(source, convert, path: str):
+def _mapped(source, convert, path: str, targets: dict, llm):
+    """(our name, checked tensor) for every tensor `convert` maps; errors name the input's key."""
     for name, tensor in source:
         try:
             pairs = convert(name, tensor)
         except KeyError:
             raise ValueError(f"{path}: unexpected tensor {name}") from None
-        yield from pairs or ()
+        for ours, part in pairs or ():
+            yield ours, _checked(ours, part, targets, path, name, llm)
 
 
 def _hf_llama_pair(name, tensor):
@@ -109,37 +124,42 @@ def _hf_llama_pair(name, tensor):
     return [(ours, tensor)]
 
 
-def _eva_pairs(name, tensor):
-    return eva_to_ours(name[len("visual."):] if name.startswith("visual.") else name, tensor)
+def eva_vit_names(names: list[str]) -> dict[str, str | None]:
+    """Each key of an EVA-CLIP file -> its name inside the ViT (None: not the ViT).
+
+    Three layouts: the bare ViT (blocks.*); a CLIP model with the ViT under `visual.` and the
+    text tower under `text.` (EVA-CLIP's CustomCLIP) or at top level (open_clip's CLIP:
+    transformer.*, token_embedding, ln_final, ...); any of them `module.`-prefixed, as
+    saved from DistributedDataParallel (EVA's own loader strips it too)."""
+    ddp = bool(names) and all(n.startswith("module.") for n in names)
+    inner = {n: n[len("module."):] if ddp else n for n in names}
+    if not any(k.startswith("visual.") for k in inner.values()):
+        return inner
+    return {n: k[len("visual."):] if k.startswith("visual.") else None for n, k in inner.items()}
 
 
-def source_tensors(kind: str, path: str, config: ModelConfig):
-    """(our name, tensor) pairs of one input, validated before anything is written."""
+def _eva_source(path: str):
+    source = open_source(path)
+    keys = list(source.names) if isinstance(source, SafetensorsSource) else list(source.state)
+    vit = eva_vit_names(keys)
+
+    def pairs(name, tensor):
+        return None if vit[name] is None else eva_to_ours(vit[name], tensor)
+
+    return source, pairs
+
+
+def source_tensors(kind: str, path: str, targets: dict, llm, lora_alpha: float = EMU_I_LORA_ALPHA):
+    """(our name, tensor) pairs of one input, checked against `targets` (our parameters)."""
     if kind == "hf-llama":
-        check_hf_llama_config(path, config)
-        return _mapped(SafetensorsSource(path).spans(), _hf_llama_pair, path)  # renames only: copied unread
+        return _mapped(SafetensorsSource(path).spans(), _hf_llama_pair, path, targets, llm)  # renames: copied unread
     if kind == "eva-clip":
-        return _mapped(open_source(path), _eva_pairs, path)
+        return _mapped(*_eva_source(path), path, targets, llm)
     if kind == "emu-v1":
-        return _mapped(open_source(path), emu_v1_to_ours, path)
+        return _mapped(merge_peft_lora(open_source(path), path, lora_alpha), emu_v1_to_ours, path, targets, llm)
     if kind == "hf-emu":
-        saved = dataclasses.asdict(read_visual_config(path))
-        if saved != dataclasses.asdict(config):
-            raise ValueError(f"{path}: exported from another model config than the one requested")
-        return hf_emu_tensors(path, spans=True)
+        return _mapped(hf_emu_tensors(path, spans=True), lambda n, t: [(n, t)], path, targets, llm)
     raise ValueError(f"unknown --from {kind!r}; choose from {KINDS}")
-
-
-def _checked(name: str, tensor: torch.Tensor, targets: dict, source: str, llm) -> torch.Tensor:
-    """The tensor as our parameter `name` needs it (vocab grown), or one clear error."""
-    if name not in targets:
-        raise ValueError(f"{source}: tensor {name} has no place in this model")
-    target = targets[name]
-    tensor = _fit_vocab(name, tensor, target, source, llm)
-    if tuple(tensor.shape) != tuple(target.shape):
-        raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model needs {tuple(target.shape)} "
-                         "(a checkpoint of another model size?)")
-    return tensor
 
 
 _FAMILIES = ("visual", "ln_visual", "causal_former", "llm", "regression_head")  # Emu's children
@@ -162,8 +182,24 @@ def fresh_parameters(model, names: list[str], seed: int):
         module.to("meta")  # free it before the next family
 
 
+def with_vocabulary_of_inputs(inputs: list[tuple[str, str]], config: ModelConfig) -> ModelConfig:
+    """The config with Emu-I's six added tokens when an emu-v1 input is the released Emu-I
+    (an embedding of base + 6 rows, [USER] and [ASSISTANT] included); else unchanged."""
+    llm = config.llm
+    for kind, path in inputs:
+        if kind != "emu-v1":
+            continue
+        rows = embedding_rows(open_source(path).shapes())
+        if rows == llm.base_vocab_size + NUM_INSTRUCT_SPECIAL_TOKENS and llm.num_special_tokens != NUM_INSTRUCT_SPECIAL_TOKENS:
+            log.info("%s: embedding of %d rows = %d + [PAD] [IMG] [/IMG] <image> [USER] [ASSISTANT]: importing as Emu-I",
+                     path, rows, llm.base_vocab_size)
+            return dataclasses.replace(config, llm=dataclasses.replace(llm, num_special_tokens=NUM_INSTRUCT_SPECIAL_TOKENS))
+    return config
+
+
 def import_checkpoint(inputs: list[tuple[str, str]], config: ModelConfig, output: str, preset: str = "",
-                      seed: int = 1234, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**30) -> None:
+                      seed: int = 1234, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**30,
+                      lora_alpha: float = EMU_I_LORA_ALPHA) -> None:
     """Build our checkpoint from `inputs` [(kind, path)] as iteration 0 of `output`.
 
     Streaming: source tensors are checked, converted and collected into groups of about
@@ -171,8 +207,9 @@ def import_checkpoint(inputs: list[tuple[str, str]], config: ModelConfig, output
     then the modules no input provides are initialised family by family. Peak memory:
     one group plus the largest fresh family, never the whole model.
     """
+    config = with_vocabulary_of_inputs(inputs, source_config(inputs, config))  # validated up front
     targets = dict(build_emu(config, device="meta").named_parameters())  # shapes only
-    sources = [(kind, path, source_tensors(kind, path, config)) for kind, path in inputs]  # validated up front
+    sources = [(kind, path, source_tensors(kind, path, targets, config.llm, lora_alpha)) for kind, path in inputs]
     with atomic_output_dir(output) as tmp:
         directory = iteration_dir(tmp, 0)
         writer = GroupedDCPWriter(directory)
@@ -180,7 +217,6 @@ def import_checkpoint(inputs: list[tuple[str, str]], config: ModelConfig, output
         for kind, path, tensors in sources:
             mine = set()
             for name, tensor in tqdm(tensors, desc=f"read {os.path.basename(path.rstrip('/'))}", unit="tensor", leave=False):
-                tensor = _checked(name, tensor, targets, path, config.llm)
                 if name in filled:
                     raise ValueError(f"{path}: {name} was already given by an earlier input")
                 if dtype is not None and tensor.dtype.is_floating_point and tensor.dtype != dtype:

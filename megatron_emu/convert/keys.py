@@ -54,7 +54,7 @@ def hf_to_llama(name: str) -> str | None:
 
 # -- EVA ViT: ours (q_proj / k_proj / v_proj) <-> release (qkv.weight + q_bias + v_bias) --
 _EVA_IGNORED = re.compile(
-    r"(^|\.)(norm|fc_norm|head|rope)\.|relative_position_index|rel_pos_bias|k_bias$|^text\.|^logit_scale"
+    r"(^|\.)(norm|fc_norm|head|rope)\.|relative_position_index|rel_pos_bias|k_bias$"
 )
 _EVA_QKV = re.compile(r"^blocks\.(\d+)\.attn\.(qkv\.weight|q_bias|v_bias)$")
 
@@ -70,7 +70,7 @@ def eva_to_ours(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor
             return [(f"{prefix}.q_proj.weight", q), (f"{prefix}.k_proj.weight", k), (f"{prefix}.v_proj.weight", v)]
         return [(f"{prefix}.{what[0]}_proj.bias", tensor)]
     if _EVA_IGNORED.search(name):
-        return None  # EVA's final norm / head / text tower: Emu does not use them (spec section 1)
+        return None  # EVA's final norm / head: Emu does not use them (spec section 1)
     return [(f"visual.{name}", tensor)]
 
 

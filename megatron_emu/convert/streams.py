@@ -201,6 +201,10 @@ class SafetensorsSource:
         with safe_open(self.names[name], framework="pt") as f:
             return f.get_tensor(name)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the headers (nothing read)."""
+        return {n: tuple(e["shape"]) for file in self.files for n, e in _header(file)[1].items() if n != "__metadata__"}
+
 
 def _header(file: str) -> tuple[int, dict]:
     """(file offset of the data, the JSON header) of a safetensors file."""
@@ -235,6 +239,12 @@ class TorchFileSource:
 
     def __iter__(self):
         yield from self.state.items()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(t.shape) for n, t in self.state.items()}  # memory-mapped: nothing read
 
 
 def open_source(path: str):

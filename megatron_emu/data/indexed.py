@@ -11,8 +11,8 @@ Layout (readable by megatron-core's own IndexedDataset(prefix, multimodal=True))
 - a sidecar `<prefix>.json` records the kind (pairs | interleaved | video), image size and
   format, tokenizer fingerprint, file sizes and xxh3_64 checksums of the .bin and .idx,
   so that a wrong tokenizer or a truncated / corrupted / mismatched file is refused with
-  a one-line error instead of yielding garbage. Opening checks the .idx checksum (cheap:
-  the .idx is small and hashes at memory speed); tools/validate_data.py checks the .bin.
+  a one-line error instead of yielding garbage. Opening checks the .idx checksum (once per
+  file version: data/checksums.py keeps a stamp); tools/validate_data.py checks the .bin.
   A dataset written before checksums existed is accepted with one warning, as Megatron
   accepts its older index versions.
 """
@@ -29,6 +29,7 @@ import xxhash
 
 from megatron_emu.data.checksums import HashingWriter, file_xxh3, verify_file
 from megatron_emu.data.images import IMAGE_FORMATS, decode_jpeg, encode_jpeg
+from megatron_emu.data.locks import sidecar_base
 from megatron_emu.files import read_json
 
 MODE_TEXT = 0
@@ -225,7 +226,7 @@ _WARNED_NO_CHECKSUM: set[str] = set()
 def check_idx_checksum(prefix: str, meta: dict) -> None:
     """The .idx against its recorded checksum; a dataset from before checksums warns once."""
     if "idx_xxh3" in meta:
-        verify_file(prefix + ".idx", meta["idx_xxh3"])
+        verify_file(prefix + ".idx", meta["idx_xxh3"], stamp=sidecar_base(prefix) + ".idx-verified.json")
     elif prefix not in _WARNED_NO_CHECKSUM:
         _WARNED_NO_CHECKSUM.add(prefix)
         warnings.warn(f"{prefix}.json records no checksums (written before they existed): its .idx and .bin "

@@ -25,19 +25,26 @@ from megatron_emu.data.samples import Sample, SeqSpec
 SYSTEM_KINDS = ("language", "image", "video")
 
 
+def question_ids(tokenizer, question: str) -> list[int]:
+    """One turn's prompt, [USER]: q [ASSISTANT]: ; its answer follows. Generation ends a chat
+    prompt with it (generation/prompts.py chat_prompt), so both read the same tokens."""
+    special = tokenizer.special
+    return [special.user] + tokenizer.encode(": " + question) + [special.assistant] + tokenizer.encode(":")
+
+
 def encode_turns(tokenizer, turns: list[tuple[str, str]]) -> list[tuple[int, np.ndarray]]:
     """(instruction, answer) pairs -> [USER]: q [ASSISTANT]: (TEXT), answer </s> (ANSWER)."""
-    special, items = tokenizer.special, []
+    items = []
     for question, answer in turns:
-        prompt = [special.user] + tokenizer.encode(": " + question) + [special.assistant] + tokenizer.encode(":")
-        items.append((MODE_TEXT, np.asarray(prompt, dtype=np.int64)))
+        items.append((MODE_TEXT, np.asarray(question_ids(tokenizer, question), dtype=np.int64)))
         items.append((MODE_ANSWER, np.asarray(tokenizer.encode(answer, eos=True), dtype=np.int64)))
     return items
 
 
 def render_conversation(tokenizer, system: str, visuals: list, turns: list[tuple[str, str]]):
     """The whole Emu-I template as stored items (see the module docstring); visuals: the
-    images as DocumentWriter stores them (uint8 arrays, or JPEG bytes)."""
+    images as DocumentWriter stores them (uint8 arrays, or JPEG bytes). Generation passes
+    its images here as they are: MODE_IMAGE items are placed, never read."""
     if system not in SYSTEM_KINDS:
         raise ValueError(f"system message kind {system!r}: choose one of {SYSTEM_KINDS}")
     if tokenizer.num_special_tokens < 6:

@@ -2,22 +2,23 @@
 
 Every rank and DataLoader worker of a node maps the same file, so a plan costs its pages
 once per node and nothing at start-up once it exists (Megatron caches its sample indices
-the same way). Files, for plan NAME and key hash H:
+the same way). One file per plan NAME and key hash H, `<prefix>.plan-NAME-H.bin`:
 
-    <prefix>.plan-NAME-H.bin    int64 rows, C order
-    <prefix>.plan-NAME-H.json   the key, shape, byte count and a sampled checksum
+    HEADER_BYTES of JSON (space-padded): the key, shape and a sampled checksum of the rows
+    the rows: int64, C order (page-aligned after the header, so they map in place)
 
-or, when the dataset's directory is not writable, the same names under
+or, when the dataset's directory is not writable, the same name under
 `<cache_dir>/plans/<dataset name>-<hash of its path>`. The key holds what the plan depends
-on: the .idx file's identity (size and modification time), the dataset's .json (tokenizer
-fingerprint, file sizes, any checksums), and the plan's parameters (--seq-length, tokens
-per image, max images, ...). A changed key is another file name, so a stale plan is never
-read; a plan whose .bin does not match its .json (killed build, truncation, corruption in
-a sampled piece) is rebuilt, not trusted.
+on: the identities (inode, size, mtime, ctime) of the .idx and of the dataset's .json
+(which names the tokenizer), and the plan's parameters (--seq-length, tokens per image,
+max images, ...). A changed key is another file name, so a stale plan is never read; a
+plan whose rows do not match its header (truncation, corruption in a sampled piece) is
+rebuilt, not trusted. A warm start is two stat calls and one open; a plan of at most
+IN_MEMORY_BYTES is read whole (the read serves checksum and array) instead of mapped.
 
 One process builds, under the file lock of data/locks.py, while the others wait; the build
-reads the .idx in blocks of documents (bounded memory), writes under a temporary name and
-publishes .bin then .json (the completion marker) with atomic renames.
+reads the .idx in blocks of documents (bounded memory) and writes under a temporary name,
+published by one atomic rename: a killed build leaves no file that looks complete.
 """
 
 from __future__ import annotations
@@ -31,72 +32,72 @@ import numpy as np
 import xxhash
 
 from megatron_emu.data.idx_file import IdxFile
-from megatron_emu.data.locks import file_lock
+from megatron_emu.data.locks import file_lock, sidecar_base
 
-FORMAT = "megatron_emu.plan.v1"
+FORMAT = "megatron_emu.plan.v2"
+HEADER_BYTES = 4096
 DOCS_PER_BLOCK = 1 << 14  # its item arrays stay in cache: ~2.5x faster than 2^18 per document
 PIECE, PIECES = 1 << 20, 16  # the checksum reads at most 16 MiB, whatever the plan's size
+IN_MEMORY_BYTES = 1 << 20  # a plan this small is read whole (one read serves checksum and array), not mapped
 
 
 def plan_key(prefix: str, name: str, params: dict) -> dict:
-    st = os.stat(prefix + ".idx")
-    with open(prefix + ".json", "rb") as f:
-        dataset = xxhash.xxh3_64_hexdigest(f.read())
-    return {"format": FORMAT, "plan": name, "params": params, "idx_bytes": st.st_size,
-            "idx_mtime_ns": st.st_mtime_ns, "dataset_json_xxh3": dataset}
+    idx, meta = os.stat(prefix + ".idx"), os.stat(prefix + ".json")
+    # File identities rather than contents: any rewrite of either file changes its ctime,
+    # and a warm start then costs two stat calls, not a read.
+    return {"format": FORMAT, "plan": name, "params": params,
+            "idx": [idx.st_ino, idx.st_size, idx.st_mtime_ns, idx.st_ctime_ns],
+            "dataset_json": [meta.st_ino, meta.st_size, meta.st_mtime_ns, meta.st_ctime_ns]}
 
 
 def plan_path(prefix: str, name: str, key: dict, cache_dir: str) -> str:
-    """Path without extension: beside the dataset, or under cache_dir if that is read-only."""
+    """Beside the dataset, or under cache_dir if that is read-only."""
     digest = xxhash.xxh3_64_hexdigest(json.dumps(key, sort_keys=True).encode())
-    base = prefix
-    if not os.access(os.path.dirname(os.path.abspath(prefix)), os.W_OK):
-        from megatron_emu.data.tokenizer import default_cache_dir
-
-        where = xxhash.xxh3_64_hexdigest(os.path.abspath(prefix).encode())[:8]
-        base = os.path.join(cache_dir or default_cache_dir(), "plans", f"{os.path.basename(prefix)}-{where}")
-        os.makedirs(os.path.dirname(base), exist_ok=True)
-    return f"{base}.plan-{name}-{digest}"
+    return f"{sidecar_base(prefix, cache_dir)}.plan-{name}-{digest}.bin"
 
 
-def sampled_checksum(path: str, size: int) -> str:
-    """xxh3 of 16 evenly spaced 1 MiB pieces (all of a file up to 16 MiB) and the size."""
+def sampled_checksum(f, offset: int, size: int) -> str:
+    """xxh3 of the size and the `size` bytes of open file `f` from `offset`: all of them up to
+    16 MiB, else 16 evenly spaced 1 MiB pieces (a bounded read, whatever the plan's size)."""
     h = xxhash.xxh3_64(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= PIECE * PIECES:
-            h.update(f.read())
-        else:
-            for k in range(PIECES):
-                f.seek(k * (size - PIECE) // (PIECES - 1))
-                h.update(f.read(PIECE))
+    if size <= PIECE * PIECES:
+        f.seek(offset)
+        h.update(f.read(size))
+    else:
+        for k in range(PIECES):
+            f.seek(offset + k * (size - PIECE) // (PIECES - 1))
+            h.update(f.read(PIECE))
     return h.hexdigest()
 
 
-def _problem(path: str, key: dict, width: int) -> str | None:
-    """Why the cached plan at `path` cannot be used (None: it can)."""
+def _load(path: str, key: dict, width: int) -> tuple[np.ndarray | None, str]:
+    """(the cached plan, "") or (None, why it cannot be used)."""
     try:
-        with open(path + ".json") as f:
-            meta = json.load(f)
-        rows = int(meta["rows"])
+        with open(path, "rb", buffering=0) as f:  # unbuffered: one read() is one system call
+            size = os.fstat(f.fileno()).st_size - HEADER_BYTES
+            whole = f.read(HEADER_BYTES + size if size <= IN_MEMORY_BYTES else HEADER_BYTES)
+            try:
+                meta = json.loads(whole[:HEADER_BYTES].rstrip(b" ").decode())
+                rows = int(meta["rows"])
+            except (ValueError, KeyError, TypeError) as e:
+                return None, f"unreadable header ({type(e).__name__})"
+            if meta.get("key") != key or meta.get("width") != width:
+                return None, "described with another key"
+            if size != rows * width * 8:
+                return None, f"has {size} bytes of rows, its header says {rows * width * 8} (truncated or replaced)"
+            if size <= IN_MEMORY_BYTES:
+                h = xxhash.xxh3_64(str(size).encode())
+                h.update(memoryview(whole)[HEADER_BYTES:])
+                checksum = h.hexdigest()
+            else:
+                checksum = sampled_checksum(f, HEADER_BYTES, size)
     except FileNotFoundError:
-        return "missing"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"unreadable description ({type(e).__name__})"
-    if meta.get("key") != key or meta.get("width") != width:
-        return "described with another key"
-    size = os.path.getsize(path + ".bin") if os.path.exists(path + ".bin") else -1
-    if size != rows * width * 8:
-        return f"has {size} bytes, its description says {rows * width * 8} (truncated or replaced)"
-    if sampled_checksum(path + ".bin", size) != meta.get("checksum"):
-        return "checksum mismatch (corrupt)"
-    return None
-
-
-def _open(path: str, width: int) -> np.ndarray:
-    rows = os.path.getsize(path + ".bin") // (8 * width)
-    if rows == 0:
-        return np.zeros((0, width), dtype=np.int64)
-    return np.memmap(path + ".bin", dtype=np.int64, mode="r", shape=(rows, width))
+        return None, "missing"
+    if checksum != meta.get("checksum"):
+        return None, "checksum mismatch (corrupt)"
+    if size <= IN_MEMORY_BYTES:
+        return np.frombuffer(whole, dtype=np.int64, offset=HEADER_BYTES).reshape(rows, width), ""
+    return np.memmap(path, dtype=np.int64, mode="r", offset=HEADER_BYTES, shape=(rows, width)), ""
 
 
 def cached_plan(prefix: str, name: str, params: dict, width: int,
@@ -106,15 +107,19 @@ def cached_plan(prefix: str, name: str, params: dict, width: int,
     build_block(lengths, modes, doc_index) over blocks of documents when missing or stale."""
     key = plan_key(prefix, name, params)
     path = plan_path(prefix, name, key, cache_dir)
-    if _problem(path, key, width) is None:
-        return _open(path, width)
+    plan, _ = _load(path, key, width)
+    if plan is not None:
+        return plan
     with file_lock(path + ".lock"):
-        problem = _problem(path, key, width)  # another process may have built it meanwhile
-        if problem is not None:
+        plan, problem = _load(path, key, width)  # another process may have built it meanwhile
+        if plan is None:
             if problem != "missing":
-                warnings.warn(f"{path}.bin: {problem}; rebuilding the plan")
+                warnings.warn(f"{path}: {problem}; rebuilding the plan")
             _build(prefix, path, key, width, build_block, docs_per_block)
-    return _open(path, width)
+            plan, problem = _load(path, key, width)
+    if plan is None:
+        raise RuntimeError(f"{path}: a plan just built cannot be read back ({problem})")
+    return plan
 
 
 def _build(prefix, path, key, width, build_block, docs_per_block) -> None:
@@ -122,23 +127,26 @@ def _build(prefix, path, key, width, build_block, docs_per_block) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     rows = 0
     try:
-        with open(tmp + ".bin", "wb") as f:
+        with open(tmp, "w+b") as f:
+            f.write(b" " * HEADER_BYTES)  # filled in once the rows are known
             for lo in range(0, idx.num_documents, docs_per_block):
                 block = build_block(*idx.block(lo, min(lo + docs_per_block, idx.num_documents)))
                 np.ascontiguousarray(block, dtype=np.int64).tofile(f)
                 rows += len(block)
             f.flush()
+            meta = {"key": key, "width": width, "rows": rows,
+                    "checksum": sampled_checksum(f, HEADER_BYTES, rows * width * 8)}
+            header = json.dumps(meta, sort_keys=True).encode()
+            if len(header) > HEADER_BYTES:
+                raise ValueError(f"{path}: plan key too long for its {HEADER_BYTES}-byte header")
+            f.seek(0)
+            f.write(header.ljust(HEADER_BYTES))
+            f.flush()
             os.fsync(f.fileno())
-        meta = {"key": key, "width": width, "rows": rows,
-                "checksum": sampled_checksum(tmp + ".bin", rows * width * 8)}
-        with open(tmp + ".json", "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-        os.replace(tmp + ".bin", path + ".bin")
-        os.replace(tmp + ".json", path + ".json")  # last: the completion marker
+        os.replace(tmp, path)
     finally:
-        for ext in (".bin", ".json"):
-            if os.path.exists(tmp + ext):
-                os.remove(tmp + ext)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class MappedPlan:
@@ -155,4 +163,4 @@ class MappedPlan:
 
 
 def _remap(filename: str, shape: tuple) -> MappedPlan:
-    return MappedPlan(np.memmap(filename, dtype=np.int64, mode="r", shape=shape))
+    return MappedPlan(np.memmap(filename, dtype=np.int64, mode="r", offset=HEADER_BYTES, shape=shape))

@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 from torch import nn
 
-from megatron_emu.config import ModelConfig
+from megatron_emu.config import LLAMA_FUNCTION_FIELDS, ModelConfig
 from megatron_emu.model.emu import Emu, build_emu
 
 
@@ -25,7 +26,15 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def load_emu(config: ModelConfig, path: str, device: torch.device | str = "cpu") -> Emu:
-    """A frozen Emu of `config` with the weights at `path` (empty path: random, for smoke runs)."""
+    """A frozen Emu of `config` with the weights at `path` (empty path: random, for smoke runs).
+    One of our checkpoints also sets what its LLaMA computes (norm eps, rope: e.g. an imported
+    LLaMA-2's 1e-5), whatever the preset says."""
+    if path and os.path.isdir(path):
+        from megatron_emu.training.checkpoint_files import recorded_model_config
+
+        saved = recorded_model_config(path).llm
+        config = dataclasses.replace(config, llm=dataclasses.replace(
+            config.llm, **{f: getattr(saved, f) for f in LLAMA_FUNCTION_FIELDS}))
     model = build_emu(config, device="cpu", seed=0)
     if path:
         state = read_emu_state(path)

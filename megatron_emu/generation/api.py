@@ -2,6 +2,7 @@
 
     from megatron_emu.generation import EmuGenerator, DecodingConfig, Video
     gen = EmuGenerator.load("runs/tiny/ckpt")                      # our checkpoint, any layout
+    EmuGenerator.load("ckpt/lora")                                  # adapters, on the base they record
     gen.caption([Path("cat.png")])                                  # ["a cat on a sofa"]
     gen.vqa([Path("cat.png")], ["what colour is the cat?"])         # Emu: caption first (Table 8)
     gen.generate([[Path("a.png"), "a photo of", Path("b.png"), "and"]], DecodingConfig(num_beams=3))
@@ -45,17 +46,19 @@ class EmuGenerator:
 
     @classmethod
     def load(cls, path: str, preset: str = "tiny", tokenizer_model: str = "", device="cpu",
-             dtype: torch.dtype = torch.float32, model: str = "", tp_mesh=None) -> "EmuGenerator":
-        """A checkpoint, HF export or state file (generation/loading.py); the tiny tokenizer by
-        default. tp_mesh: tensor-parallel over its ranks (each rank calls this alike)."""
+             dtype: torch.dtype = torch.float32, model: str = "", tp_mesh=None, base: str = "") -> "EmuGenerator":
+        """A checkpoint, adapter checkpoint (on `base`, default the one it records), HF export or
+        state file (generation/loading.py); the tiny tokenizer by default. tp_mesh:
+        tensor-parallel over its ranks (each rank calls this alike)."""
         from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
         from megatron_emu.generation.forward import shard_for_inference
         from megatron_emu.generation.loading import load_for_inference
 
-        emu = load_for_inference(path, preset, device, dtype)
+        tokenizer_model = tokenizer_model or build_tiny_tokenizer()
+        emu = load_for_inference(path, preset, device, dtype, base, tokenizer_model)
         if tp_mesh is not None:
             shard_for_inference(emu, tp_mesh)
-        tokenizer = EmuTokenizer(tokenizer_model or build_tiny_tokenizer(), emu.config.llm.num_special_tokens)
+        tokenizer = EmuTokenizer(tokenizer_model, emu.config.llm.num_special_tokens)
         return cls(emu, tokenizer, model)
 
     # -- any interleaved prompt ---------------------------------------------------------
@@ -101,7 +104,7 @@ class EmuGenerator:
         """Emu-I: the next answer of a conversation about an image, a video or nothing."""
         if self.model != "emu-i":
             raise ValueError("chat uses Emu-I's [USER]/[ASSISTANT] template: load an instruction-tuned checkpoint")
-        return self.texts([chat_prompt(list(turns), question, visual)], config)[0]
+        return self.texts([chat_prompt(self.tokenizer, list(turns), question, visual)], config)[0]
 
     def _chain_of_thought(self, visuals: list, config: DecodingConfig | None) -> list[dict]:
         """Emu's QA prompts hold the model's own caption; Emu-I's need none. Table 8 has one

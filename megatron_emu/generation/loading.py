@@ -5,9 +5,12 @@
   rows), the preset is not needed;
 - an HF export (tools/convert_checkpoint.py --to hf: a directory with visual/config.json);
 - a single state-dict file (.safetensors / .pt) of the given preset; its vocabulary (4 or 6
-  added tokens: Emu or Emu-I) is read from the embedding's rows.
-A LoRA adapter on top of a base is not loadable yet: the adapter format belongs to the
-instruction-tuning work (issue 16, first half), which this branch does not have.
+  added tokens: Emu or Emu-I) is read from the embedding's rows;
+- an instruction-tuning checkpoint (adapters only, pretrain_emu.py --lora-rank): built on
+  its base as training builds it (the base grown by [USER] / [ASSISTANT], their rows set
+  from the words, the adapters loaded) and merged as --lora-merge merges, so it decodes
+  the tokens of the merged checkpoint. The base is the one the checkpoint records, or
+  `base` (--pretrained-checkpoint); one whose fingerprint differs from the record is refused.
 """
 
 from __future__ import annotations
@@ -22,22 +25,29 @@ from megatron_emu.model.emu import Emu, build_emu
 
 
 def load_for_inference(path: str, preset: str = "tiny", device: torch.device | str = "cpu",
-                       dtype: torch.dtype = torch.float32) -> Emu:
-    """Frozen Emu (eval, no grads) with the weights at `path`."""
+                       dtype: torch.dtype = torch.float32, base: str = "", tokenizer_model: str = "") -> Emu:
+    """Frozen Emu (eval, no grads) with the weights at `path` (and, for adapters, `base`).
+    tokenizer_model: the tokenizer of an adapter run (the words "user" / "assistant")."""
     from megatron_emu.decoder.frozen import check_emu_state, freeze, read_emu_state
 
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such checkpoint, export or state-dict file")
-    if os.path.isfile(os.path.join(path, "visual", "config.json")):
-        from megatron_emu.convert.export import load_emu_from_hf
+    hf_export = os.path.isfile(os.path.join(path, "visual", "config.json"))
+    if base and (hf_export or not os.path.isdir(path)):
+        raise ValueError(f"--pretrained-checkpoint {base}: only an adapter checkpoint --load has a base, not {path}")
+    if hf_export:
+        from megatron_emu.convert.hf_emu import load_emu_from_hf
 
         return freeze(load_emu_from_hf(path).to(device, dtype))
     if os.path.isdir(path):
-        from megatron_emu.convert.export import model_config_from_dict
         from megatron_emu.convert.streams import DCPSource
 
         source = DCPSource(path)
-        config = model_config_from_dict(source.record["config"]["model"])
+        config = ModelConfig.from_dict(source.record["config"]["model"])
+        if source.record["config"].get("lora", {}).get("rank"):
+            return freeze(adapted_on_base(source, config, base, tokenizer_model).to(device, dtype))
+        if base:
+            raise ValueError(f"--pretrained-checkpoint {base}: {source.path} is a full checkpoint, not adapters")
         state = source.read(list(source.entries))
     else:
         state = read_emu_state(path)
@@ -58,3 +68,33 @@ def with_vocabulary_of(config: ModelConfig, state: dict, path: str) -> ModelConf
         raise ValueError(f"{path}: embedding has {rows.shape[0]} rows; this preset's vocabulary is "
                          f"{config.llm.base_vocab_size} + 4 (Emu) or + 6 (Emu-I)")
     return dataclasses.replace(config, llm=dataclasses.replace(config.llm, num_special_tokens=added))
+
+
+def adapted_on_base(source, config: ModelConfig, base: str, tokenizer_model: str) -> Emu:
+    """An adapter checkpoint (DCPSource) on its base, merged: the steps of --lora-merge
+    (training/instruct.py merge_checkpoint) in memory."""
+    from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
+    from megatron_emu.model.lora import LoRASpec, apply_lora, merge_lora
+    from megatron_emu.training.instruct import init_new_chat_token_rows
+    from megatron_emu.training.pretrained import base_identity, check_same_base, load_pretrained
+
+    recorded = source.record.get("pretrained_checkpoint")
+    if not base:
+        if recorded is None:
+            raise ValueError(f"{source.path}: adapters that record no base checkpoint: give --pretrained-checkpoint")
+        base = recorded["directory"]
+        if not os.path.isdir(base):
+            raise ValueError(f"{source.path}: its base {base} is gone: give --pretrained-checkpoint (the same base)")
+    check_same_base(source.path, recorded, base_identity(base))
+    lora = source.record["config"]["lora"]
+    model = build_emu(config, device="cpu", seed=0)
+    adapters = set(apply_lora(model, LoRASpec(lora["rank"], lora["alpha"])))
+    if set(source.entries) != adapters:
+        raise ValueError(f"{source.path}: holds {len(source.entries)} tensors, not the {len(adapters)} adapters "
+                         f"of rank {lora['rank']} its run config describes")
+    load_pretrained(base, [model], dataclasses.asdict(config))
+    model.load_state_dict(source.read(sorted(adapters)), strict=False)  # adapters only (checksums verified)
+    tokenizer = EmuTokenizer(tokenizer_model or build_tiny_tokenizer(), config.llm.num_special_tokens)
+    init_new_chat_token_rows([model], tokenizer, base)
+    merge_lora(model)
+    return model

@@ -5,13 +5,15 @@ A prompt is a list of items, in the order the model reads them (as in training):
   become their token ids; everything else goes through sentencepiece;
 - an image: a PIL image, a uint8 array (H, W, 3) or (3, H, W), a torch tensor, or a path
   given as `pathlib.Path` (a plain `str` is text);
-- a `Video`: its frames (8 by default), each an image block, in order.
+- a `Video`: its frames (8 by default), each an image block, in order;
+- `Tokens`: ids placed as they are (the chat template, tokenized by the training code).
 Each image is centre-cropped and resized as in preprocessing and becomes
 `[IMG] <image> x 32 [/IMG]`; the model splices its 32 Causal Former embeddings into the
 <image> slots (model/emu.py `embed`). Prompts start with <s>.
 
 The paper's task prompts (Appendix C, data/prompts.py) are filled by `task_text`, and
-`task_prompt` / `few_shot_prompt` / `chat_prompt` put the image or video before the text.
+`task_prompt` / `few_shot_prompt` / `chat_prompt` put the image or video before the text
+(`chat_prompt` tokenized by the training template, data/instruct.py).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from megatron_emu.data.prompts import ASSISTANT, TASK_PROMPTS, USER, system_message_parts
+from megatron_emu.data.prompts import ASSISTANT, TASK_PROMPTS, USER
 
 NUM_FRAMES = 8  # frames of a query video (paper: 8, as in pretraining)
 SUPPORT_FRAMES = 2  # frames of an in-context example video (Appendix C.3)
@@ -56,6 +59,13 @@ class Video:
         if num_frames >= len(self.frames):
             return self
         return Video([self.frames[i] for i in sample_positions(len(self.frames), num_frames)])
+
+
+@dataclass
+class Tokens:
+    """Token ids placed in the prompt as they are."""
+
+    ids: list[int]
 
 
 @dataclass
@@ -110,6 +120,9 @@ def build_prompt(items: list, tokenizer, config) -> Prompt:
         if isinstance(item, str):
             tokens += encode_text(item, tokenizer)
             continue
+        if isinstance(item, Tokens):
+            tokens += item.ids
+            continue
         for frame in item.frames if isinstance(item, Video) else [item]:
             tokens += block
             images.append(read_image(frame, size))
@@ -147,11 +160,17 @@ def few_shot_prompt(examples: list[tuple], query: tuple) -> list:
     return items + list(query)
 
 
-def chat_prompt(turns: list[tuple[str, str]], question: str, visual=None) -> list:
+def chat_prompt(tokenizer, turns: list[tuple[str, str]], question: str, visual=None) -> list:
     """Emu-I's template (Table 6): <System Message> [USER]: q [ASSISTANT]: a</s> ... [USER]: question [ASSISTANT]:
-    The system message is the image's or the video's (with the visual in its slot), none for text."""
+    tokenized by the code that writes the training conversations (data/instruct.py), so a chat
+    prompt is token for token the training sample up to where its answer starts. The system
+    message is the image's or the video's, with the visual in its slot; none for text (Appendix B.2)."""
+    from megatron_emu.data.indexed import MODE_IMAGE
+    from megatron_emu.data.instruct import question_ids, render_conversation
+
     kind = "language" if visual is None else ("video" if isinstance(visual, Video) else "image")
-    before, after = system_message_parts(kind)
-    items = [] if visual is None else [before, visual, after]
-    history = "".join(f" {USER}: {q} {ASSISTANT}: {a}{EOS_MARK}" for q, a in turns)
-    return items + [f"{history} {USER}: {question} {ASSISTANT}:"]
+    frames = [] if visual is None else (visual.frames if isinstance(visual, Video) else [visual])
+    frames = [Path(f) if isinstance(f, str) else f for f in frames]  # a frame path is an image, not text
+    items = [value if mode == MODE_IMAGE else Tokens(value.tolist())
+             for mode, value in render_conversation(tokenizer, kind, frames, list(turns))]
+    return items + [Tokens(question_ids(tokenizer, question))]

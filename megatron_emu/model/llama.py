@@ -12,6 +12,7 @@ attention stays within it, so a packed document is computed exactly as it would 
 alone in its own row.
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -24,10 +25,37 @@ from megatron_emu.model.kv_cache import KVCache
 from megatron_emu.model.norms import RMSNorm
 
 
-def rotary_tables(head_dim: int, max_positions: int, theta: float, device=None) -> torch.Tensor:
-    """(2, max_positions, head_dim): cos and sin of position * inverse frequency."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), inv_freq)
+def inverse_frequencies(config: LLaMAConfig, device=None) -> torch.Tensor:
+    """(head_dim / 2,): theta^(-2i/d), scaled as config.rope_type says (transformers'
+    modeling_rope_utils computes the same for "linear" and "llama3")."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    if config.rope_type == "linear":  # positions / factor, i.e. every frequency / factor
+        return inv_freq / config.rope_factor
+    if config.rope_type == "llama3":
+        return llama3_frequencies(inv_freq, config)
+    return inv_freq
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, config: LLaMAConfig) -> torch.Tensor:
+    """Llama 3.1: wavelengths beyond original_max / low_freq_factor are stretched by the factor,
+    those below original_max / high_freq_factor kept, the ones between interpolated."""
+    factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    original = config.rope_original_max_positions
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    between = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(between, smoothed, scaled)
+
+
+def rotary_tables(config: LLaMAConfig, max_positions: int | None = None, device=None) -> torch.Tensor:
+    """(2, max_positions, head_dim): cos and sin of position * inverse frequency
+    (max_positions: config.max_positions unless given)."""
+    inv_freq = inverse_frequencies(config, device)
+    positions = config.max_positions if max_positions is None else max_positions
+    angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # (P, D)
     return torch.stack([angles.cos(), angles.sin()])
 
@@ -147,8 +175,7 @@ class LLaMA(nn.Module):
         self.register_buffer("rope", self._rope_tables(), persistent=False)
 
     def _rope_tables(self, device=None) -> torch.Tensor:
-        c = self.config
-        return rotary_tables(c.head_dim, c.max_positions, c.rope_theta, device=device)
+        return rotary_tables(self.config, device=device)
 
     def forward_layers(self, h: torch.Tensor, document_ids: torch.Tensor | None = None,
                        cache: KVCache | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from megatron_emu.model.lora import is_lora_parameter
+from megatron_emu.parallel.image_split import reduce_image_split_grads
 from megatron_emu.parallel.mesh import ParallelMesh
 
 
@@ -55,7 +56,8 @@ def gradient_sync(parts: list[nn.Module], enabled: bool) -> contextlib.AbstractC
 @torch.no_grad()
 def reduce_partial_grads(parts: list[nn.Module], pmesh: ParallelMesh | None) -> None:
     """Sum the sequence-parallel norms' weight gradients over TP (each TP rank saw S/TP tokens),
-    and the replicated halves of LoRA adapters (parallel/lora.py).
+    the replicated halves of LoRA adapters (parallel/lora.py), and the image encoders whose
+    images are split across TP (parallel/image_split.py).
 
     Plain TP leaves them as Partial DTensors: redistribute to the parameter's placement
     (one all-reduce over TP). Under FSDP2/DDP (fully_shard) nothing is left to do: FSDP2
@@ -65,6 +67,7 @@ def reduce_partial_grads(parts: list[nn.Module], pmesh: ParallelMesh | None) -> 
     """
     if pmesh is None or pmesh.dims.tp == 1:
         return
+    reduce_image_split_grads(parts, pmesh.tp_mesh.get_group())
     for part in parts:
         for name, p in part.named_parameters():
             g = p.grad

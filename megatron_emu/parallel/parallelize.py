@@ -60,13 +60,14 @@ class ParallelModel:
 
 def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, loss_fn, seed: int,
                     performance: PerformanceConfig | None = None, lora: LoRASpec | None = None,
-                    feed: MicrobatchFeed | None = None) -> ParallelModel:
+                    feed: MicrobatchFeed | None = None, vision_placement: dict[str, str] | None = None) -> ParallelModel:
     """`full` is either initialised (every rank the same: tests, checkpoint loading) or on
     the meta device, in which case each rank materialises and initialises only its stages.
     `performance` (--bf16, --recompute-*, --compile, fused kernels); None: plain fp32.
     `lora`: freeze the base and adapt the LLM's q, k, v, o (model/lora.py); adapters of an
     initialised `full` start from the single-process values (init by name), like the base.
-    `feed`: the pipeline's micro-batch feed, when `loss_fn` also reads it (answer masks)."""
+    `feed`: the pipeline's micro-batch feed, when `loss_fn` also reads it (answer masks).
+    `vision_placement`: TP placement of the image encoders (image_split.choose_placement)."""
     performance = performance or PerformanceConfig(fused_kernels=False)
     dims = pmesh.dims
     precision = Precision(performance, pmesh.device.type)
@@ -85,7 +86,7 @@ def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, loss_fn, seed:
         if not on_meta:
             part.to(pmesh.device)
         if dims.tp > 1:
-            apply_tensor_parallel(part, pmesh.tp_mesh, full.config, dims.sequence_parallel)
+            apply_tensor_parallel(part, pmesh.tp_mesh, full.config, dims.sequence_parallel, vision_placement)
         if lora is not None:
             # After TP: its plans would shard the adapters as if they were the base's own weights.
             init_adapters(part, apply_lora(part, lora), full.config.init_std, seed, on_meta)

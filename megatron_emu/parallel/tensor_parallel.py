@@ -7,7 +7,8 @@ Megatron's scheme, in torch.distributed.tensor.parallel terms:
   With --sequence-parallel the norms and residual stream hold S/TP tokens per rank.
 - EVA ViT (16 heads) and Causal Former (12 heads): split along heads and FFN when
   TP divides the heads, otherwise replicated (a logged note); no sequence parallel
-  (257 and 32 tokens are too short to be worth it).
+  (257 and 32 tokens are too short to be worth it). Or, per module, replicated with the
+  images split across TP ranks instead (--vision-tensor-parallel, image_split.py).
 - Regression head: column-parallel, its output sharded along the hidden dim; the l2
   sums are reduced over TP in parallel/loss.py.
 
@@ -31,6 +32,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from megatron_emu.config import ModelConfig
+from megatron_emu.parallel.image_split import apply_image_split, choose_placement
 
 log = logging.getLogger("megatron_emu")
 
@@ -101,11 +103,15 @@ def causal_former_block_plan() -> dict:
     return plan
 
 
-def apply_tensor_parallel(part: nn.Module, tp_mesh: DeviceMesh, config: ModelConfig, sequence_parallel: bool) -> None:
-    """Shard one model part (the whole Emu, or one pipeline stage) in place over `tp_mesh`."""
+def apply_tensor_parallel(part: nn.Module, tp_mesh: DeviceMesh, config: ModelConfig, sequence_parallel: bool,
+                          vision_placement: dict[str, str] | None = None) -> None:
+    """Shard one model part (the whole Emu, or one pipeline stage) in place over `tp_mesh`.
+    vision_placement: image_split.choose_placement's answer (None: split heads where they divide)."""
     tp = tp_mesh.size()
     if part.visual is not None:
-        parallelize_vision(part, tp_mesh, config, tp)
+        placement = vision_placement or choose_placement("heads", config, tp, 0)
+        parallelize_vision(part, tp_mesh, config, placement)
+        apply_image_split(part, tp_mesh.get_group(), placement)
     layers = list(part.llm.layers.values())
     for layer in layers:
         parallelize_module(layer, tp_mesh, llama_layer_plan(sequence_parallel))
@@ -122,19 +128,20 @@ def apply_tensor_parallel(part: nn.Module, tp_mesh: DeviceMesh, config: ModelCon
     parallelize_module(part, tp_mesh, llama_ends_plan(part, sequence_parallel))
 
 
-def parallelize_vision(part: nn.Module, tp_mesh: DeviceMesh, config: ModelConfig, tp: int) -> None:
-    """EVA ViT and Causal Former: split along heads when TP divides them, else replicate."""
-    v, c = config.vision, config.causal_former
-    if v.heads % tp == 0 and v.mlp_dim % tp == 0:
+def parallelize_vision(part: nn.Module, tp_mesh: DeviceMesh, config: ModelConfig, placement: dict[str, str]) -> None:
+    """EVA ViT and Causal Former placed on `heads`: split along heads (replicated where TP does
+    not divide them); placed on `images`: replicated, each rank encoding its share (image_split.py)."""
+    v, c, tp = config.vision, config.causal_former, tp_mesh.size()
+    if placement["visual"] == "heads":
         for block in part.visual.blocks:
             parallelize_module(block, tp_mesh, vision_block_plan())
-    else:
+    elif placement["visual"] == "replicated":
         log.info("EVA ViT: %d heads / MLP %d not divisible by TP=%d; replicated across TP", v.heads, v.mlp_dim, tp)
-    if c.heads % tp == 0 and c.ffn_dim % tp == 0:
+    if placement["causal_former"] == "heads":
         for block in part.causal_former.blocks:
             parallelize_module(block, tp_mesh, causal_former_block_plan())
         # The shared relative-position bias table holds one column per head: split it
         # like the heads so each rank's bias matches its local heads.
         parallelize_module(part.causal_former, tp_mesh, {"relative_attention_bias": ColwiseParallel(input_layouts=Replicate())})
-    else:
+    elif placement["causal_former"] == "replicated":
         log.info("Causal Former: %d heads / FFN %d not divisible by TP=%d; replicated across TP", c.heads, c.ffn_dim, tp)

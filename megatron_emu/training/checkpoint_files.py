@@ -3,12 +3,15 @@ that turn a wrong or damaged checkpoint into one clear error before DCP reads it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from typing import Any
 
 import torch
+
+from megatron_emu.config import ModelConfig
 
 LATEST_NAME = "latest_checkpointed_iteration.txt"  # Megatron-LM's tracker file
 RUN_CONFIG_NAME = "run_config.json"
@@ -59,23 +62,38 @@ def read_run_config(directory: str) -> dict:
         raise ValueError(f"{path}: unreadable ({e})") from None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (with the prefix): nested configs compared field by field."""
     out: dict[str, Any] = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
+            out.update(flatten(value, name + "."))
         else:
             out[name] = value
     return out
 
 
+def recorded_model_config(path: str) -> ModelConfig:
+    """The model config a checkpoint (a root with `latest`, or an iteration directory) was saved with."""
+    directory = path
+    if not os.path.exists(os.path.join(path, ".metadata")):
+        iteration = read_latest(path) if os.path.isdir(path) else None
+        if iteration is None:
+            raise ValueError(f"{path}: no checkpoint there to take the model config from (no .metadata, no latest iteration)")
+        directory = iteration_dir(path, iteration)
+    return ModelConfig.from_dict(read_run_config(directory)["config"]["model"])
+
+
 def check_model_config(directory: str, saved: dict, current: dict) -> None:
-    """The model's shapes must match: name every field that differs."""
-    a, b = _flatten(saved, "model."), _flatten(current, "model.")
+    """The model must match (shapes, and what it computes: norm eps, rope): name every field that differs."""
+    a, b = flatten(saved, "model."), flatten(current, "model.")
+    newer = {k: v for k, v in flatten(dataclasses.asdict(ModelConfig()), "model.").items() if k in b and k not in a}
+    a.update(newer)  # fields the checkpoint predates (e.g. rope_type): their defaults
     diffs = [f"{k}: checkpoint {a.get(k)!r} vs this run {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     if diffs:
-        raise ValueError(f"{directory}: model config differs from this run's: {'; '.join(diffs)}")
+        raise ValueError(f"{directory}: model config differs from this run's: {'; '.join(diffs)} "
+                         "(--use-checkpoint-args takes the checkpoint's)")
 
 
 def check_shards(directory: str, metadata) -> None:
@@ -101,7 +119,7 @@ def check_state_keys(directory: str, metadata, state: dict, saved_layout: dict, 
     """Everything this rank needs is in the checkpoint with the same global shape."""
     stored = metadata.state_dict_metadata
     missing, mismatched = [], []
-    for key, value in _flatten(state).items():
+    for key, value in flatten(state).items():
         if key not in stored:
             missing.append(key)
             continue

@@ -3,7 +3,8 @@
 The loop is pretraining's (training/train.py); this file holds the differences:
 the LoRA spec handed to the model builders, the [USER] / [ASSISTANT] embedding rows,
 initialised from the embeddings of the words "user" and "assistant" (paper), and
---lora-merge (base + adapters -> one full checkpoint).
+--lora-merge (base + adapters -> one full checkpoint). A base that has these rows (an
+Emu-I) keeps them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from megatron_emu.model.lora import LoRASpec, merge_lora
 from megatron_emu.training.checksum_writer import ChecksummingWriter
 from megatron_emu.training.checkpoint import Checkpointer, model_state
 from megatron_emu.training.checkpoint_files import RUN_CONFIG_NAME, iteration_dir, write_latest
-from megatron_emu.training.pretrained import load_pretrained
+from megatron_emu.training.pretrained import load_pretrained, vocabulary_rows
 
 log = logging.getLogger("megatron_emu")
 
@@ -52,8 +53,17 @@ def merge_checkpoint(config: TrainConfig, pmodel, optimizer, tokenizer) -> str:
         base = load_pretrained(config.checkpoint.pretrained_checkpoint, pmodel.parts, dataclasses.asdict(config.model),
                                checkpointer.process_group)
     resumed = checkpointer.load(pmodel.parts, optimizer)
-    init_chat_token_rows(pmodel.parts, tokenizer)
+    init_new_chat_token_rows(pmodel.parts, tokenizer, config.checkpoint.pretrained_checkpoint)
     return save_merged(pmodel, config, resumed.iteration, base)
+
+
+def init_new_chat_token_rows(parts, tokenizer, pretrained: str) -> None:
+    """The [USER] / [ASSISTANT] rows from the words, unless the base (--pretrained-checkpoint)
+    already has them: an Emu-I (imported, or merged) keeps its trained rows."""
+    if pretrained and vocabulary_rows(pretrained) >= tokenizer.vocab_size:
+        log.info("base %s has the [USER] / [ASSISTANT] rows already: kept", pretrained)
+        return
+    init_chat_token_rows(parts, tokenizer)
 
 
 def word_pieces(tokenizer, word: str) -> list[int]:

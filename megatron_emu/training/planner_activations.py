@@ -120,7 +120,7 @@ def activation_profile(config: ModelConfig, micro_batch_size: int, seq_length: i
         for block in (emu.llm.layers["0"], emu.visual.blocks[0], emu.causal_former.blocks[0]):
             shard_for_tp(block, tp)
         hidden = lambda *shape: torch.randn(*shape, dtype=weight_dtype, requires_grad=True)  # noqa: E731
-        positions = token_positions(rotary_tables(config.llm.head_dim, s, config.llm.rope_theta), s)
+        positions = token_positions(rotary_tables(config.llm, s), s)
         llm = measure_saved(emu.llm.layers["0"], (hidden(b, s, config.llm.hidden), positions), compute)
         vis = measure_saved(emu.visual.blocks[0], (hidden(1, v.num_tokens, v.width),), compute)
         visual = hidden(1, v.num_tokens, v.width)

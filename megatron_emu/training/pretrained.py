@@ -4,11 +4,14 @@
   are not in it). A base with base + 4 vocabulary rows (pretraining) grows by the two
   rows of [USER] / [ASSISTANT]: its rows are copied, the new ones are then set from the
   words "user" / "assistant" (training/instruct.py).
-- Its identity (directory, iteration and a fingerprint of the checkpoint's files) is
-  recorded in every adapter checkpoint; resuming on top of another base is refused.
-  The fingerprint hashes DCP's .metadata (every tensor's name, shape, dtype and byte
-  range) with each file's name and size: a replaced or truncated base is caught without
-  reading its gigabytes.
+- Its identity (directory, iteration, a fingerprint of the checkpoint's files and a hash of
+  its checksum record) is recorded in every adapter checkpoint; resuming, or generating, on
+  top of another base is refused. The fingerprint hashes DCP's .metadata (every tensor's
+  name, shape, dtype and byte range) with each file's name and size: a replaced or
+  truncated base is caught without reading its gigabytes. Two bases of one model size and
+  layout can share it, so `content` hashes checksums.json (the xxh3 of every file's bytes,
+  written with each save and import): another base with the same shapes differs there.
+  A record without `content` (adapters saved before it existed) is checked by fingerprint.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from megatron_emu.training.checkpoint_files import (
     read_latest,
     read_run_config,
 )
+from megatron_emu.training.checksums import CHECKSUMS_NAME
 
 log = logging.getLogger("megatron_emu")
 
@@ -52,17 +56,33 @@ def base_identity(path: str) -> dict:
         digest.update(f.read())
     for name in sorted(os.listdir(directory)):
         digest.update(f"{name}:{os.path.getsize(os.path.join(directory, name))}\n".encode())
+    checksums = os.path.join(directory, CHECKSUMS_NAME)
+    content = None
+    if os.path.exists(checksums):
+        with open(checksums, "rb") as f:
+            content = hashlib.sha256(f.read()).hexdigest()
     return {"directory": os.path.abspath(directory), "iteration": read_run_config(directory).get("iteration"),
-            "fingerprint": digest.hexdigest()}
+            "fingerprint": digest.hexdigest(), "content": content}
 
 
 def check_same_base(checkpoint_dir: str, recorded: dict | None, current: dict | None) -> None:
     if recorded is None or current is None:
         return
-    if recorded["fingerprint"] != current["fingerprint"]:
-        raise ValueError(f"{checkpoint_dir}: adapters trained on base {recorded['directory']} (fingerprint "
-                         f"{recorded['fingerprint'][:12]}), refusing --pretrained-checkpoint {current['directory']} "
-                         f"({current['fingerprint'][:12]})")
+    contents = recorded.get("content"), current.get("content")
+    if recorded["fingerprint"] != current["fingerprint"] or (None not in contents and contents[0] != contents[1]):
+        raise ValueError(f"{checkpoint_dir}: adapters trained on base {recorded['directory']} ({_short(recorded)}), "
+                         f"refusing --pretrained-checkpoint {current['directory']} ({_short(current)})")
+
+
+def _short(identity: dict) -> str:
+    content = identity.get("content")
+    return f"fingerprint {identity['fingerprint'][:12]}" + (f", content {content[:12]}" if content else "")
+
+
+def vocabulary_rows(path: str) -> int:
+    """Rows of the base's token embedding (base + 4: pretrained Emu; base + 6: an Emu-I)."""
+    saved = dcp.FileSystemReader(resolve_pretrained(path)).read_metadata().state_dict_metadata
+    return int(saved[f"model.{VOCAB_ROWS[0]}"].size[0])
 
 
 def _without_vocab(model: dict) -> dict:

@@ -29,6 +29,7 @@ from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
 from megatron_emu.kernels import apply_fused_norms, build_adamw, build_parallel_adamw
 from megatron_emu.model.attention import configure_attention
 from megatron_emu.model.emu import build_emu
+from megatron_emu.parallel.image_split import choose_placement
 from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh, build_mesh, init_distributed
 from megatron_emu.model.lora import apply_lora
 from megatron_emu.parallel.pipeline import MicrobatchFeed
@@ -39,7 +40,7 @@ from megatron_emu.training.evaluate import image_grounding
 from megatron_emu.training.failsafe import SkipTracker, check_save_before_training
 from megatron_emu.training.signals import ExitConditions
 from megatron_emu.training.pretrained import load_pretrained
-from megatron_emu.training.instruct import check_instruct_run, init_chat_token_rows, lora_spec, merge_checkpoint
+from megatron_emu.training.instruct import check_instruct_run, init_new_chat_token_rows, lora_spec, merge_checkpoint
 from megatron_emu.training.step import StepResult, pipeline_loss_fn, train_step, validation_loss
 from megatron_emu.training.metrics import IterationStats, training_flops
 from megatron_emu.training.optim import LRScheduler, apply_freezing
@@ -134,9 +135,19 @@ def build_model(config: TrainConfig, pmesh: ParallelMesh | None, n_micro: int, d
     losses: list = []  # the pipeline's loss_fn records each micro-batch's (lm, l2) here
     feed = MicrobatchFeed()  # the pipeline's micro-batches; its loss reads answer masks there
     pmodel = parallelize_emu(full, pmesh, n_micro, pipeline_loss_fn(losses, config, feed), config.seed,
-                             config.performance, lora_spec(config), feed)
+                             config.performance, lora_spec(config), feed, vision_placement(config, pmesh.dims))
     pmodel.losses = losses
     return pmodel
+
+
+def vision_placement(config: TrainConfig, dims) -> dict[str, str]:
+    """--vision-tensor-parallel resolved per image encoder (parallel/image_split.py)."""
+    images_per_step = config.data.global_batch_size / dims.dp * config.parallel.pipeline_balance_images_per_sample
+    placement = choose_placement(config.parallel.vision_tensor_parallel, config.model, dims.tp, images_per_step)
+    if dims.tp > 1:
+        log.info("image encoders under TP=%d: ViT %s, Causal Former %s", dims.tp, placement["visual"],
+                 placement["causal_former"])
+    return placement
 
 
 def build_parallel_optimizer(pmodel: ParallelModel, config: OptimizerConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -192,7 +203,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
                                    dist.get_rank() if world_size > 1 else 0, cpu_group)
     skips = SkipTracker(config.failsafe.max_skipped_iterations)
     if config.lora.enabled:  # from the (loaded) base's "user" / "assistant" rows
-        init_chat_token_rows(pmodel.parts, tokenizer)
+        init_new_chat_token_rows(pmodel.parts, tokenizer, config.checkpoint.pretrained_checkpoint)
     params = sum(p.numel() for _, p in pmodel.named_parameters())  # DTensor numel is the global size
     log.info("model %s: %.1fM parameters on this rank's stages, %s; %d micro-batches of %d per step per DP rank",
              config.preset, params / 1e6, device, n_micro, config.data.micro_batch_size)
