@@ -1,11 +1,9 @@
 """tools/evaluate.py killed mid-way, as by the OOM killer or a pre-empted node: after `batches`
 batches are cached, the next batch's line is half written, then the process SIGKILLs itself
-(no cleanup, no flush of anything else). `python -m tests.eval_faults N ARGS` does it to a
-whole evaluate.py run."""
+(no cleanup, no flush of anything else)."""
 
 import os
 import signal
-import sys
 
 from megatron_emu.evaluation.cache import PredictionCache
 
@@ -24,10 +22,3 @@ def kill_after(batches: int) -> None:
 
     PredictionCache.add = add
 
-
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    import evaluate
-
-    kill_after(int(sys.argv[1]))
-    evaluate.main(sys.argv[2:])

@@ -65,11 +65,12 @@ def comparable(result):
 def test_image_tasks_end_to_end_write_json_and_the_table(checkpoint, data, tmp_path):
     out = tmp_path / "eval"
     evaluate.main(["--task", "coco_caption", "--checkpoint", checkpoint, "--output-dir", str(out), "--no-java",
-                   "--max-new-tokens", "4"] + fx.flags(data["coco"]))
+                   "--max-new-tokens", "4", "--limit", "2"] + fx.flags(data["coco"]))
     table = evaluate.main(vqa_argv(checkpoint, data, out, "--shots", "0", "2", "--text-examples"))
     coco, two_shot = read(out, "coco_caption", "0"), read(out, "vqav2", "2")
     assert coco["metric"] == "CIDEr" and coco["scorer"]["skipped_scorers"]["METEOR"] == "java not used"
-    assert len(coco["samples"]) == 3 and all("CIDEr" in s["scores_by_metric"] for s in coco["samples"])
+    assert [s["key"] for s in coco["samples"]] == ["0", "1"]  # --limit 2 of the 3 test images
+    assert all("CIDEr" in s["scores_by_metric"] for s in coco["samples"])
     assert [s["key"] for s in two_shot["samples"]] == ["1", "11", "21"]
     assert all(len(s["examples"]) == 2 and len(s["references"]) == 10 for s in two_shot["samples"])
     assert "caption" in read(out, "vqav2", "0")["samples"][0]  # the chain of thought's caption is kept
