@@ -140,7 +140,7 @@ def run(args) -> str:
         if needs_examples else None
     for setting in settings:
         run_setting(gen, spec, setting, samples, rices, options, dp, identity)
-    return write_table(args.output_dir) if dp.rank == 0 and dp.writes else ""
+    return write_table(args.output_dir) if dp.first else ""
 
 
 def run_fid(args) -> str:
@@ -174,7 +174,7 @@ def run_fid(args) -> str:
                "files": {"annotations": os.path.abspath(args.annotations), "decoder": os.path.abspath(args.decoder)}}
     run_fid(pipe, prompts, extractor, reference, args.output_dir, dp, options, checkpoint_identity(args.checkpoint),
             gen.model)
-    return write_table(args.output_dir) if dp.rank == 0 and dp.writes else ""
+    return write_table(args.output_dir) if dp.first else ""
 
 
 def main(argv=None) -> str:

@@ -23,8 +23,13 @@ class DataParallel:
 
     @property
     def writes(self) -> bool:
-        """This rank writes files (cache, outputs): one per DP rank, the first of its TP group."""
+        """This rank writes its share's cache: one per DP rank, the first of its TP group."""
         return self.tp_rank == 0
+
+    @property
+    def first(self) -> bool:
+        """The one rank that writes what all ranks share (results, table, RICES features)."""
+        return self.rank == 0 and self.tp_rank == 0
 
     def shard_indices(self, n: int) -> list[int]:
         return list(range(self.rank, n, self.size))

@@ -60,7 +60,7 @@ class Rices:
         mine = {i: visual_features(emu, pool[i], spec).tolist() for i in dp.shard_indices(len(pool))}
         everything = dp.gather(mine)
         features = torch.tensor([everything[i] for i in range(len(pool))])  # (P, D)
-        if dp.writes:
+        if dp.first:
             os.makedirs(cache_dir, exist_ok=True)
             torch.save(features, path + ".tmp")
             os.replace(path + ".tmp", path)  # a killed run leaves no half-written cache

@@ -57,12 +57,13 @@ def run_setting(gen, spec: TaskSpec, setting: str, samples: list[Sample], rices,
     mine = dp.shard(samples)
     todo = [s for s in mine if s.key not in cache]
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{spec.name} k={setting}", unit="sample",
-              file=sys.stderr, disable=dp.rank != 0 or not dp.writes) as bar:
+              file=sys.stderr, disable=not dp.first) as bar:
         for start in range(0, len(todo), options.batch_size):
             batch = todo[start:start + options.batch_size]
             cache.add(predictor(batch))
             bar.update(len(batch))
     answered = dp.gather({s.key: cache.records[s.key] for s in mine})
+    resumed = sum(dp.gather({dp.rank: len(mine) - len(todo)}).values())  # over the DP ranks
     predictions = {s.key: answered[s.key] for s in samples}  # the benchmark's order
     scores = score_task(spec, samples, predictions, options.use_java)
     result = {
@@ -72,10 +73,10 @@ def run_setting(gen, spec: TaskSpec, setting: str, samples: list[Sample], rices,
         "checkpoint": identity,
         "config": {"model": gen.model, "decoding": dataclasses.asdict(options.decoding), "files": options.annotation_files,
                    "batch_size": options.batch_size, "data_parallel_size": dp.size,
-                   "resumed_from_cache": len(mine) - len(todo), "torn_cache_lines": cache.torn_lines},
+                   "resumed_from_cache": resumed, "torn_cache_lines": cache.torn_lines},
         "samples": [sample_record(s, predictions[s.key], scores["per_sample"][s.key]) for s in samples],
     }
-    if dp.rank == 0 and dp.writes:
+    if dp.first:
         write_result(options.output_dir, spec.name, setting, result)
     dp.barrier()
     return result

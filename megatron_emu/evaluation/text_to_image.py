@@ -129,7 +129,7 @@ def run_fid(pipe, prompts: list[tuple[str, str]], extractor, reference: tuple, o
                                 options["width"], options["steps"], options["guidance_scale"], options["seed"])
     dp.barrier()
     result = {}
-    if dp.rank == 0 and dp.writes:
+    if dp.first:
         fid, dims = fid_of_generated(prompts, image_dir, reference, extractor)
         result = {"task": "coco_fid", "setting": "0", "metric": "FID", "score": fid, "metrics": {"FID": fid},
                   "num_samples": len(prompts), "scorer": {"features": f"{dims}-d", "formula": "frechet.py (eigh)"},
