@@ -113,7 +113,9 @@ def _two_ranks(rank, world_size, argv):
     evaluate.main(argv)
 
 
-def test_two_data_parallel_ranks_give_the_same_json_as_one(checkpoint, data, single_process, tmp_path):
+def test_two_data_parallel_ranks_give_the_same_json_as_one(checkpoint, data, single_process, tmp_path, monkeypatch):
+    from megatron_emu.evaluation import runner
+
     two = tmp_path / "two"
     spawn(2, _two_ranks, vqa_argv(checkpoint, data, two, "--shots", "0", "2"))
     for setting in ("0", "2"):
@@ -124,6 +126,13 @@ def test_two_data_parallel_ranks_give_the_same_json_as_one(checkpoint, data, sin
     caches = os.listdir(os.path.join(two, "vqav2", "cache"))
     assert all(sorted(os.listdir(os.path.join(two, "vqav2", "cache", c))) == ["rank00000.jsonl", "rank00001.jsonl"]
                for c in caches)
+    # one process rerun on the 2-rank output: every answer comes from the two ranks' caches
+    answered = []
+    real = runner.Predictor.__call__
+    monkeypatch.setattr(runner.Predictor, "__call__", lambda self, batch: answered.extend(batch) or real(self, batch))
+    evaluate.main(vqa_argv(checkpoint, data, two, "--shots", "0", "2"))
+    assert answered == [] and read(two, "vqav2", "2")["config"]["resumed_from_cache"] == 3
+    assert comparable(read(two, "vqav2", "2")) == comparable(read(single_process, "vqav2", "2"))
 
 
 def test_tensor_parallel_ranks_answer_as_one_process(checkpoint, data, single_process, tmp_path):
