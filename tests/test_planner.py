@@ -4,19 +4,17 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_emu.arguments import parse_args
 from megatron_emu.config import ParallelConfig, get_preset
 from megatron_emu.data.random_batches import random_batch
-from megatron_emu.kernels import build_adamw
 from megatron_emu.model.emu import build_emu
 from megatron_emu.parallel.mesh import ParallelDims
 from megatron_emu.training import train
+from megatron_emu.training.build import build_run
 from megatron_emu.training.metrics import CPUPeakMemory
-from megatron_emu.training.planner import (HARDWARE, Workload, allreduce_seconds, estimate_memory,
+from megatron_emu.parallel.planner import (HARDWARE, Workload, allreduce_seconds, estimate_memory,
                                            estimate_step_time, parameter_counts, plan, rank_stages)
-from megatron_emu.training.precision import Precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,17 +29,19 @@ def load_tool(name):
 def measured_peak(config, images_per_sample: int) -> int:
     """Peak live tensor bytes over one steady-state training step (the second)."""
     d = config.data
-    pmodel = train.build_model(config, None, d.global_batch_size // d.micro_batch_size, torch.device("cpu"))
-    optimizer = build_adamw(pmodel.parts[0], config.optimizer, "cpu", config.performance.fused_kernels)
+    run = build_run(config)  # as pretraining builds it (training/build.py)
+    pmodel, optimizer, precision = run.pmodel, run.optimizer, run.precision
     micro = [random_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample, seed=i)
-             for i in range(d.global_batch_size // d.micro_batch_size)]
-    precision = Precision(config.performance, "cpu")
-    train.train_step(pmodel, optimizer, micro, config, precision)  # creates the Adam states
-    tracker = CPUPeakMemory()
-    with tracker:
-        params = list(pmodel.parts[0].parameters())
-        tracker.track(params, [p.grad for p in params if p.grad is not None], optimizer.state_dict()["state"], micro)
-        train.train_step(pmodel, optimizer, micro, config, precision)
+             for i in range(run.n_micro)]
+    try:
+        train.train_step(pmodel, optimizer, micro, config, precision)  # creates the Adam states
+        tracker = CPUPeakMemory()
+        with tracker:
+            params = list(pmodel.parts[0].parameters())
+            tracker.track(params, [p.grad for p in params if p.grad is not None], optimizer.state_dict()["state"], micro)
+            train.train_step(pmodel, optimizer, micro, config, precision)
+    finally:
+        run.close()
     return tracker.peak
 
 

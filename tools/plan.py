@@ -5,7 +5,7 @@ recommended one as pretrain_emu.py flags.
     python tools/plan.py --preset emu-14b --gpus 128 --gpu a100-80g
     python tools/plan.py --preset 1b --gpus 8 --gpu h100-80g --micro-batch-size 4 --top 20 --json
 
-The model behind the numbers: megatron_emu/training/planner.py.
+The model behind the numbers: megatron_emu/parallel/planner.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_emu.config import PRESETS, RECIPES, get_preset  # noqa: E402
-from megatron_emu.training.planner import HARDWARE, Workload, plan  # noqa: E402
+from megatron_emu.config import PRESETS, get_preset, recipe_config  # noqa: E402
+from megatron_emu.parallel.planner import HARDWARE, Workload, plan  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,11 +92,11 @@ def table(rows, top: int) -> str:
 
 def main(argv=None) -> list:
     args = parse_args(argv)
-    recipe = RECIPES[args.preset]
+    recipe = recipe_config(args.preset).data  # what pretraining runs without flags
     work = Workload(
-        micro_batch_size=args.micro_batch_size or recipe["micro_batch_size"],
-        global_batch_size=args.global_batch_size or recipe["global_batch_size"],
-        seq_length=args.seq_length or recipe["seq_length"],
+        micro_batch_size=args.micro_batch_size or recipe.micro_batch_size,
+        global_batch_size=args.global_batch_size or recipe.global_batch_size,
+        seq_length=args.seq_length or recipe.seq_length,
         images_per_sample=args.images_per_sample,
         dtype="float32" if args.fp32 else "bfloat16",
     )

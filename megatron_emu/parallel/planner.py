@@ -14,7 +14,7 @@ gradients and Adam states (16 bytes / parameter); with FSDP the blocks compute o
 bf16 gathered parameters (MixedPrecisionPolicy), otherwise autocast keeps a bf16
 copy of every weight per micro-batch for backward (counted by the fake run).
 
-Throughput: the busiest pipeline stage's FLOPs (metrics.py formula) at an assumed
+Throughput: the busiest pipeline stage's FLOPs (model/flops.py) at an assumed
 efficiency of the device peak, plus the 1F1B bubble, tensor-parallel all-reduces on
 the intra-node links and data-parallel traffic on the inter-node links (the part that
 does not overlap backward). The ranking is a model; measured figures come from
@@ -27,9 +27,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from megatron_emu.config import DataConfig, ModelConfig, ParallelConfig
+from megatron_emu.model import flops as flops_model
 from megatron_emu.parallel.mesh import ParallelDims
-from megatron_emu.training import metrics
-from megatron_emu.training.planner_activations import BlockActivations, activation_profile, block_bytes, cached
+from megatron_emu.parallel.planner_activations import BlockActivations, activation_profile, block_bytes, cached
 
 GiB = 2**30
 
@@ -226,7 +226,7 @@ def in_flight_microbatches(dims: ParallelDims, pp_rank: int, n_micro: int) -> in
 # -- throughput model -------------------------------------------------------------------
 def stage_flops(model: ModelConfig, work: Workload, layers: int, first: bool, last: bool) -> float:
     """Forward + backward (+ recompute) FLOPs of one micro-batch through one stage."""
-    return metrics.stage_flops(model, work.micro_batch_size, work.seq_length, work.images_per_sample, layers,
+    return flops_model.stage_flops(model, work.micro_batch_size, work.seq_length, work.images_per_sample, layers,
                                first, last, work.recompute, work.recompute_num_layers)
 
 
@@ -255,7 +255,7 @@ def estimate_step_time(model: ModelConfig, work: Workload, dims: ParallelDims, h
     dp_exposed = data_parallel_exposed_seconds(model, work, dims, hw, layers, n_micro, t_mb, pipeline)
     tp_exposed = max(tp_per_rank) * (n_micro + bubble)  # TP collectives sit on the critical path
     step = pipeline + dp_exposed
-    flops = metrics.training_flops(model, work.global_batch_size, work.seq_length,
+    flops = flops_model.training_flops(model, work.global_batch_size, work.seq_length,
                                    work.global_batch_size * work.images_per_sample)
     exposed = tp_exposed + dp_exposed
     return dict(seconds=step, bubble_s=bubble * t_mb, dp_exposed_s=dp_exposed, tp_exposed_s=tp_exposed,
