@@ -1,10 +1,17 @@
 """Typed configuration: the run's settings, one small dataclass per concern, and the recipes;
 model sizes and presets live in model_config.py and are re-exported here. Megatron flag
 names map onto these dataclasses in one place, `megatron_emu/arguments.py`.
+
+One source of defaults: a field's default is its dataclass's; a preset's recipe (RECIPES)
+replaces some of them (recipe_config); a flag given on the command line replaces one more.
+Flags have no defaults of their own. Each dataclass checks its own values (__post_init__);
+sizes that depend on the world size are checked by parallel/mesh.py's ParallelDims.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import signal
 from dataclasses import dataclass, field
 
 from megatron_emu.model_config import (  # noqa: F401 (re-exported: config.py is the one import)
@@ -34,7 +41,7 @@ class DataConfig:
     seq_length: int = 1024
     micro_batch_size: int = 1
     global_batch_size: int = 1
-    num_workers: int = 2
+    num_workers: int = 1  # DataLoader worker processes (0: load in the training process)
     # Where the synthetic corpus and the tiny tokenizer are built and cached.
     cache_dir: str = ""
     tokenizer_model: str = ""  # sentencepiece .model; empty = tiny tokenizer built on demand
@@ -73,6 +80,10 @@ class OptimizerConfig:
     # these says which wins (Megatron's names): the flags, or the checkpoint's settings.
     override_opt_param_scheduler: bool = False
     use_checkpoint_opt_param_scheduler: bool = False
+
+    def __post_init__(self) -> None:
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ValueError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are mutually exclusive")
 
 
 @dataclass
@@ -123,6 +134,10 @@ class CheckpointConfig:
     # Instruction tuning: the frozen base (root or iteration dir); --save / --load then hold adapters only.
     pretrained_checkpoint: str = ""
 
+    def __post_init__(self) -> None:
+        if self.save_interval < 0 or self.keep_last < 0 or self.save_threads < 1:
+            raise ValueError("--save-interval and --keep-last must be >= 0, --ckpt-save-threads >= 1")
+
 
 @dataclass
 class FailsafeConfig:
@@ -134,6 +149,14 @@ class FailsafeConfig:
     exit_signal: str = "SIGTERM"  # e.g. SIGUSR1 for sbatch --signal=B:USR1@120
     exit_duration_in_mins: float | None = None  # save and exit 0 after this much wall time
     exit_interval: int | None = None  # save and exit 0 at the first iteration divisible by this
+
+    def __post_init__(self) -> None:
+        if not hasattr(signal, self.exit_signal) or not self.exit_signal.startswith("SIG"):
+            raise ValueError(f"--exit-signal {self.exit_signal!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+        if self.max_skipped_iterations < 1:
+            raise ValueError(f"--max-skipped-iterations must be >= 1, got {self.max_skipped_iterations}")
+        if self.exit_interval is not None and self.exit_interval < 1:
+            raise ValueError(f"--exit-interval must be >= 1, got {self.exit_interval}")
 
 
 @dataclass
@@ -219,40 +242,70 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
 
-# Per-preset defaults of the training flags (an explicit flag always wins).
-# emu-14b is the paper's recipe (spec section 5); the global batch is the sum of the
-# per-dataset shares 128 + 128 + 64 + 16 + 16. tiny is tuned so the README's first
-# command shows both losses falling on one CPU within a few minutes.
+# The recipes: per preset, the fields of TrainConfig that differ from its defaults, keyed
+# by field path ("section.field", or a top-level field). `recipe_config` turns one into the
+# TrainConfig a run starts from; a flag given on the command line then replaces its field
+# (arguments.py). emu-14b is the paper's recipe (spec section 5); the global batch is the
+# sum of the per-dataset shares 128 + 128 + 64 + 16 + 16. tiny is tuned so the README's
+# first command shows both losses falling on one CPU within a few minutes.
 RECIPES: dict[str, dict] = {
-    "tiny": dict(
-        lr=2e-3, lr_vision=2e-3, lr_causal_former=2e-3, min_lr=1e-4, lr_warmup_iters=20,
-        train_iters=300, seq_length=160, micro_batch_size=8, global_batch_size=16, weight_decay=0.01,
-        split="98,2,0", eval_interval=100, eval_iters=2,
-    ),
-    "1b": dict(
-        lr=3e-4, lr_vision=1e-4, lr_causal_former=3e-4, min_lr=3e-5, lr_warmup_iters=500,
-        train_iters=10000, seq_length=1024, micro_batch_size=4, global_batch_size=64, weight_decay=0.05,
-        split="", eval_interval=0, eval_iters=10,
-    ),
-    "emu-14b": dict(
-        lr=3e-5, lr_vision=4e-5, lr_causal_former=1e-4, min_lr=0.0, lr_warmup_iters=2000,
-        train_iters=10000, seq_length=1024, micro_batch_size=1, global_batch_size=352, weight_decay=0.05,
-        split="", eval_interval=0, eval_iters=10,
-    ),
+    "tiny": {
+        "optimizer.lr": 2e-3, "optimizer.lr_vision": 2e-3, "optimizer.lr_causal_former": 2e-3,
+        "optimizer.min_lr": 1e-4, "optimizer.lr_warmup_iters": 20, "optimizer.weight_decay": 0.01,
+        "train_iters": 300, "data.seq_length": 160, "data.micro_batch_size": 8, "data.global_batch_size": 16,
+        "data.split": "98,2,0", "eval_interval": 100, "eval_iters": 2,
+    },
+    "1b": {
+        "optimizer.lr": 3e-4, "optimizer.lr_vision": 1e-4, "optimizer.lr_causal_former": 3e-4,
+        "optimizer.min_lr": 3e-5, "optimizer.lr_warmup_iters": 500, "optimizer.weight_decay": 0.05,
+        "train_iters": 10000, "data.seq_length": 1024, "data.micro_batch_size": 4, "data.global_batch_size": 64,
+    },
+    "emu-14b": {
+        "optimizer.lr": 3e-5, "optimizer.lr_vision": 4e-5, "optimizer.lr_causal_former": 1e-4,
+        "optimizer.min_lr": 0.0, "optimizer.lr_warmup_iters": 2000, "optimizer.weight_decay": 0.05,
+        "train_iters": 10000, "data.seq_length": 1024, "data.micro_batch_size": 1, "data.global_batch_size": 352,
+    },
 }
 
 
 # Instruction tuning (--lora-rank > 0) overrides the preset's recipe with these.
 # emu-14b: the paper's Emu-I recipe (section 4): batch 128, 10k steps, LR warmed up linearly
 # over 500 steps to 1e-5, then cosine to 0; 16 A100-80G (examples/finetune_instruct_emu14b.sbatch).
+_INSTRUCT_COMMON = {"optimizer.min_lr": 0.0, "optimizer.weight_decay": 0.0, "data.split": "", "eval_interval": None}
 INSTRUCT_RECIPES: dict[str, dict] = {
-    "tiny": dict(lr=1e-2, min_lr=0.0, lr_warmup_iters=2, train_iters=30, seq_length=128, micro_batch_size=4,
-                 global_batch_size=8, weight_decay=0.0, split="", eval_interval=0, eval_iters=1),
-    "1b": dict(lr=1e-4, min_lr=0.0, lr_warmup_iters=500, train_iters=10000, seq_length=1024, micro_batch_size=4,
-               global_batch_size=128, weight_decay=0.0, split="", eval_interval=0, eval_iters=10),
-    "emu-14b": dict(lr=1e-5, min_lr=0.0, lr_warmup_iters=500, train_iters=10000, seq_length=1024, micro_batch_size=1,
-                    global_batch_size=128, weight_decay=0.0, split="", eval_interval=0, eval_iters=10),
+    "tiny": {**_INSTRUCT_COMMON, "optimizer.lr": 1e-2, "optimizer.lr_warmup_iters": 2, "train_iters": 30,
+             "data.seq_length": 128, "data.micro_batch_size": 4, "data.global_batch_size": 8, "eval_iters": 1},
+    "1b": {**_INSTRUCT_COMMON, "optimizer.lr": 1e-4, "optimizer.lr_warmup_iters": 500, "train_iters": 10000,
+           "data.seq_length": 1024, "data.micro_batch_size": 4, "data.global_batch_size": 128, "eval_iters": 10},
+    "emu-14b": {**_INSTRUCT_COMMON, "optimizer.lr": 1e-5, "optimizer.lr_warmup_iters": 500, "train_iters": 10000,
+                "data.seq_length": 1024, "data.micro_batch_size": 1, "data.global_batch_size": 128,
+                "eval_iters": 10},
 }
+
+
+def with_fields(config: "TrainConfig", values: dict) -> "TrainConfig":
+    """`config` with the fields at these paths replaced; each section is rebuilt once, so its
+    checks (__post_init__) see all of its new values together."""
+    sections: dict[str, dict] = {}
+    for path, value in values.items():
+        section, _, name = path.rpartition(".")
+        sections.setdefault(section, {})[name] = value
+    top = sections.pop("", {})
+    for section, fields in sections.items():
+        if section not in {f.name for f in dataclasses.fields(config)}:
+            raise ValueError(f"unknown configuration section {section!r} (in {sorted(fields)})")
+        top[section] = dataclasses.replace(getattr(config, section), **fields)
+    return dataclasses.replace(config, **top)
+
+
+def recipe_config(preset: str, instruct: bool = False) -> "TrainConfig":
+    """The TrainConfig of `preset`'s recipe (INSTRUCT_RECIPES on top for instruction tuning,
+    whose vocabulary adds [USER] / [ASSISTANT]): what pretrain_emu.py runs without flags."""
+    model = get_preset(preset)
+    if instruct:
+        model = dataclasses.replace(model, llm=dataclasses.replace(model.llm, num_special_tokens=NUM_INSTRUCT_SPECIAL_TOKENS))
+    recipe = {**RECIPES[preset], **(INSTRUCT_RECIPES[preset] if instruct else {})}
+    return with_fields(TrainConfig(preset=preset, model=model), recipe)
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""Fused norm and optimizer kernels: the one place they are chosen (DESIGN.md decision 4).
+"""Fused norm kernels, and whether apex is there (DESIGN.md decision 4).
 
 apex (from the NGC image) when installed on CUDA, torch's own fused kernels otherwise:
   RMSNorm    apex fused_rms_norm_affine  ->  torch.nn.functional.rms_norm
   LayerNorm  apex fused_layer_norm_affine ->  torch's LayerNorm (already one fused kernel)
-  AdamW      apex FusedAdam(adam_w_mode)  ->  torch AdamW(fused=True) (CUDA and CPU)
+  AdamW      apex FusedAdam(adam_w_mode)  ->  torch AdamW(fused=True) (CUDA and CPU):
+             built by training/optim.py's build_optimizer, the one optimizer builder.
 The attention kernel is chosen in model/attention.py.
 
 Norms are switched from outside the model by giving each norm module a fused
@@ -14,9 +15,8 @@ Under tensor / data parallelism (DTensor parameters and activations):
 - torch's rms_norm dispatches on DTensors (sequence-parallel norms get Shard(1) inputs
   and a replicated weight); apex's autograd functions take plain tensors only, so a
   norm whose weight is a DTensor keeps torch's kernel (logged).
-- AdamW is torch's fused (or foreach) kernel over param groups split by device mesh:
-  one kernel call runs per group, and DTensor dispatch cannot mix meshes or plain
-  tensors in one call. apex FusedAdam does not take DTensors.
+- AdamW is torch's fused (or foreach) kernel over param groups split by device mesh
+  (optim.split_by_mesh); apex FusedAdam does not take DTensors.
 """
 
 import importlib.util
@@ -28,9 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from megatron_emu.config import OptimizerConfig
 from megatron_emu.model.norms import RMSNorm
-from megatron_emu.training.optim import param_groups
 
 log = logging.getLogger("megatron_emu")
 
@@ -75,45 +73,3 @@ def apply_fused_norms(model: nn.Module, device_type: str) -> str:
     family = "apex" if use_apex else "torch"
     log.info("fused norms: %s%s", family, f" ({on_dtensor} DTensor norms on torch's kernel)" if on_dtensor else "")
     return family
-
-
-# -- optimizer ----------------------------------------------------------------------
-def build_adamw(model: nn.Module, config: OptimizerConfig, device_type: str, fused: bool = True) -> torch.optim.Optimizer:
-    """AdamW over optim.param_groups: apex FusedAdam, torch fused, or torch foreach."""
-    groups = param_groups(model, config)
-    kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
-    if fused and apex_available(device_type):
-        from apex.optimizers import FusedAdam
-
-        log.info("optimizer: apex FusedAdam (AdamW mode)")
-        return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    log.info("optimizer: torch AdamW (%s)", "fused" if fused else "foreach")
-    return torch.optim.AdamW(groups, fused=fused or None, foreach=None if fused else True, **kwargs)
-
-
-def split_by_mesh(groups: list[dict]) -> list[dict]:
-    """Each param group split into one group per device mesh (plain tensors: one more),
-    with the same hyper-parameters: foreach / fused kernels then see one mesh per call."""
-    split = []
-    for group in groups:
-        by_mesh: dict = {}
-        for p in group["params"]:
-            by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
-        split += [{**group, "params": params} for params in by_mesh.values()]
-    return split
-
-
-def build_parallel_adamw(parts: list[nn.Module], config: OptimizerConfig, fused: bool = True) -> torch.optim.AdamW:
-    """One torch AdamW over every model part of this rank (DTensor or plain parameters):
-    fused kernel, or foreach; groups keep Emu's names (optim.module_family)."""
-    groups = split_by_mesh([group for part in parts for group in param_groups(part, config)])
-    log.info("optimizer: torch AdamW (%s) over %d param groups", "fused" if fused else "foreach", len(groups))
-    return torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-                             fused=fused or None, foreach=None if fused else True)
-
-
-def apply_fused_kernels(model: nn.Module, config: OptimizerConfig, device_type: str, enabled: bool = True):
-    """Fused norms on `model` (when enabled) and the matching AdamW; returns the optimizer."""
-    if enabled:
-        apply_fused_norms(model, device_type)
-    return build_adamw(model, config, device_type, fused=enabled)

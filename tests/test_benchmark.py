@@ -87,3 +87,56 @@ def test_corpus_batches_packed_count_rows_not_samples(tmp_path):
     assert packed["packing_speedup"] == pytest.approx(packed["unpacked_step_ms"] / packed["step_ms"])
     with pytest.raises(ValueError, match="needs --pack-sequences"):
         bench.main(flags + ["--compare", "unpacked"])
+
+
+def optimizer_kind(optimizer) -> tuple:
+    """What makes two AdamWs the same run: class, kernel flags, hyper-parameters, groups."""
+    flags = {k: optimizer.defaults.get(k) for k in ("fused", "foreach", "betas", "eps")}
+    groups = [(g["name"], len(g["params"]), g["weight_decay"], g["max_lr"]) for g in optimizer.param_groups]
+    return type(optimizer), flags, groups
+
+
+def compare_builds(rank: int, world: int, flags: list[str]) -> None:
+    """Pretraining (stopped right after its build) and the benchmark build the same AdamW."""
+    from megatron_emu.training import build, train
+
+    parser = bench.build_parser()
+    bench.add_benchmark_args(parser)
+    config = bench.to_config(parser.parse_args(SMALL + flags))
+
+    class Built(Exception):
+        """Stops pretraining right after its build."""
+
+    runs = []
+
+    def build_and_stop(cfg):
+        runs.append(build.build_run(cfg))
+        raise Built
+
+    real, train.build_run = train.build_run, build_and_stop
+    try:
+        with pytest.raises(Built):
+            train.pretrain(config)
+    finally:
+        train.build_run = real
+        if runs:
+            runs[0].close()
+    ours = bench.prepare_emu(config, 1)
+    ours["run"].close()
+    assert ours["world_size"] == world
+    assert optimizer_kind(ours["run"].optimizer) == optimizer_kind(runs[0].optimizer)
+    assert bool(ours["run"].optimizer.defaults["fused"]) == ("--no-fused-kernels" not in flags)
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-fused-kernels"]], ids=["fused", "unfused"])
+def test_benchmark_times_the_optimizer_pretraining_builds(flags):
+    """Both build through training/build.py's build_run: the benchmark once built its multi-rank
+    AdamW without the fused flag, so it timed another AdamW than pretraining ran."""
+    compare_builds(0, 1, flags)
+
+
+def test_benchmark_times_the_optimizer_pretraining_builds_two_ranks():
+    """The same under FSDP2 on 2 gloo ranks (DTensor parameters: groups split by mesh)."""
+    from tests.dist_utils import spawn
+
+    spawn(2, compare_builds, ["--global-batch-size", "4", "--data-parallel-sharding", "fsdp"])

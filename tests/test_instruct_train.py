@@ -12,9 +12,9 @@ import torch.distributed.checkpoint as dcp
 from megatron_emu.arguments import parse_args
 from megatron_emu.model.lora import is_lora_parameter
 from megatron_emu.training.checkpoint_files import iteration_dir, read_run_config
-from megatron_emu.training.train import build_model, load_tokenizer, move_batch, pretrain
+from megatron_emu.training.build import build_run
+from megatron_emu.training.train import load_tokenizer, move_batch, pretrain
 from megatron_emu.training.step import train_step
-from megatron_emu.kernels import build_adamw
 from megatron_emu.data.loader import build_pretrain_loader
 from megatron_emu.training.instruct import init_chat_token_rows
 from tests.instruct_fixtures import write_counting_alpaca
@@ -58,15 +58,18 @@ def instruct_flags(conversations, *extra):
 def test_answer_loss_falls_base_bit_identical_optimizer_state_adapters_only(conversations):
     config = instruct_flags(conversations)
     tokenizer = load_tokenizer(config)
-    pmodel = build_model(config, None, 1, torch.device("cpu"))
+    run = build_run(config)  # as pretraining builds it (training/build.py)
+    pmodel, optimizer = run.pmodel, run.optimizer
     model = pmodel.parts[0]
     init_chat_token_rows([model], tokenizer)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not is_lora_parameter(n)}
-    optimizer = build_adamw(model, config.optimizer, "cpu", False)
     loader = build_pretrain_loader(config.data, tokenizer, dp_rank=0, dp_size=1, seed=config.seed,
                                    tokens_per_image=config.model.tokens_per_image)
     fixed = move_batch(next(loader), torch.device("cpu"))  # the same batch: its answer loss must fall
-    losses = [train_step(pmodel, optimizer, [fixed], config).lm_loss for _ in range(6)]
+    try:
+        losses = [train_step(pmodel, optimizer, [fixed], config).lm_loss for _ in range(6)]
+    finally:
+        run.close()
     assert losses[-1] < losses[0] - 0.5, losses
     for name, p in model.named_parameters():
         if not is_lora_parameter(name):

@@ -26,11 +26,9 @@ from megatron_emu.model.emu import build_emu
 from megatron_emu.model.init import init_parameters
 from megatron_emu.model.lora import LoRASpec, apply_lora, is_lora_parameter
 from megatron_emu.model.loss import emu_loss
-from megatron_emu.parallel.mesh import ParallelDims, build_mesh
-from megatron_emu.parallel.parallelize import parallelize_emu
-from megatron_emu.parallel.pipeline import MicrobatchFeed
+from megatron_emu.training.build import build_run
 from megatron_emu.training.optim import build_optimizer
-from megatron_emu.training.train import build_parallel_optimizer, pipeline_loss_fn, train_step
+from megatron_emu.training.step import train_step
 from tests.batches import random_batch
 from tests.dist_utils import spawn
 
@@ -86,15 +84,8 @@ def reference(config: TrainConfig) -> list[dict]:
 
 def check_layout(rank: int, world: int, name: str, parallel: dict, ref: list[dict]) -> None:
     config = run_config(**parallel)
-    dims = ParallelDims.from_config(config.parallel, world, config.model, SEQ)
-    n_micro = dims.validate(config.model, config.data)
-    pmesh = build_mesh(dims, torch.device("cpu"))
-    losses: list = []
-    feed = MicrobatchFeed()  # as training/train.py: the pipeline's loss reads the answer masks there
-    pmodel = parallelize_emu(build_emu(config.model, seed=SEED), pmesh, n_micro, pipeline_loss_fn(losses, config, feed),
-                             SEED, config.performance, SPEC, feed)
-    pmodel.losses = losses
-    optimizer = build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels)
+    run = build_run(config)  # as pretraining builds it (training/build.py)
+    pmodel, optimizer, pmesh, n_micro = run.pmodel, run.optimizer, run.pmesh, run.n_micro
     for step, batches in enumerate(step_batches(config)):
         mine = batches[pmesh.dp_rank * n_micro:(pmesh.dp_rank + 1) * n_micro]
         result = train_step(pmodel, optimizer, mine, config)

@@ -68,3 +68,39 @@ def _observe(rank: int, world_size: int, sharding: str) -> None:
 @pytest.mark.parametrize("sharding", ["fsdp", "ddp"])
 def test_gradient_reductions_are_issued_during_backward(sharding):
     spawn(2, _observe, sharding)
+
+
+def _observe_pipeline(rank: int, world_size: int) -> None:
+    """PP2 x DP2 FSDP2, 1F1B, 2 micro-batches per DP rank (parallel/pipeline.py OverlappedStage)."""
+    from tests.test_parallel_parity import build_run, step_batches
+    from megatron_emu.training.step import train_step
+
+    config, pmodel, optimizer, pmesh, n_micro = build_run(
+        world_size, dict(pipeline_model_parallel_size=2, data_parallel_sharding="fsdp"))
+    (stage,) = pmodel.parts
+    layers = list(stage.llm.layers.values())
+    events: list[str] = []
+    real_reduce = _fsdp_param_group.foreach_reduce
+
+    def reduce(*args, **kwargs):
+        events.append("reduce")
+        return real_reduce(*args, **kwargs)
+
+    _fsdp_param_group.foreach_reduce = reduce
+    layers[0].register_full_backward_pre_hook(lambda *_: events.append("first layer backward"))
+    try:
+        mine = step_batches(config)[0][pmesh.dp_rank * n_micro:(pmesh.dp_rank + 1) * n_micro]
+        train_step(pmodel, optimizer, mine, config)
+    finally:
+        _fsdp_param_group.foreach_reduce = real_reduce
+    starts = [i for i, e in enumerate(events) if e == "first layer backward"]
+    assert len(starts) == n_micro == 2, events
+    assert "reduce" not in events[:starts[0]], events  # nothing while accumulating
+    # In the last micro-batch's backward, the stage's later layers are reduced before its
+    # first layer starts: overlapped, not after the schedule.
+    assert events[starts[0]:starts[1]].count("reduce") >= len(layers) - 1, (rank, events)
+    assert events.count("reduce") >= len(layers) + 1, (rank, events)
+
+
+def test_pipeline_stages_reduce_during_their_last_backward():
+    spawn(4, _observe_pipeline)

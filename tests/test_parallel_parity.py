@@ -27,8 +27,10 @@ from megatron_emu.model.emu import build_emu
 from megatron_emu.model.loss import emu_loss
 from megatron_emu.parallel.mesh import ParallelDims, build_mesh
 from megatron_emu.parallel.parallelize import parallelize_emu
+from megatron_emu.training.build import build_run as build
 from megatron_emu.training.optim import build_optimizer
-from megatron_emu.training.train import build_parallel_optimizer, pipeline_loss_fn, train_step, vision_placement
+from megatron_emu.training import build as build_module
+from megatron_emu.training.step import train_step
 from tests.batches import random_batch
 from tests.dist_utils import spawn
 
@@ -87,20 +89,22 @@ def local_numel(param) -> int:
 
 
 def build_run(world: int, parallel: dict, make_config=run_config):
-    """(config, ParallelModel, optimizer, pmesh, micro-batches per DP rank) for one layout;
-    parallel["performance"]: PerformanceConfig fields (default: fused kernels, fp32)."""
+    """(config, ParallelModel, optimizer, pmesh, micro-batches per DP rank) for one layout, built
+    as pretraining builds it (training/build.py); parallel["performance"]: PerformanceConfig
+    fields (default: fused kernels, fp32); parallel["vision_placement"]: a per-encoder placement
+    (one --vision-tensor-parallel auto may choose) instead of the flag's."""
     parallel = dict(parallel)
-    placement = parallel.pop("vision_placement", None)  # per encoder, else from --vision-tensor-parallel
+    placement = parallel.pop("vision_placement", None)
     config = make_config(**parallel)
-    dims = ParallelDims.from_config(config.parallel, world, config.model, config.data.seq_length)
-    n_micro = dims.validate(config.model, config.data)
-    pmesh = build_mesh(dims, torch.device("cpu"))
-    losses: list = []
-    pmodel = parallelize_emu(build_emu(config.model, seed=config.seed), pmesh, n_micro, pipeline_loss_fn(losses, config),
-                             config.seed, config.performance, vision_placement=placement or vision_placement(config, dims))
-    pmodel.losses = losses
-    optimizer = build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels)
-    return config, pmodel, optimizer, pmesh, n_micro
+    chooser = build_module.vision_placement
+    if placement is not None:
+        build_module.vision_placement = lambda config, dims: placement
+    try:
+        run = build(config)
+    finally:
+        build_module.vision_placement = chooser
+    assert run.dims.world_size == world
+    return config, run.pmodel, run.optimizer, run.pmesh, run.n_micro
 
 
 def check_layout(rank: int, world: int, name: str, parallel: dict, ref: list[dict]) -> None:
@@ -332,6 +336,8 @@ WORLD4 = {
                                     pipeline_schedule="interleaved", num_layers_per_virtual_pipeline_stage=1),
     "TP2+SP xDP2 FSDP2": dict(tensor_model_parallel_size=2, sequence_parallel=True, data_parallel_sharding="fsdp"),
     "DP4 HSDP 2x2": dict(data_parallel_sharding="hsdp", num_distributed_optimizer_instances=2),
+    # Each stage reduce-scatters during its last backward (pipeline.OverlappedStage).
+    "PP2 1F1B xDP2 FSDP2": dict(pipeline_model_parallel_size=2, data_parallel_sharding="fsdp"),
     "TP2 images split xDP2 FSDP2": dict(tensor_model_parallel_size=2, vision_tensor_parallel="images",
                                         data_parallel_sharding="fsdp"),
 }

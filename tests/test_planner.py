@@ -4,19 +4,17 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_emu.arguments import parse_args
 from megatron_emu.config import ParallelConfig, get_preset
 from megatron_emu.data.random_batches import random_batch
-from megatron_emu.kernels import build_adamw
 from megatron_emu.model.emu import build_emu
 from megatron_emu.parallel.mesh import ParallelDims
 from megatron_emu.training import train
+from megatron_emu.training.build import build_run
 from megatron_emu.training.metrics import CPUPeakMemory
-from megatron_emu.training.planner import (HARDWARE, Workload, allreduce_seconds, estimate_memory,
+from megatron_emu.parallel.planner import (HARDWARE, Workload, allreduce_seconds, estimate_memory,
                                            estimate_step_time, parameter_counts, plan, rank_stages)
-from megatron_emu.training.precision import Precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,17 +29,19 @@ def load_tool(name):
 def measured_peak(config, images_per_sample: int) -> int:
     """Peak live tensor bytes over one steady-state training step (the second)."""
     d = config.data
-    pmodel = train.build_model(config, None, d.global_batch_size // d.micro_batch_size, torch.device("cpu"))
-    optimizer = build_adamw(pmodel.parts[0], config.optimizer, "cpu", config.performance.fused_kernels)
+    run = build_run(config)  # as pretraining builds it (training/build.py)
+    pmodel, optimizer, precision = run.pmodel, run.optimizer, run.precision
     micro = [random_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample, seed=i)
-             for i in range(d.global_batch_size // d.micro_batch_size)]
-    precision = Precision(config.performance, "cpu")
-    train.train_step(pmodel, optimizer, micro, config, precision)  # creates the Adam states
-    tracker = CPUPeakMemory()
-    with tracker:
-        params = list(pmodel.parts[0].parameters())
-        tracker.track(params, [p.grad for p in params if p.grad is not None], optimizer.state_dict()["state"], micro)
-        train.train_step(pmodel, optimizer, micro, config, precision)
+             for i in range(run.n_micro)]
+    try:
+        train.train_step(pmodel, optimizer, micro, config, precision)  # creates the Adam states
+        tracker = CPUPeakMemory()
+        with tracker:
+            params = list(pmodel.parts[0].parameters())
+            tracker.track(params, [p.grad for p in params if p.grad is not None], optimizer.state_dict()["state"], micro)
+            train.train_step(pmodel, optimizer, micro, config, precision)
+    finally:
+        run.close()
     return tracker.peak
 
 
@@ -102,24 +102,28 @@ def test_plan_orders_fitting_rows_by_throughput():
 
 
 def test_step_time_exposes_what_the_schedule_cannot_hide():
-    """Gradients are reduced once per step: without PP the last micro-batch's backward hides
-    part of it; with PP (pipelining reduces after the schedule) nothing does."""
+    """Gradients are reduced once per step, during the last micro-batch's backward (each
+    stage's with PP: pipeline.OverlappedStage), which hides part of it; zero-bubble reduces
+    after its schedule, where nothing does."""
     config, hw = get_preset("emu-14b"), HARDWARE["a100-80g"]
     work = Workload(1, 352, 1024, 2)
 
-    def dims(tp, pp):
+    def dims(tp, pp, schedule="1f1b"):
         parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                  data_parallel_sharding="fsdp", pipeline_balance="auto")
+                                  data_parallel_sharding="fsdp", pipeline_balance="auto", pipeline_schedule=schedule)
         return ParallelDims.from_config(parallel, 128, config, seq_length=1024)
 
     counts = parameter_counts(config)
-    pp2 = dims(2, 2)
-    stage_params = (max(sum(pp2.stage_layers[s] * counts["layer"] for s in rank_stages(pp2, r)) for r in range(2))
-                    + counts["encoder"] + counts["embed"] + counts["head"] / 2) / 2
-    reduce_scatter = allreduce_seconds(4 * stage_params, pp2.dp, hw.inter_node_gbs) / 2
-    time = estimate_step_time(config, work, pp2, hw)
+    zero_bubble = dims(2, 2, "zero-bubble")
+    stage_params = (max(sum(zero_bubble.stage_layers[s] * counts["layer"] for s in rank_stages(zero_bubble, r))
+                        for r in range(2)) + counts["encoder"] + counts["embed"] + counts["head"] / 2) / 2
+    reduce_scatter = allreduce_seconds(4 * stage_params, zero_bubble.dp, hw.inter_node_gbs) / 2
+    time = estimate_step_time(config, work, zero_bubble, hw)
     assert time["dp_exposed_s"] == pytest.approx(reduce_scatter)  # gathers hide, the reduce-scatter does not
     assert 0.25 < time["exposed_comm_fraction"] < 0.35 and time["mfu"] < 0.36
+    # 1F1B: the stage's last backward hides part of its reduce-scatter, not all (0.6 s at DP=32).
+    one_f_one_b = estimate_step_time(config, work, dims(2, 2), hw)["dp_exposed_s"]
+    assert 0 < one_f_one_b < allreduce_seconds(4 * stage_params, 32, hw.inter_node_gbs) / 2
     # Without PP (DDP: no gathers) the last micro-batch's backward hides part of the all-reduce.
     ddp = ParallelDims.from_config(ParallelConfig(tensor_model_parallel_size=4), 128, config)
     replicas = (counts["encoder"] + counts["embed"] + config.llm.layers * counts["layer"] + counts["head"]) / 4

@@ -7,15 +7,14 @@ CPUPeakMemory, which counts a DTensor as its local shard and sees FSDP2's in-pla
 
 from __future__ import annotations
 
-import torch
 from torch.distributed.tensor import DTensor
 
 from megatron_emu.arguments import parse_args
 from megatron_emu.data.random_batches import random_batch
-from megatron_emu.parallel.mesh import ParallelDims, build_mesh
 from megatron_emu.training import train
+from megatron_emu.training.build import build_run
 from megatron_emu.training.metrics import CPUPeakMemory
-from megatron_emu.training.planner import Workload, estimate_memory, rank_parameters
+from megatron_emu.parallel.planner import Workload, estimate_memory, rank_parameters
 from tests.dist_utils import spawn
 
 LAYOUTS = {
@@ -29,11 +28,8 @@ def check_layout(rank: int, world: int, name: str, flags: list[str]) -> None:
     config = parse_args(["--preset", "tiny", "--micro-batch-size", "2", "--global-batch-size", "4",
                          "--seq-length", "128", *flags])
     d, perf = config.data, config.performance
-    dims = ParallelDims.from_config(config.parallel, world, config.model)
-    n_micro = dims.validate(config.model, config.data)
-    pmesh = build_mesh(dims, torch.device("cpu"))
-    pmodel = train.build_model(config, pmesh, n_micro, torch.device("cpu"))
-    optimizer = train.build_parallel_optimizer(pmodel, config.optimizer, perf.fused_kernels)
+    run = build_run(config)  # as pretraining builds it (training/build.py)
+    dims, pmesh, n_micro, pmodel, optimizer = run.dims, run.pmesh, run.n_micro, run.pmodel, run.optimizer
     params = [p for _, p in pmodel.named_parameters()]
     # Without DP every rank holds rank_parameters(); FSDP/DDP shard them afterwards.
     if dims.dp == 1:

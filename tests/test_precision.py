@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from megatron_emu.config import OptimizerConfig, PerformanceConfig, get_preset
-from megatron_emu.kernels import apply_fused_norms, build_adamw
+from megatron_emu.kernels import apply_fused_norms
+from megatron_emu.training.optim import build_optimizer
 from megatron_emu.model.emu import build_emu
 from megatron_emu.model.loss import emu_loss
 from megatron_emu.model.norms import RMSNorm
@@ -129,7 +130,7 @@ def test_fused_adamw_equals_foreach():
     config = OptimizerConfig(lr=1e-2, weight_decay=0.1)
     models = [nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = [build_adamw(models[0], config, "cpu", fused=True), build_adamw(models[1], config, "cpu", fused=False)]
+    optimizers = [build_optimizer(models[0], config, fused=True), build_optimizer(models[1], config, fused=False)]
     assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
     x = torch.randn(4, 8)
     for _ in range(3):

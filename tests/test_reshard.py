@@ -26,12 +26,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_emu.config import CheckpointConfig, DataConfig, OptimizerConfig, ParallelConfig, TrainConfig, get_preset
-from megatron_emu.model.emu import build_emu
-from megatron_emu.parallel.mesh import ParallelDims, build_mesh
-from megatron_emu.parallel.parallelize import ParallelModel, parallelize_emu
 from megatron_emu.training.checkpoint import Checkpointer, Layout
 from megatron_emu.training.checkpoint_files import iteration_dir
-from megatron_emu.training.train import build_parallel_optimizer, pipeline_loss_fn, train_step
+from megatron_emu.training.build import build_run as build
+from megatron_emu.training.step import train_step
 from tests.batches import random_batch
 from tests.dist_utils import spawn
 
@@ -68,18 +66,12 @@ def step_batches(step: int) -> list[dict]:
 # One run at a layout: build, optionally load, train steps, optionally save
 # ---------------------------------------------------------------------------
 def build_run(parallel: dict, world: int):
-    """(config, ParallelModel, optimizer, DP rank, micro-batches per DP rank)."""
+    """(config, ParallelModel, optimizer, DP rank, micro-batches per DP rank), built as
+    pretraining builds it (training/build.py); one process: a mesh of size 1."""
     config = run_config(**parallel)
-    if world == 1:
-        pmodel = ParallelModel([build_emu(config.model, seed=SEED)])
-        return config, pmodel, build_parallel_optimizer(pmodel, config.optimizer), 0, MICRO
-    dims = ParallelDims.from_config(config.parallel, world, config.model)
-    n_micro = dims.validate(config.model, config.data)
-    pmesh = build_mesh(dims, torch.device("cpu"))
-    losses: list = []
-    pmodel = parallelize_emu(build_emu(config.model, seed=SEED), pmesh, n_micro, pipeline_loss_fn(losses, config), SEED)
-    pmodel.losses = losses
-    return config, pmodel, build_parallel_optimizer(pmodel, config.optimizer), pmesh.dp_rank, n_micro
+    run = build(config)
+    assert run.dims.world_size == world
+    return config, run.pmodel, run.optimizer, run.pmesh.dp_rank, run.n_micro
 
 
 def train(run, steps) -> list[float]:
@@ -101,20 +93,26 @@ def checkpointer(run, save: str = "", load: str = "") -> Checkpointer:
 def save_run(parallel: dict, world: int, root: str) -> list[float]:
     """Train A, save at iteration 1, train B and C: returns [loss B, loss C]."""
     run = build_run(parallel, world)
-    train(run, [0])
-    checkpointer(run, save=root).save(1, run[1].parts, run[2])
-    return train(run, [1, 2])
+    try:
+        train(run, [0])
+        checkpointer(run, save=root).save(1, run[1].parts, run[2])
+        return train(run, [1, 2])
+    finally:
+        run[1].pmesh.close()  # one process: its one-rank group (the export below runs without one)
 
 
 def load_run(parallel: dict, world: int, root: str, steps=(1, 2)) -> list[float]:
     """Fresh weights (another seed), load, train: returns the losses of `steps`."""
     run = build_run(parallel, world)
-    with torch.no_grad():  # the load must replace every value
-        for _, p in run[1].named_parameters():
-            p.mul_(-1.0)
-    state = checkpointer(run, load=root).load(run[1].parts, run[2])
-    assert state.iteration == 1
-    return train(run, list(steps))
+    try:
+        with torch.no_grad():  # the load must replace every value
+            for _, p in run[1].named_parameters():
+                p.mul_(-1.0)
+        state = checkpointer(run, load=root).load(run[1].parts, run[2])
+        assert state.iteration == 1
+        return train(run, list(steps))
+    finally:
+        run[1].pmesh.close()
 
 
 def assert_same(name: str, got: list[float], want: list[float]) -> None:
@@ -210,7 +208,10 @@ def test_export_from_a_sharded_checkpoint_has_logit_parity(saved, name, tmp_path
     out = str(tmp_path / "hf")
     convert_main()(["--to", "hf", "--input", os.path.join(root, name), "--output", out])
     run = build_run({}, 1)  # the unsharded model: the same checkpoint loaded in one process
-    checkpointer(run, load=os.path.join(root, name)).load(run[1].parts, run[2])
+    try:
+        checkpointer(run, load=os.path.join(root, name)).load(run[1].parts, run[2])
+    finally:
+        run[1].pmesh.close()
     model = run[1].parts[0]
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokens = torch.randint(0, model.config.llm.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))

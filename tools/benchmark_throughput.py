@@ -40,8 +40,7 @@ import torch.distributed as dist  # noqa: E402
 from megatron_emu.arguments import build_parser, to_config  # noqa: E402
 from megatron_emu.config import TrainConfig  # noqa: E402
 from megatron_emu.data.random_batches import random_batch  # noqa: E402
-from megatron_emu.kernels import build_adamw  # noqa: E402
-from megatron_emu.model.attention import configure_attention  # noqa: E402
+from megatron_emu.training.optim import build_optimizer  # noqa: E402
 from megatron_emu.training.metrics import CPUPeakMemory, device_peak_tflops, mfu, training_flops  # noqa: E402
 from megatron_emu.training.precision import Precision  # noqa: E402
 
@@ -67,8 +66,7 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    if dist.is_initialized():
-        dist.barrier()
+    dist.barrier()  # every run has a process group (one process: of one rank)
 
 
 def time_steps(steps: list, warmup: int, timed: int, device: torch.device) -> list[float]:
@@ -120,32 +118,22 @@ def corpus_microbatches(config: TrainConfig, world_size: int, dp_rank: int, dp_s
 def global_counts(micro: list[dict], tp_pp: int) -> tuple[int, int]:
     """Rows and images of the global batch: summed over ranks, each DP replica counted once."""
     counts = torch.tensor([sum(b["tokens"].shape[0] for b in micro), sum(b["images"].shape[0] for b in micro)])
-    if dist.is_initialized():
-        dist.all_reduce(counts)  # the TP x PP ranks of one replica hold the same batches
-        counts //= tp_pp
+    dist.all_reduce(counts)  # the TP x PP ranks of one replica hold the same batches
+    counts //= tp_pp
     return int(counts[0]), int(counts[1])
 
 
 def prepare_emu(config: TrainConfig, images_per_sample: int, corpus: bool = False) -> dict:
-    """Build this rank's model, optimizer and micro-batches; returns the step to time."""
-    from megatron_emu.parallel.mesh import ParallelDims, build_mesh, init_distributed
+    """Build this rank's model, optimizer and micro-batches as pretraining does (training/
+    build.py's build_run, the one build path); returns the step to time."""
     from megatron_emu.training import train
+    from megatron_emu.training.build import build_run
 
-    world_size, device = init_distributed(config.device)
-    dims = ParallelDims.from_config(config.parallel, world_size, config.model, config.data.seq_length)
-    n_micro = dims.validate(config.model, config.data)
-    pmesh = build_mesh(dims, device) if world_size > 1 else None
-    perf = config.performance
-    backend = configure_attention(perf.attention_backend, device.type, perf.use_flash_attn)
-    precision = Precision(perf, device.type)
-    torch.manual_seed(config.seed)
-    pmodel = train.build_model(config, pmesh, n_micro, device)
-    optimizer = (build_adamw(pmodel.parts[0], config.optimizer, device.type, perf.fused_kernels)
-                 if pmesh is None else train.build_parallel_optimizer(pmodel, config.optimizer))
-    dp_rank = pmesh.dp_rank if pmesh is not None else 0
-    d = config.data
+    run = build_run(config)
+    dims, device, n_micro, d = run.dims, run.device, run.n_micro, config.data
+    dp_rank = run.pmesh.dp_rank
     if corpus:
-        micro = corpus_microbatches(config, world_size, dp_rank, dims.dp, n_micro)
+        micro = corpus_microbatches(config, dims.world_size, dp_rank, dims.dp, n_micro)
     else:
         micro = [random_batch(config.model, d.micro_batch_size, d.seq_length, images_per_sample, seed=dp_rank * 1000 + i)
                  for i in range(n_micro)]
@@ -153,15 +141,16 @@ def prepare_emu(config: TrainConfig, images_per_sample: int, corpus: bool = Fals
     rows, images = global_counts(micro, dims.tp * dims.pp)
 
     def step():
-        train.train_step(pmodel, optimizer, micro, config, precision)
+        train.train_step(run.pmodel, run.optimizer, micro, config, run.precision)
 
     def state():
-        params = [p for part in pmodel.parts for p in part.parameters()]
-        return params, [p.grad for p in params if p.grad is not None], optimizer.state_dict()["state"], micro
+        params = [p for part in run.pmodel.parts for p in part.parameters()]
+        return params, [p.grad for p in params if p.grad is not None], run.optimizer.state_dict()["state"], micro
 
+    perf = config.performance
     flops = training_flops(config.model, rows, d.seq_length, images, perf.recompute_granularity, perf.recompute_num_layers)
-    return dict(step=step, state=state, flops=flops, device=device, world_size=world_size,
-                layout=dims.describe(), attention=backend, rows=rows, images=images)
+    return dict(step=step, state=state, flops=flops, device=device, world_size=dims.world_size, run=run,
+                layout=dims.describe(), attention=run.attention, rows=rows, images=images)
 
 
 # -- transformers baseline ------------------------------------------------------------
@@ -180,8 +169,7 @@ def prepare_hf_llama(config: TrainConfig, device: torch.device):
     model = LlamaForCausalLM(hf_config).to(device)
     if perf.recompute_granularity == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fused = perf.fused_kernels
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None, foreach=None if fused else True)
+    optimizer = build_optimizer(model, config.optimizer, perf.fused_kernels, device.type)  # the AdamW ours runs
     precision = Precision(perf, device.type)
     n_micro = d.global_batch_size // d.micro_batch_size
     batches = [random_batch(config.model, d.micro_batch_size, d.seq_length, 0, seed=i)["tokens"].to(device)
@@ -210,10 +198,8 @@ def versions() -> dict:
 def report(config: TrainConfig, args, ours: dict, peak: tuple[float, str], text_only_seconds, hf_seconds) -> dict:
     d, ws = config.data, ours["world_size"]
     tflops = ours["flops"] / ours["seconds"] / 1e12 / ws
-    memories = [ours["memory"]]
-    if dist.is_initialized():
-        memories = [None] * ws
-        dist.all_gather_object(memories, ours["memory"])
+    memories = [None] * ws
+    dist.all_gather_object(memories, ours["memory"])
     row = {
         "preset": config.preset, "layout": ours["layout"], "world_size": ws, "device": device_name(ours["device"]),
         "precision": config.performance.compute_dtype, "attention": ours["attention"],
@@ -268,6 +254,17 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     config = to_config(args)
     ours = prepare_emu(config, args.images_per_sample, args.corpus_batches)
+    try:
+        row = measure(config, args, ours)
+        if ours["run"].pmesh.rank == 0:
+            print_table(row)
+    finally:
+        ours["run"].close()  # a single process: its one-rank process group
+    return row
+
+
+def measure(config: TrainConfig, args, ours: dict) -> dict:
+    """Time our step (and what --compare adds), measure memory; the report row."""
     device = ours["device"]
     steps = [ours["step"]]
     if args.compare == "hf":
@@ -285,10 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     row = report(config, args, ours, peak, *(seconds[1:] if len(seconds) == 3 else (None, None)))
     if args.compare == "unpacked":
         row.update(unpacked_step_ms=seconds[1] * 1000, packing_speedup=seconds[1] / seconds[0])
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print_table(row)
     return row
-
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@ recommended one as pretrain_emu.py flags.
     python tools/plan.py --preset emu-14b --gpus 128 --gpu a100-80g
     python tools/plan.py --preset 1b --gpus 8 --gpu h100-80g --micro-batch-size 4 --top 20 --json
 
-The model behind the numbers: megatron_emu/training/planner.py.
+The model behind the numbers: megatron_emu/parallel/planner.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_emu.config import PRESETS, RECIPES, get_preset  # noqa: E402
-from megatron_emu.training.planner import HARDWARE, Workload, plan  # noqa: E402
+from megatron_emu.config import PRESETS, get_preset, recipe_config  # noqa: E402
+from megatron_emu.parallel.planner import HARDWARE, Workload, plan  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,8 +48,8 @@ def assumptions(hw) -> str:
     return (f"assumed: matmul-bound blocks at {hw.efficiency:.0%} of peak; TP collectives on "
             f"{hw.intra_node_gbs:g} GB/s per GPU (NVLink, {hw.gpus_per_node} GPUs per node) and fully exposed; "
             f"DP on {hw.inter_node_gbs:g} GB/s per GPU across nodes; FSDP all-gathers prefetched behind compute; "
-            f"gradients reduced once per step, hidden by the last micro-batch's backward without PP and not at all "
-            f"with PP (reduced after the schedule); 1F1B bubble (PP-1)/v micro-batches")
+            f"gradients reduced once per step, hidden by the last micro-batch's backward (each stage's with PP; "
+            f"not at all with zero-bubble); 1F1B bubble (PP-1)/v micro-batches")
 
 
 def flags(row, images_per_sample: float) -> str:
@@ -92,11 +92,11 @@ def table(rows, top: int) -> str:
 
 def main(argv=None) -> list:
     args = parse_args(argv)
-    recipe = RECIPES[args.preset]
+    recipe = recipe_config(args.preset).data  # what pretraining runs without flags
     work = Workload(
-        micro_batch_size=args.micro_batch_size or recipe["micro_batch_size"],
-        global_batch_size=args.global_batch_size or recipe["global_batch_size"],
-        seq_length=args.seq_length or recipe["seq_length"],
+        micro_batch_size=args.micro_batch_size or recipe.micro_batch_size,
+        global_batch_size=args.global_batch_size or recipe.global_batch_size,
+        seq_length=args.seq_length or recipe.seq_length,
         images_per_sample=args.images_per_sample,
         dtype="float32" if args.fp32 else "bfloat16",
     )

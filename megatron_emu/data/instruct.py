@@ -20,7 +20,7 @@ import numpy as np
 
 from megatron_emu.data.indexed import MODE_ANSWER, MODE_IMAGE, MODE_TEXT, MultimodalIndexed
 from megatron_emu.data.prompts import system_message_parts
-from megatron_emu.data.samples import Sample, SeqSpec
+from megatron_emu.data.sequence import Sample, SeqSpec
 
 SYSTEM_KINDS = ("language", "image", "video")
 

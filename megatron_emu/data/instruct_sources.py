@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 
-from megatron_emu.data.preprocess import SkipItem
+from megatron_emu.data.images import SkipItem
+from megatron_emu.data.media import resolve, sample_frames
 from megatron_emu.data.synthetic import RawDocument
 
 USER_ROLES = ("human", "user")
@@ -112,8 +113,6 @@ def _alpaca(path: str):
 
 
 def _llava(path: str):
-    from megatron_emu.data.sources import _resolve
-
     for name, rec in records(path):
         if isinstance(rec, SkipItem):
             yield rec
@@ -127,7 +126,7 @@ def _llava(path: str):
         if image is None:  # LLaVA's mix also holds text-only conversations
             yield conversation("language", [], turns, name)
         elif isinstance(image, str):
-            yield conversation("image", [_resolve(path, image)], turns, name)
+            yield conversation("image", [resolve(path, image)], turns, name)
         else:
             yield SkipItem("bad_record", f"{name} (image is not a path)")
 
@@ -149,8 +148,6 @@ def _video_turns(rec: dict, name: str) -> list[tuple[str, str]]:
 
 
 def _videochat(path: str):
-    from megatron_emu.data.sources import _resolve, _sample_frames
-
     for name, rec in records(path):
         if isinstance(rec, SkipItem):
             yield rec
@@ -161,7 +158,7 @@ def _videochat(path: str):
             continue
         try:
             turns = _video_turns(rec, name)
-            frames, _ = _sample_frames(_resolve(path, video), float(rec.get("fps", 1.0)))
+            frames, _ = sample_frames(resolve(path, video), float(rec.get("fps", 1.0)))
         except SkipItem as s:
             yield SkipItem(s.reason, f"{name}: {s.name}" if not s.name.startswith(name) else s.name)
             continue
@@ -169,26 +166,3 @@ def _videochat(path: str):
 
 
 READERS = {"sharegpt": _sharegpt, "alpaca": _alpaca, "llava": _llava, "videochat": _videochat}
-
-
-def encode_conversation(doc: RawDocument, tokenizer, image_size: int, skips, named,
-                        image_format: str = "raw") -> list | None:
-    """A conversation RawDocument -> stored items (data/instruct.py); None (counted) if unusable.
-    A conversation whose image is unreadable is dropped whole: its answers talk about it."""
-    from megatron_emu.data.instruct import render_conversation
-    from megatron_emu.data.preprocess import _count, stored_image
-
-    system = doc.items[0][1]
-    visuals, turns = [], []
-    try:
-        for k, (kind, value) in enumerate(doc.items[1:], 1):
-            if kind == "image":
-                visuals.append(stored_image(value, image_size, image_format, name=f"{doc.name}#{k}"))
-            elif kind == "user":
-                turns.append([value, None])
-            else:
-                turns[-1][1] = value
-    except SkipItem as s:
-        _count(skips, named, s.reason, s.name)
-        return None
-    return render_conversation(tokenizer, system, visuals, [tuple(t) for t in turns])

@@ -23,10 +23,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from megatron_emu.config import DataConfig
 from megatron_emu.data.blend import BatchPlan, parse_data_path, parse_split, sample_index, split_range
 from megatron_emu.data.indexed import MultimodalIndexed, _check_files, read_meta
-from megatron_emu.data.locks import file_lock, publish
+from megatron_emu.data.locks import default_cache_dir, file_lock, publish
 from megatron_emu.data.packing import collate_packed
 from megatron_emu.data.samples import SeqSpec, collate, make_view
-from megatron_emu.data.tokenizer import default_cache_dir
 
 # The paper's per-step shares (LAION-2B + LAION-COCO 256, MMC4 64, videos 16 + 16) -> 8 : 2 : 1.
 SYNTHETIC_WEIGHTS = {"pairs": 8, "interleaved": 2, "video": 1}

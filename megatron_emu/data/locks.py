@@ -36,13 +36,16 @@ def publish(src_prefix: str, dst_prefix: str, suffixes: tuple[str, ...]) -> None
             os.replace(src_prefix + suffix, dst_prefix + suffix)
 
 
+def default_cache_dir() -> str:
+    """Where built caches go (tiny tokenizer, synthetic corpus, plans of read-only datasets)."""
+    return os.environ.get("MEGATRON_EMU_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "megatron_emu")
+
+
 def sidecar_base(prefix: str, cache_dir: str = "") -> str:
     """Where files derived from dataset `prefix` go (plans, verification stamps): beside it,
     or, when its directory is not writable, under `<cache_dir>/plans/<name>-<hash of its path>`."""
     if os.access(os.path.dirname(os.path.abspath(prefix)), os.W_OK):
         return prefix
-    from megatron_emu.data.tokenizer import default_cache_dir
-
     where = xxhash.xxh3_64_hexdigest(os.path.abspath(prefix).encode())[:8]
     base = os.path.join(cache_dir or default_cache_dir(), "plans", f"{os.path.basename(prefix)}-{where}")
     os.makedirs(os.path.dirname(base), exist_ok=True)

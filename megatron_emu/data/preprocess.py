@@ -47,8 +47,6 @@ def encode_document(doc: RawDocument, tokenizer, image_size: int, skips: Counter
     a video without 8 frames, or nothing left at all).
     """
     if doc.kind == "conversation":  # instruction tuning: the Emu-I template (data/instruct.py)
-        from megatron_emu.data.instruct_sources import encode_conversation
-
         return encode_conversation(doc, tokenizer, image_size, skips, named, image_format)
     items = []
     for k, (kind, value) in enumerate(doc.items):
@@ -80,6 +78,28 @@ def _count(skips: Counter, named: list, reason: str, name: str) -> None:
     skips[reason] += 1
     if len(named) < MAX_NAMED_SKIPS:
         named.append({"reason": reason, "name": name})
+
+
+def encode_conversation(doc: RawDocument, tokenizer, image_size: int, skips, named,
+                        image_format: str = "raw") -> list | None:
+    """A conversation RawDocument -> stored items (data/instruct.py); None (counted) if unusable.
+    A conversation whose image is unreadable is dropped whole: its answers talk about it."""
+    from megatron_emu.data.instruct import render_conversation  # torch: only for conversations
+
+    system = doc.items[0][1]
+    visuals, turns = [], []
+    try:
+        for k, (kind, value) in enumerate(doc.items[1:], 1):
+            if kind == "image":
+                visuals.append(stored_image(value, image_size, image_format, name=f"{doc.name}#{k}"))
+            elif kind == "user":
+                turns.append([value, None])
+            else:
+                turns[-1][1] = value
+    except SkipItem as s:
+        _count(skips, named, s.reason, s.name)
+        return None
+    return render_conversation(tokenizer, system, visuals, [tuple(t) for t in turns])
 
 
 # --- per-shard work (runs in worker processes) -----------------------------------------

@@ -19,52 +19,20 @@ Views (what one sample is):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 
 from megatron_emu.data.indexed import MODE_IMAGE, MODE_TEXT, MultimodalIndexed
+from megatron_emu.data.instruct import ConversationView, answer_mask_rows
 from megatron_emu.data.plan_cache import MappedPlan, cached_plan
 from megatron_emu.data.plans import chunk_plan, pair_window_plan
+from megatron_emu.data.sequence import Sample, SeqSpec  # noqa: F401 (SeqSpec: API)
 
 MAX_IMAGES_PER_CHUNK = 5
 PAIRS_PER_WINDOW = 5
 PAIRS_WINDOW_TOKENS = 512
-
-
-@dataclass
-class Sample:
-    tokens: list[int]
-    images: list[np.ndarray]  # uint8 (3, S, S) each, in order of appearance
-    kind: str
-    dropped_images: int = 0
-    truncated_tokens: int = 0  # text tokens cut because the sequence was full
-    answer_mask: list[int] | None = None  # conversations: 1 on answer tokens (data/instruct.py)
-
-
-@dataclass
-class SeqSpec:
-    """What every view needs to lay out a sequence."""
-
-    seq_length: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
-    img_start_id: int
-    img_end_id: int
-    image_id: int
-    tokens_per_image: int = 34
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer, seq_length: int, tokens_per_image: int = 34) -> "SeqSpec":
-        s = tokenizer.special
-        return cls(seq_length, tokenizer.bos_id, tokenizer.eos_id, s.pad, s.img_start, s.img_end, s.image,
-                   tokens_per_image)
-
-    def image_tokens(self) -> list[int]:
-        return [self.img_start_id] + [self.image_id] * (self.tokens_per_image - 2) + [self.img_end_id]
 
 
 def assemble(items, spec: SeqSpec, kind: str, max_images: int | None = None, seq_length: int | None = None) -> Sample:
@@ -203,8 +171,6 @@ class VideoView:
 def make_view(data: MultimodalIndexed, spec: SeqSpec, view: str = "", cache_dir: str = ""):
     """cache_dir: where plans go when the dataset's directory is read-only (plan_cache.py)."""
     if data.kind == "conversation":
-        from megatron_emu.data.instruct import ConversationView
-
         return ConversationView(data, spec)
     if data.kind == "pairs":
         return PairView(data, spec)
@@ -230,8 +196,6 @@ def answer_masks(rows: list[list[Sample]], spec: SeqSpec) -> dict:
         if True in has:
             raise ValueError("a micro-batch mixes conversations with pretraining samples; blend them in separate runs")
         return {}
-    from megatron_emu.data.instruct import answer_mask_rows
-
     return {"answer_mask": answer_mask_rows([[m for s in row for m in s.answer_mask] for row in rows], spec.seq_length)}
 
 

@@ -22,10 +22,9 @@ import re
 import tarfile
 
 from megatron_emu.data.images import SkipItem
+from megatron_emu.data.media import IMAGE_EXTS, resolve, sample_frames
 from megatron_emu.data.synthetic import RawDocument, video_document
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-NUM_FRAMES = 8
 
 
 def iter_source(input_type: str, path: str):
@@ -38,10 +37,6 @@ def iter_source(input_type: str, path: str):
         yield SkipItem("unreadable_shard", f"{path} (missing)")
         return
     yield from readers[input_type](path)
-
-
-def _resolve(base_file: str, p: str) -> str:
-    return p if os.path.isabs(p) else os.path.join(os.path.dirname(os.path.abspath(base_file)), p)
 
 
 def _jsonl(path: str):
@@ -76,7 +71,7 @@ def _pairs(path: str):
             if not isinstance(image, str):
                 yield SkipItem("bad_record", f"{path}:{n} (no image path)")
                 continue
-            yield RawDocument("pairs", [("text", caption or ""), ("image", _resolve(path, image))], f"{path}:{n}")
+            yield RawDocument("pairs", [("text", caption or ""), ("image", resolve(path, image))], f"{path}:{n}")
 
 
 def _webdataset(path: str):
@@ -135,7 +130,7 @@ def _parquet(path: str):
             if isinstance(image, dict):  # HF datasets style {"bytes": ..., "path": ...}
                 image = image.get("bytes") or image.get("path")
             if isinstance(image, str):
-                image = _resolve(path, image)
+                image = resolve(path, image)
             if image is None:
                 yield SkipItem("missing_file", f"{path}:row{n} (no image)")
             else:
@@ -160,7 +155,7 @@ def _mmc4(path: str):
             if not isinstance(image, str) or not isinstance(idx, int) or not 0 <= idx <= max(len(texts) - 1, 0):
                 yield SkipItem("bad_record", f"{path}:{n} (bad image_info {info})")
                 continue
-            before.setdefault(idx, []).append(_resolve(path, image))
+            before.setdefault(idx, []).append(resolve(path, image))
         items = []
         for i, text in enumerate(texts or [""]):
             items += [("image", p) for p in before.get(i, [])]
@@ -180,66 +175,14 @@ def _video(path: str):
         if not isinstance(video, str):
             yield SkipItem("bad_record", f"{name} (no video)")
             continue
-        video = _resolve(path, video)
+        video = resolve(path, video)
         try:
             subtitles = _subtitles(path, rec.get("subtitles", []))
-            frames, times = _sample_frames(video, float(rec.get("fps", 1.0)))
+            frames, times = sample_frames(video, float(rec.get("fps", 1.0)))
         except SkipItem as s:
             yield SkipItem(s.reason, f"{name}: {s.name}")
             continue
         yield video_document(frames, times, subtitles, name)
-
-
-def sample_positions(num_frames: int, k: int = NUM_FRAMES) -> list[int]:
-    """k frame indices spread uniformly (centres of k equal segments), increasing."""
-    return [int((j + 0.5) * num_frames / k) for j in range(k)]
-
-
-def _sample_frames(video: str, fps: float):
-    if os.path.isdir(video):
-        names = sorted(f for f in os.listdir(video) if f.lower().endswith(IMAGE_EXTS))
-        if len(names) < NUM_FRAMES:
-            raise SkipItem("too_few_frames", f"{video} ({len(names)} frames)")
-        picks = sample_positions(len(names))
-        return [os.path.join(video, names[i]) for i in picks], [i / fps for i in picks]
-    if not os.path.exists(video):
-        raise SkipItem("missing_file", video)
-    return _decode_video(video)
-
-
-def _decode_video(video: str):
-    try:
-        import av
-    except ImportError:
-        raise SkipItem("missing_decoder", f"{video} (install PyAV: pip install av)") from None
-    try:
-        with av.open(video) as container:
-            stated = container.streams.video[0].frames  # from the header; 0 when unknown
-            picked = _decode_picks(container, stated) if stated >= NUM_FRAMES else None
-        if picked is None:  # no (or a wrong) frame count in the header: keep every frame
-            with av.open(video) as container:
-                decoded = [(float(f.time or 0.0), f.to_image()) for f in container.decode(video=0)]
-            if len(decoded) < NUM_FRAMES:
-                raise SkipItem("too_few_frames", f"{video} ({len(decoded)} frames)")
-            picked = [decoded[i] for i in sample_positions(len(decoded))]
-    except SkipItem:
-        raise
-    except Exception as e:  # PyAV raises its own error family for broken files
-        raise SkipItem("corrupt_video", f"{video} ({e.__class__.__name__})") from None
-    return [f for _, f in picked], [t for t, _ in picked]
-
-
-def _decode_picks(container, num_frames: int):
-    """Decode up to the last sampled frame, converting only the sampled ones to images
-    (a 30 s clip has hundreds of frames); None if the stream ends early."""
-    picks = sample_positions(num_frames)
-    out = []
-    for i, frame in enumerate(container.decode(video=0)):
-        if i == picks[len(out)]:
-            out.append((float(frame.time or 0.0), frame.to_image()))
-            if len(out) == len(picks):
-                return out
-    return None
 
 
 _TIME = r"(\d+):(\d\d):(\d\d)[,.](\d{3})"
@@ -248,7 +191,7 @@ _TIME = r"(\d+):(\d\d):(\d\d)[,.](\d{3})"
 def _subtitles(base_file: str, subs) -> list[tuple[float, str]]:
     """[(start seconds, text)] from a JSON list or an .srt / .vtt file."""
     if isinstance(subs, str):
-        sub_path = _resolve(base_file, subs)
+        sub_path = resolve(base_file, subs)
         if not os.path.exists(sub_path):
             raise SkipItem("missing_file", sub_path)
         with open(sub_path, encoding="utf-8", errors="replace") as f:

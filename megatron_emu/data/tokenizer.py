@@ -20,6 +20,7 @@ from megatron_emu.config import (
     SPECIAL_TOKEN_NAMES,
     SpecialTokens,
 )
+from megatron_emu.data.locks import default_cache_dir, file_lock
 
 TINY_VOCAB_SIZE = 512  # must equal PRESETS["tiny"].llm.base_vocab_size
 
@@ -83,17 +84,12 @@ def resize_token_embeddings(weight: torch.Tensor, new_rows: int) -> torch.Tensor
     return torch.cat([weight, mean.expand(new_rows - old_rows, -1)], dim=0)  # (new_rows, H)
 
 
-def default_cache_dir() -> str:
-    return os.environ.get("MEGATRON_EMU_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "megatron_emu")
-
-
 def build_tiny_tokenizer(cache_dir: str = "") -> str:
     """Train (once, cached) the tiny preset's sentencepiece model; return its path.
 
     Deterministic: fixed corpus (synthetic text, seed 0), one thread, no sampling.
     Safe when several processes call it at once on an empty cache.
     """
-    from megatron_emu.data.locks import file_lock
 
     cache_dir = cache_dir or default_cache_dir()
     path = os.path.join(cache_dir, f"tiny_spm_{TINY_VOCAB_SIZE}.model")

@@ -30,6 +30,7 @@ from megatron_emu.decoder.data import DecoderMicroBatches, build_loader, bundled
 from megatron_emu.decoder.ema import EMA
 from megatron_emu.decoder.frozen import freeze, load_emu
 from megatron_emu.decoder.unet import build_tiny_sd, check_condition_dim, load_sd_components, resize_cross_attention
+from megatron_emu.parallel.mesh import init_distributed
 from megatron_emu.training.monitor import Sinks
 
 log = logging.getLogger("megatron_emu")
@@ -53,21 +54,6 @@ class Summary:
     dropped: int = 0
     samples: int = 0
     unet: torch.nn.Module | None = None  # the trained UNet (for callers that keep going in-process)
-
-
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); torchrun sets WORLD_SIZE/RANK/LOCAL_RANK."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but no CUDA device is available")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
 
 
 def load_tokenizer_bos(config: DecoderConfig) -> int:
@@ -153,7 +139,8 @@ def train_step(unet, optimizer, microbatches, frozen: Frozen, config, noise_sche
 def finetune(config: DecoderConfig) -> Summary:
     from diffusers import DDPMScheduler
 
-    rank, world, device = setup_distributed(config.device)
+    world, device = init_distributed(config.device)  # torchrun's group, as pretraining joins it
+    rank = dist.get_rank() if world > 1 else 0
     per_rank = config.micro_batch_size * world
     if config.global_batch_size % per_rank:
         raise ValueError(f"--global-batch-size {config.global_batch_size} is not divisible by "

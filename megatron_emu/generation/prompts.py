@@ -43,18 +43,18 @@ class Video:
     @classmethod
     def from_path(cls, path: str, num_frames: int = NUM_FRAMES) -> "Video":
         """A directory of frame images or a video file (PyAV), `num_frames` spread uniformly."""
-        from megatron_emu.data.preprocess import SkipItem
-        from megatron_emu.data.sources import _sample_frames
+        from megatron_emu.data.images import SkipItem
+        from megatron_emu.data.media import sample_frames
 
         try:
-            frames, _ = _sample_frames(path, fps=1.0)  # the 8 frames preprocessing would keep
+            frames, _ = sample_frames(path, fps=1.0)  # the 8 frames preprocessing would keep
         except SkipItem as e:
             raise ValueError(f"{path}: unusable video ({e.reason})") from None
         return cls(frames).subsample(num_frames)
 
     def subsample(self, num_frames: int) -> "Video":
         """`num_frames` of the frames, spread uniformly (support examples keep 2)."""
-        from megatron_emu.data.sources import sample_positions
+        from megatron_emu.data.media import sample_positions
 
         if num_frames >= len(self.frames):
             return self
@@ -78,7 +78,7 @@ def read_image(image, size: int) -> torch.Tensor:
     """Any accepted image -> uint8 (3, size, size), centre square resized as in preprocessing."""
     from PIL import Image
 
-    from megatron_emu.data.preprocess import SkipItem, prepare_image
+    from megatron_emu.data.images import SkipItem, prepare_image
 
     name = "" if isinstance(image, (str, os.PathLike)) else type(image).__name__  # a path names itself
     if isinstance(image, torch.Tensor):

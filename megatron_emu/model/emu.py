@@ -4,6 +4,11 @@ An image in the token stream is `[IMG] <image> x 32 [/IMG]`; the Causal Former's
 outputs for image i replace the input embeddings at image i's `<image>` positions.
 The LM head predicts the next text token; the regression head predicts the next
 input embedding (used by the l2 loss and, at inference, to generate images).
+
+The forward pass is three pieces, `embed` -> `layers` -> `head`. A pipeline stage
+(parallel/pipeline.py) is an Emu without the pieces other stages hold (TorchTitan's
+stage-tolerant model): the vision side and token embedding live on the first stage,
+the final norm and both heads on the last, each stage some of `llm.layers`.
 """
 
 from typing import NamedTuple
@@ -35,7 +40,7 @@ class Emu(nn.Module):
         self.llm = LLaMA(config.llm)
         self.regression_head = nn.Linear(config.llm.hidden, config.llm.hidden, bias=False)
 
-    # -- the three steps of the forward pass -------------------------------------------
+    # -- the pieces of the forward pass ------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, 224, 224) -> (N, 32, H) visual embeddings for the LLM."""
         pixels = normalize_images(images, self.visual.patch_embed.proj.weight.dtype)
@@ -54,14 +59,46 @@ class Emu(nn.Module):
         slots = (tokens == self.config.special_tokens.image).unsqueeze(-1)  # (B, S, 1)
         return inputs.masked_scatter(slots, visual)
 
+    def layers(self, hidden: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S, H) -> (B, S, H) through the LLaMA layers this model holds."""
+        return self.llm.forward_layers(hidden, document_ids)
+
+    def head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, H) -> logits (B, S, V), regression (B, S, H).
+
+        The regression head runs at every position (0.2% of the FLOPs of the 14B model)
+        so shapes never depend on the data; the loss selects the 33 positions per image."""
+        hidden = self.llm.norm(hidden)
+        return self.llm.output(hidden), self.regression_head(hidden)
+
     def forward(self, tokens: torch.Tensor, images: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None) -> EmuOutput:
         """document_ids (B, S): packed rows, each document attended and positioned on its own."""
         inputs = self.embed(tokens, images)  # (B, S, H)
-        hidden = self.llm.norm(self.llm.forward_layers(inputs, document_ids))  # (B, S, H)
-        # The regression head runs at every position (0.2% of the FLOPs of the 14B model)
-        # so shapes never depend on the data; the loss selects the 33 positions per image.
-        return EmuOutput(self.llm.output(hidden), self.regression_head(hidden), inputs.detach())
+        logits, regression = self.head(self.layers(inputs, document_ids))
+        return EmuOutput(logits, regression, inputs.detach())
+
+    # -- what this model (or pipeline stage) holds ------------------------------------
+    @property
+    def has_embed(self) -> bool:
+        """The first pipeline stage's pieces: vision tower, Causal Former, token embedding."""
+        return self.llm.tok_embeddings is not None
+
+    @property
+    def has_head(self) -> bool:
+        """The last pipeline stage's pieces: final norm, LM head, regression head."""
+        return self.regression_head is not None
+
+    def transformer_stacks(self) -> dict[str, list[nn.Module]]:
+        """The blocks of each transformer stack this model holds, by stack name: the one
+        place that says where they are (recompute, compile, FSDP units, TP plans use it)."""
+        stacks = {}
+        if self.visual is not None:
+            stacks["vision"] = list(self.visual.blocks)
+        if self.causal_former is not None:
+            stacks["causal_former"] = list(self.causal_former.blocks)
+        stacks["llm"] = list(self.llm.layers.values())
+        return stacks
 
     # -- input validation: bad batches fail here, with the reason ---------------------
     def check_inputs(self, tokens: torch.Tensor, images: torch.Tensor | None) -> None:

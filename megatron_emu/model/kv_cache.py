@@ -32,6 +32,14 @@ class KVCache:
         self._layers[layer] = (k, v)
         return k, v
 
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache holding rows `rows` (B_new,) of this one, which stays as it is
+        (one prompt's cache repeated for several continuations: likelihood scoring)."""
+        copy = KVCache(self.padding)
+        copy.length, copy._layers = self.length, dict(self._layers)
+        copy.reorder(rows)
+        return copy
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep rows `rows` (B_new,) of every layer, in that order (beam search)."""
         for layer, (k, v) in self._layers.items():

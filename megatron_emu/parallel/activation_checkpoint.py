@@ -2,9 +2,8 @@
 torchtitan's apply_ac / apply_compile), in the fixed order TP -> recompute -> compile
 -> FSDP/DDP.
 
-Three transformer stacks are wrapped block by block: the EVA ViT (`visual.blocks`), the
-Causal Former (`causal_former.blocks`) and LLaMA (`llm.layers`). A stack a pipeline
-stage does not hold is skipped.
+Three transformer stacks are wrapped block by block: the EVA ViT, the Causal Former and
+LLaMA (Emu.transformer_stacks: where they are, for every pipeline stage).
 
 - full (`--recompute-granularity full [--recompute-num-layers N]`): the first N blocks
   of each stack keep only their inputs; the whole block reruns in backward.
@@ -43,18 +42,6 @@ if hasattr(torch.ops, "_c10d_functional"):
 _RECOMPILES_PER_STACK = 8  # dynamo's default recompile_limit
 
 
-def transformer_stacks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """(name, blocks) of each transformer stack present on this (stage of the) model."""
-    stacks = []
-    for name, path in (("vision", ("visual", "blocks")), ("causal_former", ("causal_former", "blocks")),
-                       ("llm", ("llm", "layers"))):
-        holder = getattr(model, path[0], None)
-        blocks = getattr(holder, path[1], None) if holder is not None else None
-        if blocks is not None:
-            stacks.append((name, list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)))
-    return stacks
-
-
 def _selective_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -83,7 +70,7 @@ def apply_activation_checkpointing(model: nn.Module, config: PerformanceConfig) 
     wrapped = {}
     if granularity is None:
         return wrapped
-    for name, blocks in transformer_stacks(model):
+    for name, blocks in model.transformer_stacks().items():
         count = len(blocks)
         if granularity == "full" and config.recompute_num_layers is not None:
             count = min(config.recompute_num_layers, count)
@@ -97,7 +84,7 @@ def apply_activation_checkpointing(model: nn.Module, config: PerformanceConfig) 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
     """torch.compile each transformer block in place (blocks repeat: one compiled graph
     serves a whole stack); returns the number of blocks compiled."""
-    stacks = transformer_stacks(model)
+    stacks = model.transformer_stacks()
     # dynamo's recompile budget is per code object, and every checkpointed block runs the
     # same `forward` closure (checkpoint_block): the three stacks (different arguments)
     # and their shape variants (images per micro-batch) would share one budget of 8 and
@@ -105,7 +92,7 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
     budget = _RECOMPILES_PER_STACK * len(stacks)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, budget)
     count = 0
-    for _, blocks in stacks:
+    for blocks in stacks.values():
         for block in blocks:
             block.compile(backend=backend)
             count += 1

@@ -7,7 +7,7 @@ runs the LM head over a 32k vocabulary. A 1F1B pipeline moves at the pace of its
 stage, so the split that matters is the one whose costliest stage is cheapest.
 
 Megatron users place the ends by hand (--decoder-first/last-pipeline-num-layers); here
-the split is chosen from the FLOPs model of training/metrics.py, the same one that the
+the split is chosen from the FLOPs model of model/flops.py, the same one that the
 planner and the MFU figures use.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from megatron_emu.config import ModelConfig
-from megatron_emu.training import metrics
+from megatron_emu.model import flops
 
 StageCost = Callable[[int, bool, bool], float]  # (LLaMA layers, is first, is last) -> cost
 
@@ -24,7 +24,7 @@ StageCost = Callable[[int, bool, bool], float]  # (LLaMA layers, is first, is la
 def emu_stage_cost(model: ModelConfig, seq_length: int, images_per_sample: float) -> StageCost:
     """Forward + backward FLOPs of one sample through a stage (micro-batch size cancels out)."""
     def cost(layers: int, first: bool, last: bool) -> float:
-        return metrics.stage_flops(model, 1, seq_length, images_per_sample, layers, first, last)
+        return flops.stage_flops(model, 1, seq_length, images_per_sample, layers, first, last)
     return cost
 
 

@@ -23,25 +23,22 @@ from megatron_emu.parallel.image_split import reduce_image_split_grads
 from megatron_emu.parallel.mesh import ParallelMesh
 
 
-def transformer_blocks(part: nn.Module) -> list[nn.Module]:
-    blocks = list(part.llm.layers.values())
-    if part.visual is not None:
-        blocks += list(part.visual.blocks) + list(part.causal_former.blocks)
-    return blocks
-
-
-def apply_data_parallel(part: nn.Module, pmesh: ParallelMesh, mp_policy: MixedPrecisionPolicy | None = None) -> None:
-    """Wrap one model part in place; a no-op when DP is 1. `mp_policy`: --bf16 / --fp16
-    (Precision.fsdp_policy()); None keeps parameters and reductions in fp32."""
+def apply_data_parallel(part: nn.Module, pmesh: ParallelMesh, compute_dtype: torch.dtype = torch.float32) -> None:
+    """Wrap one model part in place; a no-op when DP is 1. Under --bf16 / --fp16
+    (`compute_dtype`) FSDP2 gathers parameters in it for compute and reduce-scatters
+    gradients in fp32; the sharded parameters (the optimizer's master weights) stay fp32."""
     if pmesh.dims.dp == 1:
         return
     mesh = pmesh.sharding_mesh()
     # With pipelining a block runs once per micro-batch: keep it gathered between
     # forward and backward instead of all-gathering it twice per micro-batch.
     reshard = pmesh.dims.pp == 1
-    kwargs = dict(mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy or MixedPrecisionPolicy())
-    for block in transformer_blocks(part):
-        fully_shard(block, **kwargs)
+    mp_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
+        if compute_dtype != torch.float32 else MixedPrecisionPolicy()
+    kwargs = dict(mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
+    for blocks in part.transformer_stacks().values():
+        for block in blocks:
+            fully_shard(block, **kwargs)
     fully_shard(part, **kwargs)
 
 
@@ -54,7 +51,7 @@ def gradient_sync(parts: list[nn.Module], enabled: bool) -> contextlib.AbstractC
 
 
 @torch.no_grad()
-def reduce_partial_grads(parts: list[nn.Module], pmesh: ParallelMesh | None) -> None:
+def reduce_partial_grads(parts: list[nn.Module], pmesh: ParallelMesh) -> None:
     """Sum the sequence-parallel norms' weight gradients over TP (each TP rank saw S/TP tokens),
     the replicated halves of LoRA adapters (parallel/lora.py), and the image encoders whose
     images are split across TP (parallel/image_split.py).
@@ -65,7 +62,7 @@ def reduce_partial_grads(parts: list[nn.Module], pmesh: ParallelMesh | None) -> 
     reduce-scatter over DP, so reducing again here would double it (the parity tests
     TP2+SP x DP2 FSDP2 and TP2+SP x PP2 x DP2 check this).
     """
-    if pmesh is None or pmesh.dims.tp == 1:
+    if pmesh.dims.tp == 1:
         return
     reduce_image_split_grads(parts, pmesh.tp_mesh.get_group())
     for part in parts:
@@ -99,17 +96,13 @@ def replication_factor(param: torch.Tensor, pmesh: ParallelMesh) -> int:
 
 
 @torch.no_grad()
-def clip_grad_norm_global(parts: list[nn.Module], max_norm: float, pmesh: ParallelMesh | None) -> float:
+def clip_grad_norm_global(parts: list[nn.Module], max_norm: float, pmesh: ParallelMesh) -> float:
     """Global L2 norm of all gradients over every parallel group; scales them to max_norm.
 
     Each rank sums the squares of its local shards, divided by how often those values
     repeat (replicas over DP/TP), and one all-reduce over the world adds the stages.
     """
-    params = [p for part in parts for p in part.parameters() if p.grad is not None]
-    if pmesh is None:  # clip_grad_norm_ takes the parameters, not their gradients
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        return float(norm)
-    grads = [p.grad for p in params]
+    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
     local = torch.zeros((), dtype=torch.float64, device=pmesh.device)
     for g in grads:
         shard = g.to_local() if isinstance(g, DTensor) else g

@@ -1,6 +1,10 @@
 """One object owns the parallel layout: ParallelDims (sizes, validated once) and the
 DeviceMesh (pp, dp, tp) built from it. Everything else receives them explicitly.
 
+Every run has a mesh, one process included: alone, build_mesh starts a one-rank process
+group (as TorchTitan runs under torchrun with one process), so the same collectives,
+gradient clipping and checkpoint coordination run at every size.
+
 Rank order is Megatron's: TP varies fastest (TP ranks share a node and its NVLink),
 then DP, then PP (stage boundaries are the cheapest links to cross between nodes).
 """
@@ -176,6 +180,11 @@ class ParallelMesh:
     mesh: DeviceMesh  # ("pp", "dp", "tp")
     device: torch.device
     timeout: timedelta = timedelta(minutes=10)  # of every group (--distributed-timeout-minutes)
+    owns_process_group: bool = False  # a one-rank group build_mesh started: close() ends it
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
 
     @property
     def tp_mesh(self) -> DeviceMesh:
@@ -213,6 +222,14 @@ class ParallelMesh:
         """A CPU group over every rank (checkpoint coordination, exit flags), with the same timeout."""
         return dist.new_group(backend="gloo", timeout=self.timeout)
 
+    def close(self) -> None:
+        """End the one-rank process group build_mesh started, so that a later run in this
+        process starts clean. A torchrun group is left to the launcher: destroying it while
+        a failed peer is still inside a collective could hang."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_process_group = False
+
 
 def group_options(names, device: torch.device, timeout: timedelta) -> dict:
     """DeviceMesh backend overrides that carry `timeout`: torch's new groups otherwise take
@@ -228,10 +245,20 @@ def group_options(names, device: torch.device, timeout: timedelta) -> dict:
 
 
 def build_mesh(dims: ParallelDims, device: torch.device, timeout: timedelta = timedelta(minutes=10)) -> ParallelMesh:
+    """The (pp, dp, tp) mesh of `dims`; one process without a process group gets a one-rank one."""
+    started = not dist.is_initialized()
+    if started:
+        if dims.world_size != 1:
+            raise ValueError(f"a mesh of {dims.world_size} ranks needs the process group of torchrun / srun")
+        dist.init_process_group(backend_name(device), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     names = ("pp", "dp", "tp")
     mesh = init_device_mesh(device.type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=names,
                             backend_override=group_options(names, device, timeout))
-    return ParallelMesh(dims, mesh, device, timeout)
+    return ParallelMesh(dims, mesh, device, timeout, owns_process_group=started)
+
+
+def backend_name(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def init_distributed(device_name: str, timeout: timedelta = timedelta(minutes=10)) -> tuple[int, torch.device]:
@@ -250,5 +277,5 @@ def init_distributed(device_name: str, timeout: timedelta = timedelta(minutes=10
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        dist.init_process_group(backend_name(device), timeout=timeout)
     return world_size, device

@@ -16,7 +16,7 @@ order-free; they go after TP so the kernel choice can see which weights are DTen
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,55 +32,50 @@ from megatron_emu.parallel.lora import shard_lora
 from megatron_emu.parallel.mesh import ParallelMesh
 from megatron_emu.parallel.pipeline import EmuPipeline, MicrobatchFeed, split_stage, stage_indices
 from megatron_emu.parallel.tensor_parallel import apply_tensor_parallel
-from megatron_emu.training.precision import Precision
 
 log = logging.getLogger("megatron_emu")
 
 
 @dataclass
 class ParallelModel:
-    """What one rank trains: its model parts (the whole Emu without PP, else its stages)."""
+    """What one rank trains: its model parts (the whole Emu without PP, else its stages),
+    on the mesh every run has (one process: a mesh of size 1)."""
 
     parts: list[nn.Module]
-    pmesh: ParallelMesh | None = None
+    pmesh: ParallelMesh
     schedule: EmuPipeline | None = None  # this rank's pipeline stages and schedule, with PP
-    feed: MicrobatchFeed | None = None
-    # (lm, l2) of each micro-batch whose loss this rank computed, for logging.
-    losses: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def computes_loss(self) -> bool:
         """True where the loss is computed: every rank without PP, the last stage's ranks with it."""
-        return self.schedule is None or any(getattr(p, "is_last", False) for p in self.parts)
+        return self.schedule is None or any(p.is_last for p in self.parts)
 
     def named_parameters(self):
         for part in self.parts:
             yield from part.named_parameters()
 
 
-def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, loss_fn, seed: int,
+def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, objective, seed: int,
                     performance: PerformanceConfig | None = None, lora: LoRASpec | None = None,
-                    feed: MicrobatchFeed | None = None, vision_placement: dict[str, str] | None = None) -> ParallelModel:
+                    compute_dtype: torch.dtype = torch.float32,
+                    vision_placement: dict[str, str] | None = None) -> ParallelModel:
     """`full` is either initialised (every rank the same: tests, checkpoint loading) or on
     the meta device, in which case each rank materialises and initialises only its stages.
-    `performance` (--bf16, --recompute-*, --compile, fused kernels); None: plain fp32.
+    `objective(outputs, batch) -> EmuLoss`: the loss the last pipeline stage computes (PP only).
+    `performance` (--recompute-*, --compile, fused kernels); None: none of them.
+    `compute_dtype` (--bf16 / --fp16, the trainer's Precision): what pipeline stages send
+    each other and what FSDP2 gathers parameters in; master weights stay fp32.
     `lora`: freeze the base and adapt the LLM's q, k, v, o (model/lora.py); adapters of an
     initialised `full` start from the single-process values (init by name), like the base.
-    `feed`: the pipeline's micro-batch feed, when `loss_fn` also reads it (answer masks).
     `vision_placement`: TP placement of the image encoders (image_split.choose_placement)."""
     performance = performance or PerformanceConfig(fused_kernels=False)
     dims = pmesh.dims
-    precision = Precision(performance, pmesh.device.type)
     if dims.pp > 1:
-        feed = feed or MicrobatchFeed()
+        feed = MicrobatchFeed()  # the step's micro-batches, read by stage 0 and the loss
         stages = stage_indices(pmesh)
-        # Stages hand each other activations in the compute dtype (pipeline.py).
-        parts = [split_stage(full, s, dims.stage_layers, feed, io_dtype=precision.dtype) for s in stages]
+        parts = [split_stage(full, s, dims.stage_layers, feed, io_dtype=compute_dtype) for s in stages]
     else:
-        stages, parts, feed = [0], [full], None
-    # FSDP2 gathers parameters in the compute dtype and reduce-scatters fp32 gradients;
-    # the sharded parameters (the optimizer's master weights) stay fp32.
-    mp_policy = precision.fsdp_policy() if precision.mixed else None
+        stages, parts = [0], [full]
     on_meta = any(p.is_meta for p in full.parameters())
     for part in parts:
         if not on_meta:
@@ -95,19 +90,19 @@ def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, loss_fn, seed:
         if performance.fused_kernels:
             apply_fused_norms(part, pmesh.device.type)
         apply_recompute_and_compile(part, performance)
-        apply_data_parallel(part, pmesh, mp_policy)
+        apply_data_parallel(part, pmesh, compute_dtype)
         if on_meta:
             materialise(part, pmesh.device, seed)
-    schedule = EmuPipeline(parts, stages, pmesh, n_micro, loss_fn, feed) if dims.pp > 1 else None
-    log.info("rank %d: %s; stages %s", torch.distributed.get_rank(), dims.describe(), stages)
-    return ParallelModel(parts, pmesh, schedule, feed)
+    schedule = EmuPipeline(parts, stages, pmesh, n_micro, objective) if dims.pp > 1 else None
+    log.info("rank %d: %s; stages %s", pmesh.rank, dims.describe(), stages)
+    return ParallelModel(parts, pmesh, schedule)
 
 
 def materialise(part: nn.Module, device: torch.device, seed: int) -> None:
     """Allocate a sharded meta-device part on `device` (each rank its own shards) and
     initialise it: the values of the single-process build_emu(seed), sharded."""
     part.to_empty(device=device)
-    part.init_weights(seed)  # Emu.init_weights, or EmuStage's for the parts a stage holds
+    part.init_weights(seed)  # Emu.init_weights (a stage: the parts it holds)
 
 
 def init_adapters(part: nn.Module, names: list[str], std: float, seed: int, on_meta: bool) -> None:

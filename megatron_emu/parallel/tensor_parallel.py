@@ -108,11 +108,12 @@ def apply_tensor_parallel(part: nn.Module, tp_mesh: DeviceMesh, config: ModelCon
     """Shard one model part (the whole Emu, or one pipeline stage) in place over `tp_mesh`.
     vision_placement: image_split.choose_placement's answer (None: split heads where they divide)."""
     tp = tp_mesh.size()
-    if part.visual is not None:
+    stacks = part.transformer_stacks()
+    if "vision" in stacks:
         placement = vision_placement or choose_placement("heads", config, tp, 0)
         parallelize_vision(part, tp_mesh, config, placement)
         apply_image_split(part, tp_mesh.get_group(), placement)
-    layers = list(part.llm.layers.values())
+    layers = stacks["llm"]
     for layer in layers:
         parallelize_module(layer, tp_mesh, llama_layer_plan(sequence_parallel))
     if sequence_parallel and layers:
@@ -133,12 +134,12 @@ def parallelize_vision(part: nn.Module, tp_mesh: DeviceMesh, config: ModelConfig
     not divide them); placed on `images`: replicated, each rank encoding its share (image_split.py)."""
     v, c, tp = config.vision, config.causal_former, tp_mesh.size()
     if placement["visual"] == "heads":
-        for block in part.visual.blocks:
+        for block in part.transformer_stacks()["vision"]:
             parallelize_module(block, tp_mesh, vision_block_plan())
     elif placement["visual"] == "replicated":
         log.info("EVA ViT: %d heads / MLP %d not divisible by TP=%d; replicated across TP", v.heads, v.mlp_dim, tp)
     if placement["causal_former"] == "heads":
-        for block in part.causal_former.blocks:
+        for block in part.transformer_stacks()["causal_former"]:
             parallelize_module(block, tp_mesh, causal_former_block_plan())
         # The shared relative-position bias table holds one column per head: split it
         # like the heads so each rank's bias matches its local heads.

@@ -94,9 +94,7 @@ class Layout:
 
     @classmethod
     def from_mesh(cls, pmesh) -> "Layout":
-        """From a megatron_emu.parallel ParallelMesh (None: one process)."""
-        if pmesh is None:
-            return cls()
+        """From a megatron_emu.parallel ParallelMesh (one process: a mesh of size 1)."""
         d = pmesh.dims
         return cls(rank=dist.get_rank(), world_size=d.world_size, tp=d.tp, pp=d.pp, dp=d.dp, dp_rank=pmesh.dp_rank)
 

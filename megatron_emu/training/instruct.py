@@ -100,7 +100,7 @@ def save_merged(pmodel, config: TrainConfig, iteration: int, base: dict | None) 
     """--lora-merge: W += (alpha / r) B A in every adapted projection, then save the whole model
     (no adapters, no optimizer) as a full checkpoint in --save: a base for --pretrained-checkpoint,
     tools/convert_checkpoint.py or generation. One process (the merge is plain tensor math)."""
-    if pmodel.pmesh is not None:
+    if pmodel.pmesh.dims.world_size > 1:
         raise ValueError("--lora-merge runs on one process (plain tensors); launch it without torchrun")
     if not config.checkpoint.save:
         raise ValueError("--lora-merge needs --save (where the merged checkpoint goes)")

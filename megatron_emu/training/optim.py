@@ -1,5 +1,6 @@
 """AdamW with per-module learning rates, no decay on norms/biases/position tables,
-and Megatron's warmup + decay schedule."""
+and Megatron's warmup + decay schedule. `build_optimizer` is the one optimizer builder:
+pretraining, the benchmark and the tests all get their AdamW from it."""
 
 import dataclasses
 import logging
@@ -7,8 +8,10 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from megatron_emu.config import OptimizerConfig
+from megatron_emu.kernels import apex_available
 
 log = logging.getLogger("megatron_emu")
 
@@ -64,13 +67,38 @@ def param_groups(model: nn.Module, config: OptimizerConfig) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig, fused: bool | None = None) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(model, config),
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps,
-        fused=fused,
-    )
+def split_by_mesh(groups: list[dict]) -> list[dict]:
+    """Each param group split into one group per device mesh (plain tensors: one more),
+    with the same hyper-parameters: foreach / fused kernels then see one mesh per call
+    (DTensor dispatch cannot mix meshes, or DTensors and plain tensors, in one call)."""
+    split = []
+    for group in groups:
+        by_mesh: dict = {}
+        for p in group["params"]:
+            by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+        split += [{**group, "params": params} for params in by_mesh.values()]
+    return split
+
+
+def build_optimizer(parts: nn.Module | list[nn.Module], config: OptimizerConfig, fused: bool = False,
+                    device_type: str = "cpu") -> torch.optim.Optimizer:
+    """One AdamW over every model part of this rank (plain or DTensor parameters), its
+    groups named by module family (param_groups) and split by device mesh.
+
+    fused (--fused kernels, kernels.py): apex FusedAdam (AdamW mode) on CUDA when apex is
+    installed and no parameter is a DTensor (apex takes plain tensors only), else torch's
+    fused AdamW; not fused: torch's foreach AdamW."""
+    parts = parts if isinstance(parts, list) else [parts]
+    groups = split_by_mesh([group for part in parts for group in param_groups(part, config)])
+    kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    plain = not any(isinstance(p, DTensor) for group in groups for p in group["params"])
+    if fused and plain and apex_available(device_type):
+        from apex.optimizers import FusedAdam
+
+        log.info("optimizer: apex FusedAdam (AdamW mode) over %d param groups", len(groups))
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    log.info("optimizer: torch AdamW (%s) over %d param groups", "fused" if fused else "foreach", len(groups))
+    return torch.optim.AdamW(groups, fused=fused or None, foreach=None if fused else True, **kwargs)
 
 
 def lr_factor(iteration: int, config: OptimizerConfig, train_iters: int) -> float:

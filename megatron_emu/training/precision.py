@@ -2,8 +2,8 @@
 
 Parameters and their gradients stay fp32 (they are the master weights, and data
 parallel reduces fp32 gradients); matmuls run in the compute dtype under autocast.
-With FSDP2 the same contract is `fsdp_policy()`: bf16 parameters gathered for
-compute, fp32 gradient reduce-scatter. fp16 adds loss scaling (dynamic by default,
+With FSDP2 the same contract is its MixedPrecisionPolicy (parallel/data_parallel.py,
+given `Precision.dtype`): bf16 parameters gathered for compute, fp32 gradient reduce-scatter. fp16 adds loss scaling (dynamic by default,
 `--loss-scale` for a static scale): steps whose gradients overflow are skipped.
 
 Usage in the loop (training/train.py):
@@ -75,12 +75,6 @@ class Precision:
         self.scaler.step(optimizer)  # skipped when any gradient is inf/nan
         self.scaler.update(self.config.loss_scale)  # None = dynamic; a number pins it
         return found_inf == 0
-
-    def fsdp_policy(self):
-        """FSDP2 MixedPrecisionPolicy: gather params in the compute dtype, reduce in fp32."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        return MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict()

@@ -93,7 +93,7 @@ def _without_vocab(model: dict) -> dict:
 @torch.no_grad()
 def load_pretrained(path: str, parts, model_config: dict, process_group=None) -> dict:
     """Load the base weights of `parts` from `path`; returns the base's identity."""
-    from megatron_emu.training.checkpoint import model_state
+    from megatron_emu.training.checkpoint_state import model_state
 
     directory = resolve_pretrained(path)
     record = read_run_config(directory)

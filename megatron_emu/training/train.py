@@ -15,37 +15,28 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 import math
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_emu.config import OptimizerConfig, TrainConfig
+from megatron_emu.config import TrainConfig
 from megatron_emu.data.blend import parse_split
 from megatron_emu.data.loader import build_pretrain_loader, check_datasets, ensure_synthetic_corpus
 from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
-from megatron_emu.kernels import apply_fused_norms, build_adamw, build_parallel_adamw
-from megatron_emu.model.attention import configure_attention
-from megatron_emu.model.emu import build_emu
-from megatron_emu.parallel.image_split import choose_placement
-from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh, build_mesh, init_distributed
-from megatron_emu.model.lora import apply_lora
-from megatron_emu.parallel.pipeline import MicrobatchFeed
-from megatron_emu.parallel.parallelize import ParallelModel, init_adapters, parallelize_emu
-from megatron_emu.parallel.activation_checkpoint import apply_recompute_and_compile
+from megatron_emu.parallel.mesh import ParallelMesh
+from megatron_emu.training.build import Run, build_run
 from megatron_emu.training.checkpoint import Checkpointer, Layout
 from megatron_emu.training.checkpoint_files import iteration_dir
 from megatron_emu.training.evaluate import image_grounding
 from megatron_emu.training.failsafe import SkipTracker, check_save_before_training
 from megatron_emu.training.signals import ExitConditions
 from megatron_emu.training.pretrained import load_pretrained
-from megatron_emu.training.instruct import check_instruct_run, init_new_chat_token_rows, lora_spec, merge_checkpoint
-from megatron_emu.training.step import StepResult, pipeline_loss_fn, train_step, validation_loss
+from megatron_emu.training.instruct import check_instruct_run, init_new_chat_token_rows, merge_checkpoint
+from megatron_emu.training.step import StepResult, train_step, validation_loss
 from megatron_emu.training.metrics import IterationStats, training_flops
-from megatron_emu.training.optim import LRScheduler, apply_freezing
-from megatron_emu.training.precision import Precision
+from megatron_emu.training.optim import LRScheduler
 from megatron_emu.training.watch import TrainingMonitor
 
 log = logging.getLogger("megatron_emu")
@@ -120,69 +111,27 @@ def move_batch(batch: dict, device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Building: the model parts this rank trains, and their optimizer
-# ---------------------------------------------------------------------------
-def build_model(config: TrainConfig, pmesh: ParallelMesh | None, n_micro: int, device: torch.device) -> ParallelModel:
-    """Single process: the whole Emu. Distributed: built on the meta device, then split
-    into pipeline stages, materialised, tensor- and data-parallelised (parallel/)."""
-    if pmesh is None:
-        model = build_emu(config.model, device=device, seed=config.seed)
-        apply_freezing(model, config.optimizer)
-        if config.lora.enabled:
-            init_adapters(model, apply_lora(model, lora_spec(config)), config.model.init_std, config.seed, False)
-        if config.performance.fused_kernels:
-            apply_fused_norms(model, device.type)
-        apply_recompute_and_compile(model, config.performance)
-        return ParallelModel([model])
-    full = build_emu(config.model, device="meta")
-    apply_freezing(full, config.optimizer)
-    losses: list = []  # the pipeline's loss_fn records each micro-batch's (lm, l2) here
-    feed = MicrobatchFeed()  # the pipeline's micro-batches; its loss reads answer masks there
-    pmodel = parallelize_emu(full, pmesh, n_micro, pipeline_loss_fn(losses, config, feed), config.seed,
-                             config.performance, lora_spec(config), feed, vision_placement(config, pmesh.dims))
-    pmodel.losses = losses
-    return pmodel
-
-
-def vision_placement(config: TrainConfig, dims) -> dict[str, str]:
-    """--vision-tensor-parallel resolved per image encoder (parallel/image_split.py)."""
-    images_per_step = config.data.global_batch_size / dims.dp * config.parallel.pipeline_balance_images_per_sample
-    placement = choose_placement(config.parallel.vision_tensor_parallel, config.model, dims.tp, images_per_step)
-    if dims.tp > 1:
-        log.info("image encoders under TP=%d: ViT %s, Causal Former %s", dims.tp, placement["visual"],
-                 placement["causal_former"])
-    return placement
-
-
-def build_parallel_optimizer(pmodel: ParallelModel, config: OptimizerConfig, fused: bool = False) -> torch.optim.AdamW:
-    """One AdamW over every part (fused with --fused kernels on, else foreach); param groups
-    keep Emu's names (module_family), split by device mesh (kernels.split_by_mesh)."""
-    return build_parallel_adamw(pmodel.parts, config, fused)
-
-
-# ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
 def pretrain(config: TrainConfig) -> TrainSummary:
-    timeout = timedelta(minutes=config.parallel.distributed_timeout_minutes)
-    world_size, device = init_distributed(config.device, timeout)
-    dims = ParallelDims.from_config(config.parallel, world_size, config.model, config.data.seq_length)
-    n_micro = dims.validate(config.model, config.data)  # all sizes checked before any work
-    check_datasets(config.data.data_path)  # and every --data-path prefix exists
+    check_datasets(config.data.data_path)  # every --data-path prefix exists, before any work
     check_instruct_run(config)
-    pmesh = build_mesh(dims, device, timeout) if world_size > 1 else None
-    cpu_group = pmesh.new_gloo_group() if pmesh is not None else None  # checkpoint coordination, exit flags
+    run = build_run(config)  # training/build.py: layout (all sizes checked), kernels, model, optimizer
+    try:
+        return train_loop(config, run)
+    finally:
+        run.close()
+
+
+def train_loop(config: TrainConfig, run: Run) -> TrainSummary:
+    """The loop over global batches, on the model parts and optimizer `run` holds."""
+    dims, pmesh, device, n_micro = run.dims, run.pmesh, run.device, run.n_micro
+    pmodel, optimizer, precision = run.pmodel, run.optimizer, run.precision
+    world_size = dims.world_size
+    cpu_group = pmesh.new_gloo_group()  # checkpoint coordination, exit flags
     exits = ExitConditions(config.failsafe, cpu_group)  # signal handlers from here on
-    if config.performance.fp16 and dims.pp > 1:
-        raise ValueError("--fp16 loss scaling is not supported with pipeline parallelism; use --bf16")
-    configure_attention(config.performance.attention_backend, device.type, config.performance.use_flash_attn)
-    precision = Precision(config.performance, device.type)
-    dp_rank = pmesh.dp_rank if pmesh is not None else 0
-    torch.manual_seed(config.seed)
+    dp_rank = pmesh.dp_rank
     tokenizer = prepare_caches(config, world_size)
-    pmodel = build_model(config, pmesh, n_micro, device)
-    optimizer = (build_adamw(pmodel.parts[0], config.optimizer, device.type, config.performance.fused_kernels)
-                 if pmesh is None else build_parallel_optimizer(pmodel, config.optimizer, config.performance.fused_kernels))
     scheduler = LRScheduler(optimizer, config.optimizer, config.train_iters)
     if config.lora.merge:  # no data, no loop: base + adapters -> one full checkpoint
         merge_checkpoint(config, pmodel, optimizer, tokenizer)
@@ -204,7 +153,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     if config.checkpoint.save:  # found now, not at the first save after hours of work
         checkpointer.refuse_rewind(start_iteration, starting=True)
         check_save_before_training(config.checkpoint.save, pmodel.parts, optimizer, dims.dp * dims.tp,
-                                   dist.get_rank() if world_size > 1 else 0, cpu_group)
+                                   pmesh.rank, cpu_group)
     skips = SkipTracker(config.failsafe.max_skipped_iterations)
     if config.lora.enabled:  # from the (loaded) base's "user" / "assistant" rows
         init_new_chat_token_rows(pmodel.parts, tokenizer, config.checkpoint.pretrained_checkpoint)
@@ -212,7 +161,7 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     log.info("model %s: %.1fM parameters on this rank's stages, %s; %d micro-batches of %d per step per DP rank",
              config.preset, params / 1e6, device, n_micro, config.data.micro_batch_size)
 
-    is_logger = world_size == 1 or dist.get_rank() == world_size - 1  # a last-stage rank
+    is_logger = pmesh.rank == world_size - 1  # a last-stage rank
     monitor = TrainingMonitor(config, pmesh, device, is_logger, start_iteration)
     timers = monitor.timers
     summary = TrainSummary()
@@ -281,11 +230,11 @@ def pretrain(config: TrainConfig) -> TrainSummary:
     return summary
 
 
-def data_cut_totals(loader, pmesh: ParallelMesh | None, device: torch.device) -> dict[str, int]:
+def data_cut_totals(loader, pmesh: ParallelMesh, device: torch.device) -> dict[str, int]:
     """What the sequence builder cut to fit --seq-length in this run, summed over DP ranks
     (a collective: every rank calls it)."""
     counts = torch.tensor([loader.totals["dropped_images"], loader.totals["truncated_tokens"]], device=device)
-    if pmesh is not None and pmesh.dims.dp > 1:
+    if pmesh.dims.dp > 1:
         dist.all_reduce(counts, group=pmesh.dp_mesh.get_group())
     return {"dropped_images": int(counts[0]), "truncated_tokens": int(counts[1])}
 

@@ -37,10 +37,8 @@ NOT_SCALARS = ("iteration", "train_iters", "lm_loss", "l2_loss", "lr", "global_b
 FAMILY_NAMES = {"llm": "LLaMA", "vision": "EVA-CLIP", "causal_former": "Causal Former"}
 
 
-def is_writer_rank(pmesh: ParallelMesh | None) -> bool:
+def is_writer_rank(pmesh: ParallelMesh) -> bool:
     """Megatron's TensorBoard rank: last pipeline stage, first TP rank, DP rank 0."""
-    if pmesh is None:
-        return True
     return pmesh.pp_rank == pmesh.dims.pp - 1 and pmesh.tp_rank == 0 and pmesh.dp_rank == 0
 
 
@@ -57,7 +55,7 @@ def stats_scalars(stats: IterationStats) -> dict[str, float]:
 class TrainingMonitor:
     """Owns the timers and sinks of one pretraining run; every rank builds one."""
 
-    def __init__(self, config: TrainConfig, pmesh: ParallelMesh | None, device: torch.device, is_logger: bool,
+    def __init__(self, config: TrainConfig, pmesh: ParallelMesh, device: torch.device, is_logger: bool,
                  start_iteration: int = 0):
         self.config, self.logging, self.pmesh, self.device = config, config.logging, pmesh, device
         self.is_logger = is_logger  # prints the timer and straggler blocks
@@ -97,7 +95,7 @@ class TrainingMonitor:
         real_tokens = sum(int((b["tokens"] != pad).sum()) for b in microbatches)
         counts = torch.tensor([loader.totals["truncated_tokens"], loader.totals["dropped_images"], real_tokens],
                               dtype=torch.float64, device=self.device)
-        if self.pmesh is not None and self.pmesh.dims.dp > 1:
+        if self.pmesh.dims.dp > 1:
             dist.all_reduce(counts, group=self.pmesh.dp_mesh.get_group())
         return {"truncated-tokens": counts[0].item(), "dropped-images": counts[1].item(),
                 "packing-efficiency": counts[2].item() / (result.sequences * self.config.data.seq_length)}
@@ -138,9 +136,8 @@ class TrainingMonitor:
     def memory(self, iteration: int, consumed: int) -> None:
         """Megatron prints the memory line once, after the first logged iterations (DP rank 0)."""
         stats = memory_stats(self.device)
-        if not self._memory_reported and (self.pmesh is None or self.pmesh.dp_rank == 0):
-            rank = dist.get_rank() if self.pmesh is not None else 0
-            tqdm.write(memory_line(rank, iteration, stats), file=sys.stdout)
+        if not self._memory_reported and self.pmesh.dp_rank == 0:
+            tqdm.write(memory_line(self.pmesh.rank, iteration, stats), file=sys.stdout)
         self._memory_reported = True
         if self.logging.log_memory_to_tensorboard:
             self.sinks.scalars(iteration, consumed, stats)

@@ -14,7 +14,7 @@ gradients and Adam states (16 bytes / parameter); with FSDP the blocks compute o
 bf16 gathered parameters (MixedPrecisionPolicy), otherwise autocast keeps a bf16
 copy of every weight per micro-batch for backward (counted by the fake run).
 
-Throughput: the busiest pipeline stage's FLOPs (metrics.py formula) at an assumed
+Throughput: the busiest pipeline stage's FLOPs (model/flops.py) at an assumed
 efficiency of the device peak, plus the 1F1B bubble, tensor-parallel all-reduces on
 the intra-node links and data-parallel traffic on the inter-node links (the part that
 does not overlap backward). The ranking is a model; measured figures come from
@@ -27,9 +27,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from megatron_emu.config import DataConfig, ModelConfig, ParallelConfig
+from megatron_emu.model import flops as flops_model
 from megatron_emu.parallel.mesh import ParallelDims
-from megatron_emu.training import metrics
-from megatron_emu.training.planner_activations import BlockActivations, activation_profile, block_bytes, cached
+from megatron_emu.parallel.planner_activations import BlockActivations, activation_profile, block_bytes, cached
 
 GiB = 2**30
 
@@ -226,7 +226,7 @@ def in_flight_microbatches(dims: ParallelDims, pp_rank: int, n_micro: int) -> in
 # -- throughput model -------------------------------------------------------------------
 def stage_flops(model: ModelConfig, work: Workload, layers: int, first: bool, last: bool) -> float:
     """Forward + backward (+ recompute) FLOPs of one micro-batch through one stage."""
-    return metrics.stage_flops(model, work.micro_batch_size, work.seq_length, work.images_per_sample, layers,
+    return flops_model.stage_flops(model, work.micro_batch_size, work.seq_length, work.images_per_sample, layers,
                                first, last, work.recompute, work.recompute_num_layers)
 
 
@@ -255,7 +255,7 @@ def estimate_step_time(model: ModelConfig, work: Workload, dims: ParallelDims, h
     dp_exposed = data_parallel_exposed_seconds(model, work, dims, hw, layers, n_micro, t_mb, pipeline)
     tp_exposed = max(tp_per_rank) * (n_micro + bubble)  # TP collectives sit on the critical path
     step = pipeline + dp_exposed
-    flops = metrics.training_flops(model, work.global_batch_size, work.seq_length,
+    flops = flops_model.training_flops(model, work.global_batch_size, work.seq_length,
                                    work.global_batch_size * work.images_per_sample)
     exposed = tp_exposed + dp_exposed
     return dict(seconds=step, bubble_s=bubble * t_mb, dp_exposed_s=dp_exposed, tp_exposed_s=tp_exposed,
@@ -272,10 +272,11 @@ def data_parallel_exposed_seconds(model: ModelConfig, work: Workload, dims: Para
       block is gathered in forward and again in backward of every micro-batch; with PP
       the stage stays gathered for the whole step (data_parallel.py), once.
     - Gradient reduction (fp32 reduce-scatter, or all-reduce of full replicas): gradients
-      accumulate over micro-batches and are reduced once. Without PP, FSDP2 reduces each
-      block as its gradient becomes final in the last micro-batch, which hides behind at
-      most that micro-batch's backward (~2/3 of it). With PP, torch.distributed.pipelining
-      reduces after the whole schedule: nothing hides it.
+      accumulate over micro-batches and are reduced once: FSDP2 reduces each block as its
+      gradient becomes final in the last micro-batch, which hides behind at most that
+      micro-batch's backward (~2/3 of it); with PP, per stage (pipeline.OverlappedStage).
+      Zero-bubble splits the backward and keeps torch's reduction after the schedule:
+      nothing hides it.
     """
     counts = parameter_counts(model)
     params = max(sum(layers[s] * counts["layer"] for s in rank_stages(dims, r)) for r in range(dims.pp))
@@ -290,7 +291,7 @@ def data_parallel_exposed_seconds(model: ModelConfig, work: Workload, dims: Para
         gather_s, reduce_s = 0.0, 0.0
     if dims.dp_replicate > 1:  # full replicas (ddp, hsdp across groups): all-reduce of fp32 gradients
         reduce_s += allreduce_seconds(4 * params / dims.dp_shard, dims.dp_replicate, bw)
-    reduce_hidden_by = t_mb * 2 / 3 if dims.pp == 1 else 0.0
+    reduce_hidden_by = t_mb * 2 / 3 if dims.pp == 1 or dims.schedule != "zero-bubble" else 0.0
     return max(0.0, gather_s - pipeline) + max(0.0, reduce_s - reduce_hidden_by)
 
 
