@@ -186,7 +186,7 @@ def test_killed_evaluation_resumes_from_cached_answers(checkpoint, data, single_
     (["--task", "vqav2", "--checkpoint", "CKPT", "QUESTIONS", "TRAIN", "--shots", "8"],
      "setting 8 needs 8 in-context examples; the training files hold 4 samples"),
 ])
-def test_bad_input_is_one_line(checkpoint, data, argv, message, tmp_path):
+def test_bad_input_is_one_line(checkpoint, data, argv, message, tmp_path, capsys):
     expanded = []
     for a in argv:
         if a in ("QUESTIONS", "TRAIN"):
@@ -195,7 +195,7 @@ def test_bad_input_is_one_line(checkpoint, data, argv, message, tmp_path):
             expanded.append(checkpoint if a == "CKPT" else a)
     with pytest.raises(SystemExit) as exit_:
         evaluate.main(expanded + ["--output-dir", str(tmp_path)])
-    assert message in str(exit_.value.code)
+    assert message in str(exit_.value.code) + capsys.readouterr().err  # usage errors: on stderr, exit 2
 
 
 def test_tool_run_bare_prints_usage_and_an_example_not_a_traceback():

@@ -21,16 +21,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_emu.cli import ToolParser  # noqa: E402
 from megatron_emu.config import PRESETS  # noqa: E402
 from megatron_emu.evaluation.tasks import TASKS  # noqa: E402
 
-EXAMPLE = ("example: python tools/evaluate.py --task coco_caption --checkpoint runs/tiny/ckpt "
+EXAMPLE = ("python tools/evaluate.py --task coco_caption --checkpoint runs/tiny/ckpt "
            "--annotations dataset_coco.json --image-dir coco/ --output-dir eval/")
 FILE_FLAGS = ("annotations", "questions", "dense_annotations", "image_dir", "video_dir", "video_map")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLE)
+    p = ToolParser(description=__doc__.splitlines()[0], example=EXAMPLE)
     p.add_argument("--task", choices=list(TASKS) + ["coco_fid"], help="the benchmark")
     p.add_argument("--checkpoint", "--load", dest="checkpoint", default="",
                    help="our checkpoint (any layout), an HF export or a state-dict file")
@@ -181,8 +182,7 @@ def main(argv=None) -> str:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.task or not args.checkpoint:
-        parser.print_usage(sys.stderr)
-        sys.exit(f"evaluate.py: --task and --checkpoint are required\n{EXAMPLE}")
+        parser.error("--task and --checkpoint are required")
     try:
         table = run(args)
     except ValueError as e:
