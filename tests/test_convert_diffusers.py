@@ -72,7 +72,7 @@ def test_a_checkpoint_without_a_stored_config_needs_unet_config(decoder_save, tm
     torch.save(state, os.path.join(iteration_dir(old, 3), "state.pt"))
     with open(os.path.join(old, "latest"), "w") as f:
         f.write("iter_0000003")
-    from megatron_emu.convert.diffusers_export import export_unet
+    from megatron_emu.decoder.diffusers_export import export_unet
 
     with pytest.raises(ValueError, match="predates stored UNet configs; pass --unet-config"):
         export_unet(old, str(tmp_path / "refused"))

@@ -81,7 +81,7 @@ def test_direct_reader_names_missing_chunks(sharded_dcp):
 def test_shard_writer_is_byte_identical_to_safetensors(tmp_path, monkeypatch, chunk):
     from safetensors.torch import load_file, save_file
 
-    from megatron_emu.convert import direct_io
+    from megatron_emu import direct_io
 
     monkeypatch.setattr(direct_io, "CHUNK", chunk)  # small staging buffers: many writes, a cut tail
     monkeypatch.setattr(direct_io, "_free_buffers", [])
@@ -99,7 +99,7 @@ def test_shard_writer_is_byte_identical_to_safetensors(tmp_path, monkeypatch, ch
 def test_direct_file_falls_back_to_the_page_cache_with_the_same_bytes(tmp_path, monkeypatch):
     import errno
 
-    from megatron_emu.convert import direct_io
+    from megatron_emu import direct_io
 
     monkeypatch.setattr(direct_io, "CHUNK", 4096)
     monkeypatch.setattr(direct_io, "_free_buffers", [])
@@ -168,8 +168,8 @@ def test_read_spans_gives_the_file_bytes_with_and_without_o_direct(tmp_path, mon
     import errno
     import fcntl
 
-    from megatron_emu.convert import direct_io
-    from megatron_emu.convert.direct_io import FileSpan, read_spans
+    from megatron_emu import direct_io
+    from megatron_emu.direct_io import FileSpan, read_spans
 
     monkeypatch.setattr(direct_io, "CHUNK", 3 * 4096)
     monkeypatch.setattr(direct_io, "_free_buffers", [])
@@ -201,7 +201,7 @@ def test_read_spans_gives_the_file_bytes_with_and_without_o_direct(tmp_path, mon
 
 
 def test_read_spans_names_a_truncated_file(tmp_path):
-    from megatron_emu.convert.direct_io import FileSpan
+    from megatron_emu.direct_io import FileSpan
 
     path, _ = _span_file(tmp_path)
     _drop_cache(path)
@@ -216,7 +216,7 @@ def test_spans_are_written_like_the_tensors_they_name(tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
-    from megatron_emu.convert import direct_io
+    from megatron_emu import direct_io
     from megatron_emu.convert.dcp_writer import GroupedDCPWriter
     from megatron_emu.convert.streams import SafetensorsSource
 

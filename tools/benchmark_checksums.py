@@ -53,7 +53,7 @@ def exporter_reads(checkpoint: str, repeats: int) -> dict:
     alternating; warm page cache. Wall and CPU seconds (process_time: both threads)."""
     import dataclasses
 
-    from megatron_emu.convert.direct_io import read_spans
+    from megatron_emu.direct_io import read_spans
     from megatron_emu.convert.streams import DCPSource
 
     source = DCPSource(checkpoint)

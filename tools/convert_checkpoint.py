@@ -84,7 +84,7 @@ def main(argv=None) -> None:
 
         export_peft(args.input[0], args.output)
     elif args.to == "diffusers":
-        from megatron_emu.convert.diffusers_export import export_unet
+        from megatron_emu.decoder.diffusers_export import export_unet
 
         export_unet(args.input[0], args.output, args.unet_config)
     else:

@@ -147,7 +147,7 @@ def run(args) -> str:
 def run_fid(args) -> str:
     import torch
 
-    from megatron_emu.decoder.frozen import freeze
+    from megatron_emu.generation.frozen import freeze
     from megatron_emu.decoder.pipeline import EmuImagePipeline, load_decoder
     from megatron_emu.evaluation.coco_files import read_caption_prompts
     from megatron_emu.evaluation.distributed import DataParallel

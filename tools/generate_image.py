@@ -60,7 +60,7 @@ def main(argv=None) -> list[str]:
     from diffusers.utils import logging as diffusers_logging
 
     from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
-    from megatron_emu.decoder.frozen import freeze, load_emu
+    from megatron_emu.generation.frozen import freeze, load_emu
     from megatron_emu.decoder.pipeline import EmuImagePipeline, load_decoder, save_pngs
 
     args = build_parser().parse_args(argv)

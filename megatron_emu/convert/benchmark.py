@@ -129,7 +129,7 @@ def child_raw(directory: str, total: int, shard: int) -> dict:
     for i in range(n):
         load_file(os.path.join(directory, f"st{i}.safetensors"))
     times["safetensors read"] = time.perf_counter() - start
-    from megatron_emu.convert.direct_io import DirectFile
+    from megatron_emu.direct_io import DirectFile
 
     start = time.perf_counter()
     for i in range(n):

@@ -16,7 +16,7 @@ Items with a recorded checksum (checksums.json) are verified as they are read: a
 carries its item's check into read_spans, a mapped item is hashed through its mapping.
 Mappings are private (copy-on-write): writing to a returned tensor never changes the
 checkpoint. Conversions that copy a whole-stored tensor unchanged ask for its `span`
-instead (file, offset, geometry) and read it with O_DIRECT (convert/direct_io.py). Items this cannot read (stream transforms such as compression, anything
+instead (file, offset, geometry) and read it with O_DIRECT (direct_io.py). Items this cannot read (stream transforms such as compression, anything
 that is not a torch.save zip) are reported as None, and the caller uses dcp.load.
 """
 
@@ -29,8 +29,8 @@ import os
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
-from megatron_emu.convert.direct_io import FileSpan
-from megatron_emu.convert.range_check import RangeCheck, verify_mapped
+from megatron_emu.direct_io import FileSpan
+from megatron_emu.range_check import RangeCheck, verify_mapped
 
 
 _RECORDS = 8192  # bytes at each end of a torch.save zip holding its records (pickle, central directory)

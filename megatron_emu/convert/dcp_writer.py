@@ -9,7 +9,7 @@ checkpoint: `dcp.load`, our Checkpointer and DCPSource read it like any other.
 
 Each group's data file is written by DirectDCPWriter, a dcp.FileSystemWriter whose
 items keep DCP's layout (one torch.save zip per tensor, at the offset the metadata
-records) but whose bytes go out through DirectFile (O_DIRECT, convert/direct_io.py):
+records) but whose bytes go out through DirectFile (O_DIRECT, direct_io.py):
 torch.save writes each zip with `torch.serialization.skip_data()` (its records and
 pickled tensor geometry, a hole where the storage bytes go) and the hole is filled from
 the tensor's own memory. The bytes are hashed as they are written, and `finish` records
@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from megatron_emu.convert.direct_io import DirectFile, FileSpan, read_spans
+from megatron_emu.direct_io import DirectFile, FileSpan, read_spans
 from megatron_emu.training.checksums import ALGORITHM, item_entry, write_record
 
 
@@ -95,7 +95,7 @@ class DirectDCPWriter(dcp.FileSystemWriter):
 
     `spans` (fqn -> FileSpan) gives the bytes of items whose state-dict value is only a
     placeholder of the right geometry (an untouched torch.empty): they are copied from
-    the span's file with O_DIRECT, read ahead across items (convert/direct_io.py).
+    the span's file with O_DIRECT, read ahead across items (direct_io.py).
     """
 
     def __init__(self, path: str, spans: dict[str, FileSpan] | None = None):

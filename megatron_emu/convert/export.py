@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from megatron_emu.config import SPECIAL_TOKEN_NAMES, LLaMAConfig, ModelConfig
-from megatron_emu.convert.direct_io import FileSpan
+from megatron_emu.direct_io import FileSpan
 from megatron_emu.convert.hf_emu import VISUAL_DIR, VISUAL_FORMAT
 from megatron_emu.convert.hf_llama_config import hf_llama_config
 from megatron_emu.convert.keys import llama_to_hf

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from megatron_emu.config import LLAMA_FUNCTION_FIELDS, NUM_INSTRUCT_SPECIAL_TOKENS, ModelConfig
 from megatron_emu.convert.dcp_writer import GroupedDCPWriter
 from megatron_emu.convert.emu_i import EMU_I_LORA_ALPHA, embedding_rows, merge_peft_lora
-from megatron_emu.convert.direct_io import FileSpan
+from megatron_emu.direct_io import FileSpan
 from megatron_emu.convert.hf_emu import hf_emu_tensors, read_visual_config
 from megatron_emu.convert.hf_llama_config import llm_config_from_hf
 from megatron_emu.convert.keys import emu_v1_to_ours, eva_to_ours, hf_to_llama

@@ -6,7 +6,7 @@ convert/dcp_reader.py), a safetensors file or sharded directory, or a torch file
 memory-mapped). Tensors that a conversion copies unchanged can come as FileSpans instead
 (where their bytes lie; DCPSource.read(spans=True), SafetensorsSource.spans), read with
 O_DIRECT as they are written. The sink writes safetensors shards of a bounded size with
-the transformers index, through O_DIRECT (convert/direct_io.py). Outputs are built in a
+the transformers index, through O_DIRECT (direct_io.py). Outputs are built in a
 temporary sibling directory and renamed at the end, so a failed conversion leaves
 nothing in the output directory.
 """
@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from tqdm import tqdm
 
 from megatron_emu.convert.dcp_reader import DirectReader
-from megatron_emu.convert.direct_io import DirectFile, FileSpan, read_spans
+from megatron_emu.direct_io import DirectFile, FileSpan, read_spans
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -308,7 +308,7 @@ def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str
 
 
 def write_shard(path: str, tensors: dict[str, torch.Tensor | FileSpan]) -> None:
-    """One safetensors file, written with O_DIRECT (convert/direct_io.py).
+    """One safetensors file, written with O_DIRECT (direct_io.py).
 
     Tensors go memory -> staging buffer -> disk; FileSpans (DCP items copied unchanged)
     are read with O_DIRECT, the next piece read ahead while the current is written.

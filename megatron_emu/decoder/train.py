@@ -28,7 +28,7 @@ from megatron_emu.decoder.checkpoint import load_checkpoint, save_checkpoint, sa
 from megatron_emu.decoder.conditions import drop_conditions, null_condition, pair_conditions
 from megatron_emu.decoder.data import DecoderMicroBatches, build_loader, bundled_pairs, emu_pixels, vae_pixels
 from megatron_emu.decoder.ema import EMA
-from megatron_emu.decoder.frozen import freeze, load_emu
+from megatron_emu.generation.frozen import freeze, load_emu
 from megatron_emu.decoder.unet import build_tiny_sd, check_condition_dim, load_sd_components, resize_cross_attention
 from megatron_emu.parallel.mesh import init_distributed
 from megatron_emu.training.monitor import Sinks

@@ -28,7 +28,7 @@ def load_for_inference(path: str, preset: str = "tiny", device: torch.device | s
                        dtype: torch.dtype = torch.float32, base: str = "", tokenizer_model: str = "") -> Emu:
     """Frozen Emu (eval, no grads) with the weights at `path` (and, for adapters, `base`).
     tokenizer_model: the tokenizer of an adapter run (the words "user" / "assistant")."""
-    from megatron_emu.decoder.frozen import check_emu_state, freeze, read_emu_state
+    from megatron_emu.generation.frozen import check_emu_state, freeze, read_emu_state
 
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such checkpoint, export or state-dict file")

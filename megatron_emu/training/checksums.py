@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import xxhash
 
-from megatron_emu.convert.direct_io import FileSpan, read_spans
-from megatron_emu.convert.range_check import RangeCheck
+from megatron_emu.direct_io import FileSpan, read_spans
+from megatron_emu.range_check import RangeCheck
 from megatron_emu.files import read_json
 
 log = logging.getLogger("megatron_emu")
@@ -92,7 +92,7 @@ def write_record(directory: str, files: dict[str, dict]) -> None:
 
 def hash_range(path: str, offset: int, length: int, progress: Callable[[int], None] | None = None) -> str:
     """xxh3_64 of bytes [offset, offset + length) of `path`, read with O_DIRECT (or from the
-    page cache when they are there: convert/direct_io.read_spans)."""
+    page cache when they are there: direct_io.read_spans)."""
     hasher = new_hasher()
     for piece in read_spans([FileSpan(path, offset, torch.uint8, (length,))]):
         hasher.update(piece)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import xxhash
 
-from megatron_emu.convert.range_check import RangeCheck
+from megatron_emu.range_check import RangeCheck
 
 ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffer addresses (a page)
 CHUNK = 8 * 2**20  # bytes per write: 8 MiB measured fastest here (2.3-2.7 GB/s; 16-128 MiB: 1.0-2.1)

@@ -1,6 +1,6 @@
 """A checksum recorded for a byte range of a file, checked as the range is read.
 
-The exporter reads a DCP item's tensor bytes as a FileSpan (convert/direct_io.py) or
+The exporter reads a DCP item's tensor bytes as a FileSpan (direct_io.py) or
 through a mapping (convert/dcp_reader.py); the digest recorded at save time covers the
 whole item (the torch.save zip around the tensor, training/checksums.py). A RangeCheck
 travels with the span and hashes the item's bytes before and after the span (a few KiB
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import xxhash
 
 if TYPE_CHECKING:
-    from megatron_emu.convert.direct_io import FileSpan
+    from megatron_emu.direct_io import FileSpan
 
 
 @dataclasses.dataclass(frozen=True)
