@@ -204,5 +204,5 @@ def test_tool_run_bare_prints_usage_and_an_example_not_a_traceback():
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py")], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert done.returncode == 2 and "Traceback" not in done.stderr  # usage errors exit 2, as argparse's
-    assert sum(line.startswith("error:") for line in done.stderr.splitlines()) == 1
+    assert sum("error:" in line for line in done.stderr.splitlines()) == 1
     assert "usage: evaluate.py" in done.stderr and "example: python tools/evaluate.py --task" in done.stderr
