@@ -1,5 +1,6 @@
 """README "After command 1": its commands run verbatim on the outputs of a short command 1
-(slow: the decoder's 60 steps take minutes on 2 cores), and each still parses (default suite)."""
+(about 60 s on 2 idle cores, most of it the decoder's 60 steps: in the default suite, so CI
+runs the README as a new user would), and each still parses."""
 
 import importlib
 import os
@@ -52,7 +53,6 @@ def test_every_walkthrough_command_parses():
             parse_entry_point(argv[0], argv[1:])
 
 
-@pytest.mark.slow
 def test_walkthrough_runs_verbatim_after_a_short_command_1(tmp_path):
     for name in ("tools", "pretrain_emu.py", "finetune_decoder.py"):  # the repository root, but runs/ in tmp_path
         (tmp_path / name).symlink_to(ROOT / name)
