@@ -56,18 +56,27 @@ def plan_path(prefix: str, name: str, key: dict, cache_dir: str) -> str:
     return f"{sidecar_base(prefix, cache_dir)}.plan-{name}-{digest}.bin"
 
 
-def sampled_checksum(f, offset: int, size: int) -> str:
-    """xxh3 of the size and the `size` bytes of open file `f` from `offset`: all of them up to
-    16 MiB, else 16 evenly spaced 1 MiB pieces (a bounded read, whatever the plan's size)."""
+def rows_checksum(size: int, pieces) -> str:
+    """xxh3 of the rows' byte count and the given pieces of them (the header's checksum)."""
     h = xxhash.xxh3_64(str(size).encode())
+    for piece in pieces:
+        h.update(piece)
+    return h.hexdigest()
+
+
+def sampled_checksum(f, offset: int, size: int) -> str:
+    """rows_checksum of the `size` bytes of open file `f` from `offset`: all of them up to
+    16 MiB, else 16 evenly spaced 1 MiB pieces (a bounded read, whatever the plan's size)."""
     if size <= PIECE * PIECES:
         f.seek(offset)
-        h.update(f.read(size))
-    else:
+        return rows_checksum(size, [f.read(size)])
+
+    def pieces():
         for k in range(PIECES):
             f.seek(offset + k * (size - PIECE) // (PIECES - 1))
-            h.update(f.read(PIECE))
-    return h.hexdigest()
+            yield f.read(PIECE)
+
+    return rows_checksum(size, pieces())
 
 
 def _load(path: str, key: dict, width: int) -> tuple[np.ndarray | None, str]:
@@ -86,9 +95,7 @@ def _load(path: str, key: dict, width: int) -> tuple[np.ndarray | None, str]:
             if size != rows * width * 8:
                 return None, f"has {size} bytes of rows, its header says {rows * width * 8} (truncated or replaced)"
             if size <= IN_MEMORY_BYTES:
-                h = xxhash.xxh3_64(str(size).encode())
-                h.update(memoryview(whole)[HEADER_BYTES:])
-                checksum = h.hexdigest()
+                checksum = rows_checksum(size, [memoryview(whole)[HEADER_BYTES:]])  # the read serves both
             else:
                 checksum = sampled_checksum(f, HEADER_BYTES, size)
     except FileNotFoundError:
