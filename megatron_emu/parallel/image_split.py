@@ -72,7 +72,7 @@ def _images_cheaper(config: ModelConfig, name: str, tp: int, images_per_step: fl
     params = sum(p.numel() for p in module.parameters())
     if name == "visual":
         v = config.vision
-        tokens, width, blocks = v.num_patches + 1, v.width, v.layers
+        tokens, width, blocks = v.num_tokens, v.width, v.layers
         out_tokens, out_width = tokens, width
     else:
         c = config.causal_former
