@@ -154,10 +154,25 @@ def _span_file(tmp_path, nbytes: int = 50_000):
 
 
 def _drop_cache(path: str) -> None:
+    """Drop the file from the page cache, and wait until its first page is really gone: the
+    kernel may keep pages still under writeback after one DONTNEED (a flaky CI run)."""
+    import time
+
     fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)  # only clean pages can be dropped
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
+    try:
+        for _ in range(100):
+            os.fsync(fd)  # only clean pages can be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not hasattr(os, "RWF_NOWAIT"):
+                return
+            try:
+                os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)  # succeeds only from the cache
+            except OSError:  # EAGAIN: not cached (EOPNOTSUPP: the reader cannot tell either)
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{path}: the kernel kept the file in the page cache after 100 DONTNEED calls")
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("refuse", [None, "open", "read"])
