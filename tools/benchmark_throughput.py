@@ -44,6 +44,9 @@ from megatron_emu.training.optim import build_optimizer  # noqa: E402
 from megatron_emu.training.metrics import CPUPeakMemory, device_peak_tflops, mfu, training_flops  # noqa: E402
 from megatron_emu.training.precision import Precision  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_ops import add_ops_args, apply_llm_shape, print_profile, profile_sides  # noqa: E402
+
 log = logging.getLogger("megatron_emu")
 
 
@@ -154,8 +157,10 @@ def prepare_emu(config: TrainConfig, images_per_sample: int, corpus: bool = Fals
 
 
 # -- transformers baseline ------------------------------------------------------------
-def prepare_hf_llama(config: TrainConfig, device: torch.device):
-    """A training step of LlamaForCausalLM with our LLaMA's shape, same batch and precision."""
+def prepare_hf_llama(config: TrainConfig, device: torch.device, compile_layers: bool | None = None):
+    """A training step of LlamaForCausalLM with our LLaMA's shape, same batch and precision.
+    compile_layers (default: --compile): torch.compile each decoder layer, as ours compiles
+    each block, so that both sides compiled is the fair comparison."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m, d, perf = config.model.llm, config.data, config.performance
@@ -169,6 +174,9 @@ def prepare_hf_llama(config: TrainConfig, device: torch.device):
     model = LlamaForCausalLM(hf_config).to(device)
     if perf.recompute_granularity == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if perf.compile if compile_layers is None else compile_layers:
+        for layer in model.model.layers:
+            layer.compile(backend=perf.compile_backend)
     optimizer = build_optimizer(model, config.optimizer, perf.fused_kernels, device.type)  # the AdamW ours runs
     precision = Precision(perf, device.type)
     n_micro = d.global_batch_size // d.micro_batch_size
@@ -230,7 +238,7 @@ def device_name(device: torch.device) -> str:
 
 
 def print_table(row: dict) -> None:
-    skip = {"versions"}
+    skip = {"versions", "op_profile"}  # op_profile: printed by print_profile
     width = max(len(k) for k in row)
     for key, value in row.items():
         if key not in skip:
@@ -243,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     parser.description = __doc__.splitlines()[0]
     add_benchmark_args(parser)
+    add_ops_args(parser)
     args, rest = parser.parse_known_args(argv)
     if args.data_only:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -252,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    config = to_config(args)
+    config = apply_llm_shape(to_config(args), args)
     ours = prepare_emu(config, args.images_per_sample, args.corpus_batches)
     try:
         row = measure(config, args, ours)
@@ -271,6 +280,8 @@ def measure(config: TrainConfig, args, ours: dict) -> dict:
         if ours["world_size"] != 1:
             raise ValueError("--compare hf runs on a single process")
         steps += [prepare_emu(config, 0)["step"], prepare_hf_llama(config, device)]  # text-only, both
+        if config.performance.compile:  # and transformers eager: ours compiled vs both
+            steps.append(prepare_hf_llama(config, device, compile_layers=False))
     if args.compare == "unpacked":
         if not (config.data.pack_sequences and args.corpus_batches):
             raise ValueError("--compare unpacked needs --pack-sequences and --corpus-batches")
@@ -279,10 +290,28 @@ def measure(config: TrainConfig, args, ours: dict) -> dict:
     seconds = time_steps(steps, args.warmup_iters, args.timed_iters, device)
     ours.update(seconds=seconds[0], memory=peak_memory(ours["step"], ours["state"], device, args.no_memory))
     peak = device_peak_tflops(device, getattr(torch, config.performance.compute_dtype), args.peak_tflops)
-    row = report(config, args, ours, peak, *(seconds[1:] if len(seconds) == 3 else (None, None)))
+    row = report(config, args, ours, peak, *(seconds[1:3] if args.compare == "hf" else (None, None)))
+    if args.compare == "hf" and len(seconds) == 4:
+        row.update(hf_eager_tokens_per_s=config.data.global_batch_size * config.data.seq_length / seconds[3],
+                   ratio_vs_hf_eager=seconds[3] / seconds[1])
+    if args.profile_ops:
+        row.update(op_profile=profile_ops(args, steps))
     if args.compare == "unpacked":
         row.update(unpacked_step_ms=seconds[1] * 1000, packing_speedup=seconds[1] / seconds[0])
     return row
+
+def profile_ops(args, steps: list) -> dict:
+    """--profile-ops: profiled steps of each side; ours is the text-only step under --compare hf."""
+    if args.compare == "hf":
+        sides = {"ours": steps[1], "transformers": steps[2]}
+        if len(steps) == 4:
+            sides["transformers eager"] = steps[3]
+    else:
+        sides = {"ours": steps[0]}
+    profiles = profile_sides(sides, args.profile_top, args.profile_steps)
+    print_profile(profiles)
+    return profiles
+
 
 if __name__ == "__main__":
     main()
