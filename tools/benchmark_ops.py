@@ -26,6 +26,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from megatron_emu.data.random_batches import random_batch
+
 MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
                         "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot"})
 # Fused attention kernels (and their backward), reported apart from the plain matmuls.
@@ -111,3 +113,37 @@ def print_profile(profiles: dict[str, dict]) -> None:
               f"{p['wall_ms']:,.1f} ms under the profiler")
         for op, share in p["top_other_ops"]:
             print(f"      {share:6.1%}  {op}")
+
+
+# -- the compared steps (--compare hf) -------------------------------------------------
+def text_only_step(config, ours: dict):
+    """Our step on text-only batches (--compare hf), on the same model and optimizer: a
+    second copy of a 1b-width model would not fit next to transformers' in CPU memory."""
+    from megatron_emu.training import train
+
+    run, d = ours["run"], config.data
+    micro = [train.move_batch(random_batch(config.model, d.micro_batch_size, d.seq_length, 0, seed=i), ours["device"])
+             for i in range(run.n_micro)]
+    return lambda: train.train_step(run.pmodel, run.optimizer, micro, config, run.precision)
+
+
+def run_eager(step):
+    """`step` with its compiled modules run eagerly (the same model: no second copy)."""
+    def eager_step():
+        with torch.compiler.set_stance("force_eager"):
+            step()
+
+    return eager_step
+
+
+def profile_ops(args, steps: list) -> dict:
+    """--profile-ops: profiled steps of each side; ours is the text-only step under --compare hf."""
+    if args.compare == "hf":
+        sides = {"ours": steps[1], "transformers": steps[2]}
+        if len(steps) == 4:
+            sides["transformers eager"] = steps[3]
+    else:
+        sides = {"ours": steps[0]}
+    profiles = profile_sides(sides, args.profile_top, args.profile_steps)
+    print_profile(profiles)
+    return profiles

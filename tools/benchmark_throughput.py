@@ -45,7 +45,7 @@ from megatron_emu.training.metrics import CPUPeakMemory, device_peak_tflops, mfu
 from megatron_emu.training.precision import Precision  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_ops import add_ops_args, apply_llm_shape, print_profile, profile_sides  # noqa: E402
+from benchmark_ops import add_ops_args, apply_llm_shape, profile_ops, run_eager, text_only_step  # noqa: E402
 
 log = logging.getLogger("megatron_emu")
 
@@ -157,10 +157,10 @@ def prepare_emu(config: TrainConfig, images_per_sample: int, corpus: bool = Fals
 
 
 # -- transformers baseline ------------------------------------------------------------
-def prepare_hf_llama(config: TrainConfig, device: torch.device, compile_layers: bool | None = None):
+def prepare_hf_llama(config: TrainConfig, device: torch.device):
     """A training step of LlamaForCausalLM with our LLaMA's shape, same batch and precision.
-    compile_layers (default: --compile): torch.compile each decoder layer, as ours compiles
-    each block, so that both sides compiled is the fair comparison."""
+    With --compile each decoder layer is compiled, as ours compiles each block: both sides
+    compiled is the fair comparison."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m, d, perf = config.model.llm, config.data, config.performance
@@ -174,7 +174,7 @@ def prepare_hf_llama(config: TrainConfig, device: torch.device, compile_layers: 
     model = LlamaForCausalLM(hf_config).to(device)
     if perf.recompute_granularity == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if perf.compile if compile_layers is None else compile_layers:
+    if perf.compile:
         for layer in model.model.layers:
             layer.compile(backend=perf.compile_backend)
     optimizer = build_optimizer(model, config.optimizer, perf.fused_kernels, device.type)  # the AdamW ours runs
@@ -279,9 +279,10 @@ def measure(config: TrainConfig, args, ours: dict) -> dict:
     if args.compare == "hf":
         if ours["world_size"] != 1:
             raise ValueError("--compare hf runs on a single process")
-        steps += [prepare_emu(config, 0)["step"], prepare_hf_llama(config, device)]  # text-only, both
+        hf_step = prepare_hf_llama(config, device)
+        steps += [text_only_step(config, ours), hf_step]  # text-only, both
         if config.performance.compile:  # and transformers eager: ours compiled vs both
-            steps.append(prepare_hf_llama(config, device, compile_layers=False))
+            steps.append(run_eager(hf_step))
     if args.compare == "unpacked":
         if not (config.data.pack_sequences and args.corpus_batches):
             raise ValueError("--compare unpacked needs --pack-sequences and --corpus-batches")
@@ -299,18 +300,6 @@ def measure(config: TrainConfig, args, ours: dict) -> dict:
     if args.compare == "unpacked":
         row.update(unpacked_step_ms=seconds[1] * 1000, packing_speedup=seconds[1] / seconds[0])
     return row
-
-def profile_ops(args, steps: list) -> dict:
-    """--profile-ops: profiled steps of each side; ours is the text-only step under --compare hf."""
-    if args.compare == "hf":
-        sides = {"ours": steps[1], "transformers": steps[2]}
-        if len(steps) == 4:
-            sides["transformers eager"] = steps[3]
-    else:
-        sides = {"ours": steps[0]}
-    profiles = profile_sides(sides, args.profile_top, args.profile_steps)
-    print_profile(profiles)
-    return profiles
 
 
 if __name__ == "__main__":

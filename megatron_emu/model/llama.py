@@ -51,20 +51,21 @@ def llama3_frequencies(inv_freq: torch.Tensor, config: LLaMAConfig) -> torch.Ten
 
 
 def rotary_tables(config: LLaMAConfig, max_positions: int | None = None, device=None) -> torch.Tensor:
-    """(2, max_positions, head_dim): cos and sin of position * inverse frequency
-    (max_positions: config.max_positions unless given)."""
+    """(2, max_positions, head_dim): cos and signed sin of position * inverse frequency
+    (max_positions: config.max_positions unless given). The sin table carries rotate-half's
+    sign, -sin on the first half and +sin on the second (see apply_rotary)."""
     inv_freq = inverse_frequencies(config, device)
     positions = config.max_positions if max_positions is None else max_positions
-    angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)  # (P, D)
-    return torch.stack([angles.cos(), angles.sin()])
+    angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), inv_freq)  # (P, D/2)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)])
 
 
 class Positions(NamedTuple):
     """Where every token sits, worked out once per forward and shared by all layers."""
 
     cos: torch.Tensor  # (S, D), or (B, 1, S, D) for packed rows
-    sin: torch.Tensor
+    sin: torch.Tensor  # signed: -sin on the first half of D, +sin on the second (rotary_tables)
     documents: DocumentMask | None = None  # packed rows only
     cache: KVCache | None = None  # inference: the keys and values of the tokens before these
 
@@ -105,10 +106,14 @@ def padded_positions(rope: torch.Tensor, seq_length: int, cache: KVCache) -> Pos
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, h, S, D); cos/sin: (S, D) or (B, 1, S, D)."""
+    """x: (B, h, S, D); cos/sin: (S, D) or (B, 1, S, D), sin signed (rotary_tables).
+
+    Rotate-half is x * cos + [-x2, x1] * [sin, sin]; the sign lives in the table instead,
+    [x2, x1] * [-sin, sin], which is the same product bit for bit, without a negation of
+    x (and its backward) in every layer."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + swapped * sin).to(x.dtype)
 
 
 class Attention(nn.Module):

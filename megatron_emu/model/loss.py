@@ -61,12 +61,18 @@ def regression_mask(tokens: torch.Tensor, special: SpecialTokens, document_ids: 
 def cross_entropy_loss(logits: torch.Tensor, tokens: torch.Tensor, special: SpecialTokens,
                        vocab_size: int | None = None, document_ids: torch.Tensor | None = None,
                        answer_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """vocab_size: the real vocabulary; padded LM-head columns beyond it are dropped."""
-    labels = text_labels(tokens, special, document_ids, answer_mask)  # (B, S-1)
-    logits = logits[:, :-1, :vocab_size].float()  # (B, S-1, V)
+    """vocab_size: the real vocabulary; padded LM-head columns beyond it are dropped.
+
+    The last position has no next token: rather than slicing it off the logits (a copy of
+    (B, S-1, V) logits, and a zero-filled (B, S, V) gradient in backward), its label is
+    -100, so cross-entropy reads the logits in place, as transformers' loss does."""
+    labels = F.pad(text_labels(tokens, special, document_ids, answer_mask), (0, 1), value=-100)  # (B, S)
+    if vocab_size is not None and logits.shape[-1] > vocab_size:
+        logits = logits[..., :vocab_size]
+    logits = logits.float()  # (B, S, V); a no-op in fp32
     if not (labels != -100).any():
         return logits.sum() * 0.0  # keeps the graph; no text to train on
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 def l2_regression_loss(regression: torch.Tensor, inputs: torch.Tensor, tokens: torch.Tensor, special,

@@ -15,7 +15,6 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -23,7 +22,8 @@ from megatron_emu.config import TrainConfig
 from megatron_emu.data.packing import pad_rows
 from megatron_emu.model.emu import EmuOutput
 from megatron_emu.model.loss import EmuLoss
-from megatron_emu.parallel.data_parallel import clip_grad_norm_global, gradient_sync, reduce_partial_grads
+from megatron_emu.parallel.data_parallel import (all_reduce_if_distributed, clip_grad_norm_global, gradient_sync,
+                                                 reduce_partial_grads)
 from megatron_emu.parallel.loss import mixed_loss
 from megatron_emu.parallel.parallelize import ParallelModel
 from megatron_emu.training.failsafe import step_is_finite
@@ -135,7 +135,7 @@ def reduce_step_stats(pmodel: ParallelModel, losses: list[LossTerms], n_micro: i
     counts = pmodel.computes_loss and tp0, pmesh.pp_rank == 0 and tp0
     stats = torch.tensor([lm * counts[0], l2 * counts[0], images * counts[1], rows * counts[1]],
                          dtype=torch.float64, device=pmesh.device)
-    dist.all_reduce(stats)
+    all_reduce_if_distributed(stats)
     total = n_micro * pmesh.dims.dp
     return float(stats[0]) / total, float(stats[1]) / total, int(stats[2]), int(stats[3])
 
