@@ -168,6 +168,7 @@ def prepare_hf_llama(config: TrainConfig, device: torch.device):
         vocab_size=m.vocab_size, hidden_size=m.hidden, intermediate_size=m.ffn_dim, num_hidden_layers=m.layers,
         num_attention_heads=m.heads, num_key_value_heads=m.heads, max_position_embeddings=m.max_positions,
         rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=False,
+        use_cache=False,  # training: no KV cache (transformers 5 builds one by default)
     )
     hf_config._attn_implementation = "sdpa"
     torch.manual_seed(config.seed)
