@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("benchmark_throughput", ROOT / "tools" / "benchmark_throughput.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
+bench_ops = sys.modules["benchmark_ops"]  # tools/benchmark_ops.py, imported by the benchmark
 
 SMALL = ["--preset", "tiny", "--micro-batch-size", "2", "--global-batch-size", "2", "--seq-length", "96",
          "--warmup-iters", "1", "--timed-iters", "1", "--peak-tflops", "2.0"]
@@ -140,3 +141,28 @@ def test_benchmark_times_the_optimizer_pretraining_builds_two_ranks():
     from tests.dist_utils import spawn
 
     spawn(2, compare_builds, ["--global-batch-size", "4", "--data-parallel-sharding", "fsdp"])
+
+
+def test_profile_ops_reports_the_matmul_share_of_both_sides(capsys):
+    row = bench.main(SMALL + ["--compare", "hf", "--profile-ops", "--profile-steps", "1", "--no-memory"])
+    out = capsys.readouterr().out
+    profiles = row["op_profile"]
+    assert set(profiles) == {"ours", "transformers"}
+    for name, p in profiles.items():
+        assert 0 < p["matmul_share"] < 1 and 0 <= p["attention_share"] < 1
+        assert p["matmul_share"] + p["attention_share"] + sum(s for _, s in p["top_other_ops"]) <= 1 + 1e-6
+        assert all(op not in bench_ops.MATMUL_OPS for op, _ in p["top_other_ops"])
+        assert f"op profile [{name}]: matmul {p['matmul_share']:.1%}" in out
+
+
+def test_llm_shape_takes_another_presets_widths():
+    parser = bench.build_parser()
+    bench_ops.add_ops_args(parser)
+    args = parser.parse_args(["--preset", "tiny", "--llm-shape", "1b", "--llm-layers", "2"])
+    config = bench_ops.apply_llm_shape(bench.to_config(args), args)
+    llm, wide = config.model.llm, get_preset("1b").llm
+    assert (llm.hidden, llm.heads, llm.ffn_dim, llm.vocab_size, llm.layers) == (
+        wide.hidden, wide.heads, wide.ffn_dim, wide.vocab_size, 2)
+    assert config.model.vision == get_preset("tiny").vision  # the vision side stays tiny
+    with pytest.raises(ValueError, match="--llm-layers must be >= 1"):
+        bench_ops.apply_llm_shape(bench.to_config(args), parser.parse_args(["--llm-layers", "0"]))
