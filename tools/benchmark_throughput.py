@@ -17,7 +17,9 @@ against the device peak (--peak-tflops to override; on CPU a measured matmul pea
 and peak memory per rank: CUDA allocator statistics on GPU, exact live tensor bytes on
 CPU (metrics.CPUPeakMemory, over one extra untimed step). `--compare hf` trains the same
 LLaMA shape with transformers' LlamaForCausalLM in the same run, on text-only batches
-for both, and reports the tokens/s ratio. Prints a table, then one JSON line.
+for both, and reports the tokens/s ratio (with --compile, both compiled, and against
+transformers eager). `--profile-ops` / `--llm-shape`: tools/benchmark_ops.py.
+Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
