@@ -2,7 +2,8 @@
 Inception-v3 code (README "Evaluating a checkpoint"); needs the `fid` extra (torchvision), so it is
 no test: run it in a venv that has torch-fidelity.
 
-    python -m tests.fid_demo DIR     # writes DIR/{ckpt, decoder, captions_val2014.json, real/, inception.pth}
+    python -m tests.fid_demo DIR     # writes DIR/{ckpt, decoder, captions_val2014.json, real/, weights-...pth}
+    python -m tests.fid_demo DIR --compare EVAL_DIR   # torch-fidelity's own FID of the same images and weights
 
 The Inception weights are RANDOM (the real file is a download): torch-fidelity's
 FeatureExtractorInceptionV3 state dict, saved with torch.save as its
@@ -69,6 +70,22 @@ def write_inputs(root: str) -> dict:
             "annotations": captions, "fid_reference_dir": os.path.join(root, "real"), "inception_weights": weights}
 
 
+def torch_fidelity_fid(generated_dir: str, real_dir: str, weights: str) -> float:
+    """torch-fidelity's calculate_metrics (its own statistics and Frechet distance) on two image folders."""
+    import torch_fidelity
+
+    metrics = torch_fidelity.calculate_metrics(
+        input1=generated_dir, input2=real_dir, fid=True, feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=weights, cuda=False, cache=False, verbose=False, samples_find_deep=True)
+    return metrics["frechet_inception_distance"]
+
+
 if __name__ == "__main__":
-    for name, path in write_inputs(sys.argv[1] if len(sys.argv) > 1 else "fid_demo").items():
-        print(f"--{name.replace('_', '-')} {path}")
+    root = sys.argv[1] if len(sys.argv) > 1 else "fid_demo"
+    if "--compare" in sys.argv:
+        eval_dir = sys.argv[sys.argv.index("--compare") + 1]
+        print("torch-fidelity FID:", torch_fidelity_fid(os.path.join(eval_dir, "coco_fid", "images"),
+                                                       os.path.join(root, "real"), os.path.join(root, WEIGHTS_NAME)))
+    else:
+        for name, path in write_inputs(root).items():
+            print(f"--{name.replace('_', '-')} {path}")
