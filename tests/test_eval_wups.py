@@ -78,6 +78,10 @@ def test_wordnet_directory_without_lexnames_and_one_line_errors(tmp_path, monkey
     monkeypatch.delenv("NLTK_DATA", raising=False)
     with pytest.raises(ValueError, match=r"^--wordnet-dir \(none\): WordNet 3.0 is needed for NExT-QA's WUPS"):
         load_wordnet.__wrapped__("")
+    write_wordnet(str(tmp_path / "nltk_data" / "corpora" / "wordnet"))  # nltk's data layout (NLTK_DATA)
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")])
+    found = load_wordnet.__wrapped__("")
+    assert found.synsets("puppy")[0].wup_similarity(found.synsets("cat")[0]) == pytest.approx(6 / 9)
 
 
 def test_next_oe_reader_keeps_types_and_second_answers(tmp_path):

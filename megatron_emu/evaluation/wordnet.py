@@ -2,6 +2,7 @@
 
     wn = load_wordnet("/usr/share/wordnet")   # a WordNet dict/ directory: index.noun, data.noun, ...
     wn = load_wordnet("")                     # nltk's corpora/wordnet under NLTK_DATA / nltk.data.path
+                                              # (a directory is read as above; wordnet.zip by nltk.corpus.wordnet)
 
 The directory is read by nltk's own WordNetCorpusReader (the reader NExT-OE's eval_oe.py uses
 through `nltk.corpus.wordnet`), with two local-path adjustments:
@@ -63,16 +64,15 @@ def load_wordnet(wordnet_dir: str = ""):
 
     if not wordnet_dir:
         try:
-            nltk.data.find("corpora/wordnet")
+            found = nltk.data.find("corpora/wordnet")  # a directory, or inside corpora/wordnet.zip
         except LookupError:
-            try:
-                nltk.data.find("corpora/wordnet.zip")
-            except LookupError:
-                raise ValueError(f"--wordnet-dir (none): {HELP}") from None
-        from nltk.corpus import wordnet
+            raise ValueError(f"--wordnet-dir (none): {HELP}") from None
+        if not isinstance(found, nltk.data.FileSystemPathPointer):  # the zip: nltk's own loader reads it
+            from nltk.corpus import wordnet
 
-        wordnet.ensure_loaded()
-        return wordnet
+            wordnet.ensure_loaded()
+            return wordnet
+        wordnet_dir = found.path
     root = os.path.abspath(wordnet_dir)
     missing = [name for name in REQUIRED if not os.path.isfile(os.path.join(root, name))]
     if missing:
