@@ -109,3 +109,23 @@ def test_next_oe_reader_keeps_types_and_second_answers(tmp_path):
         json.dump({"5000": {"0": "cat"}}, f)
     assert read_next_oe(files["annotations"], files["video_dir"], files["video_map"],
                         files["extra_answers"])[0].references == ["the ball", "cat"]
+
+
+def test_pos_tags_from_nltks_perceptron_tagger_when_its_model_is_on_the_data_path(scorer, tmp_path, monkeypatch):
+    """A tag-dictionary-only model in nltk's JSON format stands in for the downloadable one."""
+    import nltk
+
+    from megatron_emu.evaluation.wups import load_tagger
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "empty")])
+    assert load_tagger() is None
+    model = tmp_path / "nltk_data" / "taggers" / "averaged_perceptron_tagger_eng"
+    model.mkdir(parents=True)
+    tags = {"sat": "VBD", "on": "IN", "the": "DT", "puppies": "NNS", "playing": "NN"}
+    for part, value in (("weights", {}), ("tagdict", tags), ("classes", sorted(set(tags.values())))):
+        (model / f"averaged_perceptron_tagger_eng.{part}.json").write_text(json.dumps(value))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")])
+    tagged = AnswerScorer(scorer.wn, load_tagger())
+    assert tagged.tagger_name == "nltk averaged perceptron"
+    assert tagged.normalise("sat on the puppies") == "sit on puppy"  # VBD: the verb's base form
+    assert tagged.normalise("playing") == "playing" and scorer.normalise("playing") == "play"  # NN: kept as is
