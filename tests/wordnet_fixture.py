@@ -5,7 +5,7 @@ Nouns (hypernym tree, depth from entity):
     entity(0) -> organism(1) -> animal(2) -> dog/hound(3) -> puppy(4)
                                           -> cat(3)
               -> artifact(1) -> toy(2) -> ball(3)
-Verbs: play (a root of its own), sit. Exceptions: noun "mice" -> mouse (unused synset-less), verb "sat" -> sit.
+Verbs: play (a root of its own), sit. Exception lists: verb "sat" -> sit (noun.exc: "mice mouse", no synset).
 """
 
 from __future__ import annotations
