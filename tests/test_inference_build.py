@@ -134,6 +134,25 @@ def test_pipeline_stages_decode_and_score_as_one_process(checkpoint, tp):
     spawn(2 * tp, _pp_worker, checkpoint, tp)
 
 
+def _generate_text(rank, world_size, argv, expected):
+    sys.path.insert(0, TOOLS)
+    import generate_text
+
+    assert generate_text.main(argv) == expected, rank
+
+
+@pytest.mark.parametrize("world, pp", [(2, 1), (4, 2)], ids=["dp2", "dp2xpp2"])
+def test_generate_text_splits_the_prompts_over_data_parallel_ranks(checkpoint, world, pp):
+    sys.path.insert(0, TOOLS)
+    import generate_text
+
+    argv = ["--load", checkpoint, "--prompt", "a red", "--prompt", "once upon", "--prompt", "the", "--batch-size", "1",
+            "--max-new-tokens", "3", "--sample", "--seed", "2"]
+    expected = generate_text.main(argv)  # one process
+    assert [line.split("\t")[0] for line in expected] == ["a red", "once upon", "the"]
+    spawn(world, _generate_text, argv + ["--pipeline-model-parallel-size", str(pp)], expected)
+
+
 def test_layout_errors_are_one_line(checkpoint):
     with pytest.raises(ValueError, match="world size 1 is not divisible by --tensor-model-parallel-size 1 x "
                                          "--pipeline-model-parallel-size 2"):

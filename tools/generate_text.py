@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1,
-                   help="shard the model over this many ranks (torchrun; all ranks decode the same tokens, rank 0 prints)")
+                   help="shard the model over this many ranks (torchrun; ranks beyond TP x PP split the prompts, rank 0 prints)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="split the LLaMA layers over this many pipeline stages (torchrun: TP x PP ranks)")
     p.add_argument("--bf16", action="store_true")
@@ -140,35 +140,39 @@ def run(args) -> list[str]:
         args.load, args.preset, args.pretrained_checkpoint, args.tokenizer_model, args.tensor_model_parallel_size,
         args.pipeline_model_parallel_size, args.device, args.bf16))
     try:
-        if inference.dims.dp != 1:
-            raise ValueError(f"{inference.dims.world_size} ranks for --tensor-model-parallel-size "
-                             f"{inference.dims.tp} x --pipeline-model-parallel-size {inference.dims.pp}: start exactly "
-                             f"{inference.dims.tp * inference.dims.pp} (torchrun --nproc-per-node); every rank decodes "
-                             "the same prompts")
         return answer_all(inference, args)
     finally:
         inference.close()
 
 
 def answer_all(inference, args) -> list[str]:
+    """Every query's line, in order. Data-parallel ranks (world / (TP x PP) > 1) answer a strided
+    share of the batches each and gather the lines: the batches are those one process decodes
+    (sampling's seed is per batch), so every line is the one process's. The ranks of one
+    TP x PP group answer the same batches."""
     from tqdm import tqdm
 
+    from megatron_emu.evaluation.distributed import DataParallel
     from megatron_emu.generation import DecodingConfig, EmuGenerator
 
     gen = EmuGenerator.from_run(inference, args.tokenizer_model, args.model)
     config = DecodingConfig(args.max_new_tokens, args.num_beams, args.sample, args.temperature, args.top_k, args.top_p,
                             args.repetition_penalty, args.length_penalty, args.seed)
     config.validate()
-    todo, lines = queries(args, gen), []
+    todo, dp = queries(args, gen), DataParallel.from_mesh(inference.pmesh)
     turns = [tuple(t) for t in args.turn]
     task = args.task or ("caption" if args.image else "prompt")
-    with tqdm(total=len(todo), desc="prompts", unit="prompt", file=sys.stderr, disable=not first_rank()) as bar:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
-            for (label, _), text in zip(batch, answer(gen, task, [q for _, q in batch], config, turns)):
-                lines.append(f"{label}\t{text}")
+    batches = [todo[start:start + args.batch_size] for start in range(0, len(todo), args.batch_size)]
+    mine = {}
+    with tqdm(total=sum(len(b) for b in dp.shard(batches)), desc="prompts", unit="prompt", file=sys.stderr,
+              disable=not first_rank()) as bar:
+        for index in dp.shard_indices(len(batches)):
+            batch = batches[index]
+            texts = answer(gen, task, [q for _, q in batch], config, turns)
+            mine[index] = [f"{label}\t{text}" for (label, _), text in zip(batch, texts)]
             bar.update(len(batch))
-    return lines
+    answered = dp.gather(mine)
+    return [line for index in range(len(batches)) for line in answered[index]]
 
 
 def first_rank() -> bool:
