@@ -103,10 +103,15 @@ def test_tp2_frozen_build_gives_the_logits_of_one_process(checkpoint):
     spawn(2, _tp_worker, checkpoint)
 
 
-def _pp_worker(rank, world_size, path, tp):
+def _pp_worker(rank, world_size, path, state_file, tp):
+    from megatron_emu.convert.streams import DCPSource
     from megatron_emu.evaluation.likelihood import continuation_logprobs
 
+    read, real_read = [], DCPSource.read
+    DCPSource.read = lambda self, names, **kw: read.extend(names) or real_read(self, names, **kw)
     run = build_inference(InferenceConfig(path, tensor_model_parallel_size=tp, pipeline_model_parallel_size=2))
+    DCPSource.read = real_read
+    assert sorted(read) == sorted(run.emu.state_dict())  # this stage's tensors only, not the whole model
     single = load_for_inference(path)
     tokenizer = EmuTokenizer(build_tiny_tokenizer())
     stage = run.pmesh.pp_rank
@@ -124,14 +129,23 @@ def _pp_worker(rank, world_size, path, tp):
     expected = continuation_logprobs(CachedForward(single), prompts[1], options, chunk=2)
     got = continuation_logprobs(CachedForward(run.emu, run.links), prompts[1], options, chunk=2)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    from_file = build_inference(InferenceConfig(state_file, tensor_model_parallel_size=tp, pipeline_model_parallel_size=2))
+    assert set(from_file.emu.state_dict()) == set(run.emu.state_dict())  # read whole, cut to the same stage
+    config = DecodingConfig(max_new_tokens=4)
+    assert generate(CachedForward(from_file.emu, from_file.links), prompts, config, stop) == \
+        generate(CachedForward(single), prompts, config, stop)
     features = CachedForward(run.emu, run.links).on_first_stage(lambda: single.ln_visual.weight.detach() + 1,
                                                                 (CONFIG.vision.width,))
     torch.testing.assert_close(features, single.ln_visual.weight.detach() + 1)  # the first stage's value everywhere
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2xpp2"])
-def test_pipeline_stages_decode_and_score_as_one_process(checkpoint, tp):
-    spawn(2 * tp, _pp_worker, checkpoint, tp)
+def test_pipeline_stages_decode_and_score_as_one_process(checkpoint, tp, tmp_path):
+    """From our checkpoint (each rank reads its stage's tensors) and from a state-dict file (read
+    whole, then cut)."""
+    state_file = str(tmp_path / "emu.pt")
+    torch.save(load_for_inference(checkpoint).state_dict(), state_file)
+    spawn(2 * tp, _pp_worker, checkpoint, state_file, tp)
 
 
 def _generate_text(rank, world_size, argv, expected):

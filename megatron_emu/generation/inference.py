@@ -2,16 +2,17 @@
 the decoder's conditions (tools/generate_text.py, tools/evaluate.py, tools/generate_image.py,
 decoder/train.py) all call `build_inference`.
 
-    weights (any form generation/loading.py reads; the decoder's --emu-load: frozen.py)
+    the model config (and later the weights: any form generation/loading.py reads; the
+    decoder's --emu-load: frozen.py)
     -> training/build.py build_layout: init_distributed -> ParallelDims (tp, pp, dp from the
        world size, validated against the model) -> mesh -> attention backend -> Precision
     -> this rank's part: its pipeline stage (parallel/pipeline.py prune_to_stage), on its
        device in the compute dtype, TP-sharded with training's plans (no sequence parallelism),
        frozen; no FSDP / DDP, no optimizer.
 
-One process is a mesh of size 1, as in training. The weights are read before the layout
-because a checkpoint says its own model size (the layers to split, the heads to shard);
-each rank reads the whole model on the CPU and keeps its part.
+One process is a mesh of size 1, as in training. The model config comes first (the layout
+needs its layers and heads): our checkpoint of a whole Emu records it, and each rank then
+reads only its part's tensors; the other forms are read whole on the CPU and cut to the part.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from megatron_emu.config import ModelConfig, ParallelConfig, PerformanceConfig
 from megatron_emu.generation.forward import shard_for_inference
 from megatron_emu.generation.frozen import freeze, load_emu
-from megatron_emu.generation.loading import load_for_inference
+from megatron_emu.generation.loading import load_for_inference, read_part, whole_model_checkpoint
 from megatron_emu.generation.stage_links import StageLinks
 from megatron_emu.model.emu import Emu
 from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh
@@ -77,13 +78,13 @@ class InferenceRun:
 
 
 def build_inference(config: InferenceConfig) -> InferenceRun:
-    full = read_weights(config)
+    weights = Weights(config)
     parallel = ParallelConfig(tensor_model_parallel_size=config.tensor_model_parallel_size,
                               pipeline_model_parallel_size=config.pipeline_model_parallel_size)
     performance = PerformanceConfig(attention_backend=config.attention_backend, fused_kernels=False, bf16=config.bf16)
-    layout = build_layout(parallel, performance, full.config, config.device)
+    layout = build_layout(parallel, performance, weights.config, config.device)
     try:
-        emu = frozen_part(full, layout)
+        emu = frozen_part(weights, layout)
         links = StageLinks(layout.pmesh.pp_mesh, layout.pmesh.device) if layout.dims.pp > 1 else None
     except BaseException:
         layout.pmesh.close()
@@ -91,7 +92,25 @@ def build_inference(config: InferenceConfig) -> InferenceRun:
     return InferenceRun(layout, emu, links)
 
 
-def read_weights(config: InferenceConfig) -> Emu:
+class Weights:
+    """Where the run's weights come from. Our checkpoint of a whole Emu says its model config
+    and each rank reads the tensors of its own part only; every other form (adapters merged on
+    their base, an HF export, a state-dict file, the decoder's --emu-load) is read whole, float32
+    on the CPU, and cut to the rank's part."""
+
+    def __init__(self, config: InferenceConfig):
+        found = None
+        if config.model is None and config.load and not config.base:
+            found = whole_model_checkpoint(config.load)
+        self.source, self.whole = (found[0], None) if found else (None, read_whole(config))
+        self.config: ModelConfig = found[1] if found else self.whole.config
+
+    def part(self, keep) -> Emu:
+        """keep(emu) -> this rank's part of `emu` (in place)."""
+        return keep(self.whole) if self.whole is not None else read_part(self.source, self.config, keep)
+
+
+def read_whole(config: InferenceConfig) -> Emu:
     """The whole frozen Emu, float32 on the CPU."""
     if config.model is not None:
         return load_emu(config.model, config.load)
@@ -100,11 +119,11 @@ def read_weights(config: InferenceConfig) -> Emu:
     return load_for_inference(config.load, config.preset, base=config.base, tokenizer_model=config.tokenizer_model)
 
 
-def frozen_part(full: Emu, layout: Layout) -> Emu:
-    """This rank's part of `full` (pruned in place), on its device in the compute dtype, sharded."""
+def frozen_part(weights: Weights, layout: Layout) -> Emu:
+    """This rank's part: its pipeline stage, on its device in the compute dtype, TP-sharded."""
     dims, pmesh = layout.dims, layout.pmesh
-    part = prune_to_stage(full, pmesh.pp_rank, dims.stage_layers) if dims.pp > 1 else full
-    part = part.to(pmesh.device, layout.precision.dtype)
+    stage = (lambda emu: prune_to_stage(emu, pmesh.pp_rank, dims.stage_layers)) if dims.pp > 1 else (lambda emu: emu)
+    part = weights.part(stage).to(pmesh.device, layout.precision.dtype)
     if dims.tp > 1:
         shard_for_inference(part, pmesh.tp_mesh)
     return freeze(part)
