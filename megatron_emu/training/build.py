@@ -6,8 +6,9 @@
 
 Pretraining (train.py), the throughput benchmark (tools/benchmark_throughput.py) and the
 parallel tests all call `build_run`; inference (generation/inference.py `build_inference`:
-generation, evaluation, the decoder's frozen Emu) starts from the same `build_layout`. One process is a mesh of size 1 (parallel/mesh.py),
-so a single process builds, steps and clips through the same code as 8 ranks do.
+generation, evaluation, the decoder's frozen Emu) starts from the same `build_layout`. One
+process is a mesh of size 1 (parallel/mesh.py), so a single process builds, steps and clips
+through the same code as 8 ranks do.
 """
 
 from __future__ import annotations
