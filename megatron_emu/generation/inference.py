@@ -29,7 +29,7 @@ from megatron_emu.generation.stage_links import StageLinks
 from megatron_emu.model.emu import Emu
 from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh
 from megatron_emu.parallel.pipeline import prune_to_stage
-from megatron_emu.training.build import Layout, build_layout
+from megatron_emu.training.build import RunLayout, build_layout
 
 
 @dataclass
@@ -52,7 +52,7 @@ class InferenceConfig:
 class InferenceRun:
     """This rank's share of an inference run."""
 
-    layout: Layout
+    layout: RunLayout
     emu: Emu  # this rank's frozen part: the whole Emu, or its pipeline stage; TP-sharded
     links: StageLinks | None  # pipeline neighbours (None without PP)
 
@@ -119,7 +119,7 @@ def read_whole(config: InferenceConfig) -> Emu:
     return load_for_inference(config.load, config.preset, base=config.base, tokenizer_model=config.tokenizer_model)
 
 
-def frozen_part(weights: Weights, layout: Layout) -> Emu:
+def frozen_part(weights: Weights, layout: RunLayout) -> Emu:
     """This rank's part: its pipeline stage, on its device in the compute dtype, TP-sharded."""
     dims, pmesh = layout.dims, layout.pmesh
     stage = (lambda emu: prune_to_stage(emu, pmesh.pp_rank, dims.stage_layers)) if dims.pp > 1 else (lambda emu: emu)

@@ -71,7 +71,7 @@ def build_run(config: TrainConfig) -> Run:
 
 
 @dataclass
-class Layout:
+class RunLayout:
     """What every run, training or inference, starts from: the validated sizes, the mesh,
     the attention backend and the precision."""
 
@@ -83,7 +83,7 @@ class Layout:
 
 
 def build_layout(parallel: ParallelConfig, performance: PerformanceConfig, model: ModelConfig, device_name: str,
-                 data: DataConfig | None = None) -> Layout:
+                 data: DataConfig | None = None) -> RunLayout:
     """init_distributed -> ParallelDims (validated against the model, and the batch when
     `data` is given: training) -> mesh -> attention backend -> Precision. The first half of
     build_run, and of generation/inference.py's build_inference."""
@@ -104,7 +104,7 @@ def build_layout(parallel: ParallelConfig, performance: PerformanceConfig, model
     except BaseException:
         pmesh.close()
         raise
-    return Layout(dims, pmesh, n_micro, attention, precision)
+    return RunLayout(dims, pmesh, n_micro, attention, precision)
 
 
 def build_model(config: TrainConfig, pmesh: ParallelMesh, n_micro: int,
