@@ -55,7 +55,7 @@ def _stage_busy(rank, world):
     assert (even["stage_layers"], auto["stage_layers"]) == ([2, 2], [1, 3])
     for variant in row["variants"]:
         for r in variant["per_rank_ms"]:  # busy: the stage's compute, a part of the step
-            assert 0 < r["busy_ms"] < r["step_ms"], variant
+            assert 0 < r["busy_ms"] < r["step_ms"] and 0 < r["busy_cpu_ms"] <= r["busy_ms"] * 1.05, variant
 
 
 def _profile_comm(rank, world):

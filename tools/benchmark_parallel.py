@@ -96,20 +96,26 @@ def build_variants(variants: dict[str, TrainConfig], images_per_sample: int) -> 
 
 # -- measuring -----------------------------------------------------------------------------
 class BusyTimer:
-    """Seconds this rank spends inside the wrapped calls (its stages' compute)."""
+    """Seconds this rank spends inside the wrapped calls (its stages' compute): wall time,
+    and the main thread's CPU time, which on a shared CPU leaves out the time the rank was
+    descheduled (with one intra-op thread, CPU forward and backward run on this thread)."""
 
     def __init__(self, device: torch.device):
-        self.seconds, self.device = 0.0, device
+        self.seconds, self.cpu_seconds, self.device = 0.0, 0.0, device
+
+    def reset(self) -> None:
+        self.seconds, self.cpu_seconds = 0.0, 0.0
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 self.seconds += time.perf_counter() - start
+                self.cpu_seconds += time.thread_time() - cpu
         return timed
 
 
@@ -135,19 +141,20 @@ def measure_variants(built: dict[str, dict], args) -> dict[str, dict]:
         for b in built.values():
             b["step"]()
     timers = {name: attach_busy_timer(b["run"]) for name, b in built.items()} if args.stage_busy else {}
-    samples = {name: {"step_s": [], "busy_s": []} for name in built}
+    samples = {name: {"step_s": [], "busy_s": [], "busy_cpu_s": []} for name in built}
     for _ in range(args.timed_iters):
         for name, b in built.items():
             device = b["device"]
             synchronize(device)
             if name in timers:
-                timers[name].seconds = 0.0
+                timers[name].reset()
             start = time.perf_counter()
             b["step"]()
             synchronize(device)
             samples[name]["step_s"].append(time.perf_counter() - start)
             if name in timers:
                 samples[name]["busy_s"].append(timers[name].seconds)
+                samples[name]["busy_cpu_s"].append(timers[name].cpu_seconds)
     if args.profile_comm:
         from comm_trace import profiled_comm
 

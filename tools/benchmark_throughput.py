@@ -61,14 +61,11 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-memory", action="store_true", help="skip the CPU memory-tracking step")
     g.add_argument("--data-only", action="store_true", help="run tools/benchmark_data.py with the other flags")
     g.add_argument("--measure-block-costs", metavar="FILE", default=None,
-                   help="time one block of each kind at the run's shapes, write FILE for --pipeline-balance-costs "
-                        "(tools/benchmark_blocks.py)")
+                   help="write per-block times at the run's shapes to FILE for --pipeline-balance-costs")
     g.add_argument("--stage-busy", action="store_true",
-                   help="PP: even vs --pipeline-balance auto interleaved in one run, each rank's busy time "
-                        "(stage forward/backward) per step (tools/benchmark_parallel.py)")
+                   help="PP: even vs --pipeline-balance auto side by side, each rank's stage compute time")
     g.add_argument("--profile-comm", action="store_true",
-                   help="DP: with vs --no-overlap-grad-reduce interleaved, torch.profiler time in collectives, "
-                        "total and exposed (tools/benchmark_parallel.py)")
+                   help="DP: overlap vs --no-overlap-grad-reduce side by side, profiled time in collectives")
 
 
 # -- timing ---------------------------------------------------------------------------
