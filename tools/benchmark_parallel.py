@@ -33,6 +33,9 @@ def run_measure_mode(config: TrainConfig, args) -> dict:
                                   args.timed_iters, device)
         print("BLOCK_COSTS_JSON " + json.dumps(row), flush=True)
         return row
+    if args.profile_comm and config.device == "cuda":
+        raise ValueError("--profile-comm reads gloo's collectives from the CPU trace; on GPU (NCCL kernels) "
+                         "it is not implemented")
     variants = stage_busy_variants(config) if args.stage_busy else comm_variants(config)
     built = build_variants(variants, args.images_per_sample)
     try:
