@@ -97,6 +97,8 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-distributed-optimizer", action="store_true", default=None,
                    help="Megatron's sharded optimizer; here = --data-parallel-sharding fsdp")
     g.add_argument("--num-distributed-optimizer-instances", type=int, default=None, help="hsdp: number of replicas")
+    g.add_argument("--overlap-grad-reduce", dest="overlap_grad_reduce", action="store_true", default=None,
+                   help="Megatron's flag: here the default (FSDP2 reduces each block as its backward ends)")
     g.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce", action="store_false", default=None,
                    help="DP: one FSDP2 unit per model part, so gradients are reduced after the whole backward and "
                         "parameters gathered whole before forward (default: per block, overlapped with compute)")
