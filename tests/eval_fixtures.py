@@ -136,6 +136,32 @@ def nextqa(root: str, n: int = 2) -> dict:
             "video_map": write_json(os.path.join(root, "map_vid_vidorID.json"), mapping)}
 
 
+def next_oe(root: str, n: int = 4) -> dict:
+    """NExT-OE's val.csv (open-ended answers, question types), add_reference_answer_val.json, the
+    NExT-QA video map, and a tiny WordNet (tests/wordnet_fixture.py) whose words the answers use."""
+    from tests.wordnet_fixture import write_wordnet
+
+    path = os.path.join(root, "nextoe_val.csv")
+    answers = [("what did the dog chase", "the ball", "CW"), ("what is the cat doing", "playing with a toy", "TN"),
+               ("how many dogs are there", "two", "DC"), ("what animal is on the sofa", "a puppy", "DO")]
+    mapping, extra = {}, {}
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video", "frame_count", "width", "height", "question", "answer", "qid", "type"])
+        for i in range(n):
+            vid = str(5000 + i)
+            mapping[vid] = f"0001/{vid}"
+            video(os.path.join(root, "nextoe", "0001", vid), 170 + i)
+            question, answer, qtype = answers[i % len(answers)]
+            writer.writerow([vid, 90, 32, 32, question, answer, i, qtype])
+            if qtype == "DO":
+                extra[vid] = {str(i): "dog"}
+    return {"annotations": path, "video_dir": os.path.join(root, "nextoe"),
+            "video_map": write_json(os.path.join(root, "nextoe_map_vid_vidorID.json"), mapping),
+            "extra_answers": write_json(os.path.join(root, "add_reference_answer_val.json"), extra),
+            "wordnet_dir": write_wordnet(os.path.join(root, "wordnet"))}
+
+
 def flags(files: dict, prefix: str = "") -> list[str]:
     out = []
     for name, value in files.items():
@@ -150,7 +176,7 @@ def write_all(root: str) -> dict:
     return {"coco": karpathy(root), "vqa": vqa, "vqa_train": vqa_pair(root, "train2014", 6, first_id=100),
             "okvqa": vqa, "vizwiz": vizwiz(root, 4), "visdial": visdial(root, 2),
             "msvd": msvd(root, 2), "msrvtt": msrvtt(root, 3), "msrvtt_train": msrvtt(root, 3, "train_qa.json", first=3),
-            "nextqa": nextqa(root, 3)}
+            "nextqa": nextqa(root, 3), "nextqa_oe": next_oe(root, 4)}
 
 
 if __name__ == "__main__":  # python -m tests.eval_fixtures DIR: write them all, print where

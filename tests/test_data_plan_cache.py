@@ -65,10 +65,15 @@ def test_plan_is_reused_and_a_changed_key_rebuilds(tok, data, monkeypatch):
     InterleavedView(data, spec, max_images=2)
     InterleavedView(data, SeqSpec.from_tokenizer(tok, 192, tokens_per_image=40))
     assert len(builds) == 4 and len(set(builds)) == 4
+    InterleavedView(MultimodalIndexed(data.prefix), spec)
+    assert len(builds) == 4  # reopened, unchanged: reused
     write_meta(data.prefix, dict(read_meta(data.prefix), tokenizer="another-tokenizer"))  # re-tokenized
-    InterleavedView(data, spec)
+    InterleavedView(MultimodalIndexed(data.prefix), spec)
     os.utime(data.prefix + ".idx", ns=(1, 1))  # the .idx replaced
-    np.testing.assert_array_equal(InterleavedView(data, spec).plan.array, first)
+    np.testing.assert_array_equal(InterleavedView(MultimodalIndexed(data.prefix), spec).plan.array, first)
+    assert len(builds) == 6
+    # A dataset opened before the change keeps the plan of the files it mapped.
+    InterleavedView(data, spec)
     assert len(builds) == 6
 
 

@@ -61,12 +61,35 @@ def test_fid_generates_each_prompt_once_and_scores_against_the_reference(tmp_pat
     pngs = [image_path(os.path.join(out, "coco_fid", "images"), k) for k, _ in prompts]
     expected = fid_from_features(features_of(pngs, pooled_pixels), features_of(sorted(real), pooled_pixels))
     assert first["score"] == pytest.approx(expected, rel=1e-9) and first["config"]["generated_now_by_rank0"] == 2
+    assert first["scorer"]["extractor"] == "pooled_pixels"  # which network computed the features
     before = open(pngs[1], "rb").read()
     os.remove(pngs[1])  # as if killed before this image was written
     again = run_fid(pipe, prompts, pooled_pixels, reference, out, DataParallel(), dict(options, batch_size=1),
                     {"path": "x"}, "emu")
     assert again["config"]["generated_now_by_rank0"] == 1 and open(pngs[1], "rb").read() == before
     assert again["score"] == first["score"]
+
+
+class DoubledPixels:
+    """Another extractor (as other Inception weights would be): its own identity, other features."""
+    identity = {"extractor": "doubled pooled pixels", "weights_xxh3": "0123"}
+
+    def __call__(self, images):
+        return 2 * pooled_pixels(images)
+
+
+def test_reference_statistics_are_cached_per_extractor_and_image_files(tmp_path):
+    real = [fx.image(str(tmp_path / "real" / f"{i}.png"), i) for i in range(4)]
+    cache = str(tmp_path / "cache")
+    mu, sigma = reference_statistics("", str(tmp_path / "real"), pooled_pixels, cache)
+    assert np.array_equal(reference_statistics("", str(tmp_path / "real"), pooled_pixels, cache)[0], mu)
+    assert len(os.listdir(cache)) == 1
+    doubled = reference_statistics("", str(tmp_path / "real"), DoubledPixels(), cache)  # not the cached statistics
+    assert np.allclose(doubled[0], 2 * mu) and np.allclose(doubled[1], 4 * sigma) and len(os.listdir(cache)) == 2
+    fx.image(real[0], 99)  # a replaced reference image
+    os.utime(real[0], ns=(1, 1))
+    replaced = reference_statistics("", str(tmp_path / "real"), pooled_pixels, cache)
+    assert not np.allclose(replaced[0], mu) and len(os.listdir(cache)) == 3
 
 
 def test_tool_says_what_fid_needs_in_one_line(tmp_path):

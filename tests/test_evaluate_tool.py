@@ -36,7 +36,7 @@ def data(tmp_path_factory):
     return {"coco": fx.karpathy(root, 3, 3), "vqa": fx.vqa_pair(root, "val2014", 3),
             "vqa_train": fx.vqa_pair(root, "train2014", 4, first_id=100), "vizwiz": fx.vizwiz(root, 2),
             "visdial": fx.visdial(root, 1), "msrvtt": fx.msrvtt(root, 2), "msvd": fx.msvd(root, 1),
-            "nextqa": fx.nextqa(root, 2)}
+            "nextqa": fx.nextqa(root, 2), "nextqa_oe": fx.next_oe(root, 4)}
 
 
 def vqa_argv(checkpoint, data, out, *extra):
@@ -106,7 +106,29 @@ def test_video_tasks_end_to_end(checkpoint, data, tmp_path):
     assert read(out, "msrvtt_qa", "0")["samples"][1]["references"] == ["green"]
     for row in ("| msvd_qa | top-1 acc. |", "| msrvtt_qa | top-1 acc. |", "| nextqa | top-1 acc. |"):
         assert row in table
-    assert "nextqa: paper: WUPS" in table
+    assert "| nextqa | top-1 acc. | " in table and "nextqa: multiple-choice top-1 accuracy, not in the paper" in table
+
+
+def test_open_ended_next_qa_scores_wups_end_to_end(checkpoint, data, tmp_path):
+    from megatron_emu.evaluation.wordnet import load_wordnet
+    from megatron_emu.evaluation.wups import AnswerScorer
+
+    out, files = str(tmp_path / "eval"), data["nextqa_oe"]
+    argv = ["--task", "nextqa_oe", "--checkpoint", checkpoint, "--output-dir", out, "--max-new-tokens", "3"]
+    table = evaluate.main(argv + fx.flags(files))
+    result = read(out, "nextqa_oe", "0")
+    assert [s["question_type"] for s in result["samples"]] == ["CW", "TN", "DC", "DO"]
+    assert result["samples"][3]["references"] == ["a puppy", "dog"]  # add_reference_answer_val.json's
+    scorer = AnswerScorer(load_wordnet(files["wordnet_dir"]))
+    per_sample = [scorer.score(s["prediction"], s["references"], s["question_type"]) for s in result["samples"]]
+    assert [s["scores_by_metric"] for s in result["samples"]] == per_sample
+    assert result["score"] == pytest.approx(100 * sum(p["WUPS"] for p in per_sample) / 4)
+    assert result["metrics"]["WUPS_D"] == pytest.approx(100 * (per_sample[2]["WUPS"] + per_sample[3]["WUPS"]) / 2)
+    assert set(result["metrics"]) == {"WUPS", "WUPS@0.9", "WUPS_C", "WUPS_T", "WUPS_D"}
+    assert result["scorer"]["wordnet"] == os.path.abspath(files["wordnet_dir"]) and "tagger" in result["scorer"]
+    assert f"| nextqa_oe | WUPS | {result['score']:.2f} | 19.60 |" in table  # the paper's NExT-QA number
+    with pytest.raises(SystemExit, match="--wordnet-dir .*: not a WordNet dict/ directory"):
+        evaluate.main(argv + fx.flags({**files, "wordnet_dir": str(tmp_path)}))
 
 
 def _two_ranks(rank, world_size, argv):

@@ -106,3 +106,24 @@ def test_an_exit_condition_saves_and_returns(tmp_path, monkeypatch, flags, stop_
             signal.signal(s, handler)
     assert len(summary.history) == stop_at and summary.exit_reason.startswith(reason)
     assert read_latest(save) == stop_at  # saved where it stopped (not at a --save-interval)
+
+
+def test_a_run_stopped_by_an_error_closes_its_sinks_before_returning(tmp_path, monkeypatch):
+    """Not only at interpreter exit: a caller that goes on (a notebook, a sweep) gets the
+    TensorBoard events flushed and the writer closed when pretrain raises."""
+    from megatron_emu.training import monitor
+
+    closed = []
+    real_close = monitor.Sinks.close
+    monkeypatch.setattr(monitor.Sinks, "close", lambda self: closed.append(self.tensorboard is not None) or
+                        real_close(self))
+    nan_loss_at(monkeypatch, {2, 3, 4, 5, 6})
+    with pytest.raises(RunStopped):
+        pretrain(parse_args(FLAGS + ["--train-iters", "8", "--max-skipped-iterations", "3",
+                                     "--tensorboard-dir", str(tmp_path / "tb"), "--log-interval", "1"]))
+    assert closed[:1] == [True]  # closed while the writer was open, i.e. by pretrain, not by atexit
+    events = [f for f in os.listdir(tmp_path / "tb") if f.startswith("events.out.tfevents")]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(tmp_path / "tb" / events[0])).Reload().Scalars("lm loss")
+    assert [s.step for s in scalars] == [1, 2, 3]  # every logged iteration is on disk (4 raised before its log)

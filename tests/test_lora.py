@@ -8,6 +8,7 @@ from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
 from megatron_emu.model.emu import build_emu
 from megatron_emu.model.init import init_parameters
 from megatron_emu.model.lora import LoRASpec, apply_lora, is_lora_parameter, merge_lora
+from megatron_emu.model.loss import emu_loss
 from megatron_emu.training.instruct import init_chat_token_rows
 
 
@@ -88,3 +89,30 @@ def test_missing_pretrained_checkpoint_and_merge_without_rank_are_one_line_error
         resolve_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="--lora-merge needs"):
         parse_args(["--lora-merge"])
+
+
+def test_recompute_replays_the_lora_dropout_mask():
+    """--lora-dropout with --recompute-*: the recomputed forward must draw the mask of the first
+    forward, else the adapters get the gradient of another network."""
+    from megatron_emu.parallel.activation_checkpoint import checkpoint_block
+    from tests.batches import random_batch
+
+    grads = []
+    for recompute in (None, "full", "selective"):
+        model, names = adapted(spec=LoRASpec(8, 16.0, dropout=0.5))
+        for name in names:  # B = 0 at init would make A's gradient zero: give B values
+            if name.endswith("lora_B"):
+                torch.nn.init.normal_(model.get_parameter(name), std=0.02, generator=torch.Generator().manual_seed(1))
+        if recompute:
+            for block in model.llm.layers.values():
+                checkpoint_block(block, selective=recompute == "selective")
+        b = random_batch(model.config, 2, 48, 1, seed=3)
+        torch.manual_seed(11)
+        loss = emu_loss(*model(b["tokens"], b["images"]), b["tokens"], model.config.special_tokens,
+                        vocab_size=model.config.llm.vocab_size)
+        loss.total.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys() and len(other) > 0
+        for n in grads[0]:
+            torch.testing.assert_close(other[n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)

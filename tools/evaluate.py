@@ -9,9 +9,11 @@
 Tasks and their files: coco_caption (Karpathy dataset_coco.json, test split; the train and
 restval splits are the RICES pool), vqav2 / okvqa (questions + annotations), vizwiz (val.json),
 visdial (visdial_1.0_val.json + --dense-annotations), msvd_qa (test_qa.json + --video-map
-youtube_mapping.txt), msrvtt_qa (test_qa.json), nextqa (test.csv / val.csv, --video-map
-map_vid_vidorID.json), coco_fid (captions_val2014.json, --decoder, --inception-weights: needs
-the optional `fid` extra, torch-fidelity). Writes <output-dir>/<task>/<setting>.json and <output-dir>/results.md;
+youtube_mapping.txt), msrvtt_qa (test_qa.json), nextqa_oe (open-ended NExT-QA, the paper's
+WUPS: NExT-OE's test.csv / val.csv, --video-map map_vid_vidorID.json, --extra-answers
+add_reference_answer_*.json, --wordnet-dir), nextqa (multiple choice: test.csv / val.csv with
+a0..a4), coco_fid (captions_val2014.json, --decoder, --inception-weights: needs the optional
+`fid` extra, torch-fidelity). Writes <output-dir>/<task>/<setting>.json and <output-dir>/results.md;
 rerun the same command after an interruption: cached answers are not recomputed.
 """
 
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-dir", default="", help="images (COCO: the folder holding val2014/)")
     g.add_argument("--video-dir", default="", help="videos: files or frame directories")
     g.add_argument("--video-map", default="", help="MSVD youtube_mapping.txt / NExT-QA map_vid_vidorID.json")
+    g.add_argument("--extra-answers", default="", help="NExT-OE add_reference_answer_<split>.json (second answers)")
+    g.add_argument("--wordnet-dir", default="", help="nextqa_oe: WordNet 3.0 dict/ directory (index.noun, data.noun, "
+                   "...; default: nltk's corpora/wordnet under NLTK_DATA)")
     for name in FILE_FLAGS:
         g.add_argument(f"--train-{name.replace('_', '-')}", default="", help=f"--{name.replace('_', '-')} of the training split (RICES)")
     g.add_argument("--limit", type=int, default=0, help="only the first N samples (0: all)")
@@ -84,6 +89,8 @@ def settings_of(args) -> list[str]:
 def files_of(args) -> dict:
     files = {name: getattr(args, name) for name in FILE_FLAGS if getattr(args, name)}
     files.update({f"train_{name}": getattr(args, f"train_{name}") for name in FILE_FLAGS if getattr(args, f"train_{name}")})
+    if args.extra_answers:  # the evaluated split's only (NExT-OE has none for train)
+        files["extra_answers"] = args.extra_answers
     if args.task == "coco_caption":  # Karpathy's one file holds the train / restval splits too
         files.setdefault("train_annotations", files.get("annotations", ""))
         files.setdefault("train_image_dir", files.get("image_dir", ""))
@@ -122,6 +129,10 @@ def run(args) -> str:
     samples = read_samples(spec, files)[:args.limit or None]
     needs_examples = any(s != "0" for s in settings)
     pool = draw_pool(read_samples(spec, files, train=True), args.seed, args.rices_pool_size) if needs_examples else []
+    if spec.kind == "wups":  # said before the model is loaded
+        from megatron_emu.evaluation.wordnet import load_wordnet
+
+        load_wordnet(args.wordnet_dir)
     largest = max(settings, key=num_examples)
     if len(pool) < num_examples(largest):  # said before the model is loaded
         raise ValueError(f"setting {largest} needs {num_examples(largest)} in-context examples; "
@@ -136,7 +147,7 @@ def run(args) -> str:
     decoding.validate()
     identity = checkpoint_identity(args.checkpoint)
     options = RunOptions(args.output_dir, decoding, args.batch_size, {k: os.path.abspath(v) for k, v in files.items()},
-                         False if args.no_java else None)
+                         False if args.no_java else None, args.wordnet_dir)
     rices = Rices.build(gen.emu, spec, pool, os.path.join(args.output_dir, "rices_cache"), identity["xxh3"], dp) \
         if needs_examples else None
     for setting in settings:

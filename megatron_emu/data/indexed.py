@@ -30,6 +30,7 @@ import xxhash
 from megatron_emu.data.checksums import HashingWriter, file_xxh3, verify_file
 from megatron_emu.data.images import IMAGE_FORMATS, decode_jpeg, encode_jpeg
 from megatron_emu.data.locks import sidecar_base
+from megatron_emu.data.plan_cache import file_identity
 from megatron_emu.files import read_json
 
 MODE_TEXT = 0
@@ -136,6 +137,8 @@ class MultimodalIndexed:
 
     def __init__(self, prefix: str, tokenizer_fingerprint: str | None = None, vocab_size: int | None = None):
         self.prefix = prefix
+        # Before anything is read: the plans of these files are keyed by it (plan_cache.py).
+        self.identity = file_identity(prefix)
         self.meta = read_meta(prefix)
         self.kind = self.meta["kind"]
         self.image_size = int(self.meta["image_size"])

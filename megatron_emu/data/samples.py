@@ -98,7 +98,7 @@ def plan_chunks(data: MultimodalIndexed, spec: SeqSpec, max_images: int, cache_d
               "tokenizer": data.meta["tokenizer"]}
     return cached_plan(data.prefix, "chunks", params, 4, partial(
         chunk_plan, seq_length=spec.seq_length, tokens_per_image=spec.tokens_per_image, max_images=max_images),
-        cache_dir)
+        cache_dir, identity=data.identity)
 
 
 class InterleavedView:
@@ -128,7 +128,7 @@ def plan_pair_windows(data: MultimodalIndexed, pairs_per_window: int, cache_dir:
     (plans.pair_window_plan, cached beside the dataset)."""
     params = {"pairs_per_window": pairs_per_window, "tokenizer": data.meta["tokenizer"]}
     build = partial(_windows_block, pairs_per_window=pairs_per_window)
-    return cached_plan(data.prefix, "pair-windows", params, pairs_per_window, build, cache_dir)
+    return cached_plan(data.prefix, "pair-windows", params, pairs_per_window, build, cache_dir, identity=data.identity)
 
 
 def _windows_block(lengths, modes, doc_index, pairs_per_window):

@@ -28,6 +28,7 @@ class RunOptions:
     batch_size: int = 8
     annotation_files: dict = dataclasses.field(default_factory=dict)  # recorded, and part of the cache key
     use_java: bool | None = None  # caption scorers: None = when java is found
+    wordnet_dir: str = ""  # NExT-OE's WUPS: a WordNet dict/ directory ("": nltk's data path)
 
 
 def cache_for(spec: TaskSpec, setting: str, options: RunOptions, model: str, identity: dict, dp) -> PredictionCache:
@@ -65,11 +66,11 @@ def run_setting(gen, spec: TaskSpec, setting: str, samples: list[Sample], rices,
     answered = dp.gather({s.key: cache.records[s.key] for s in mine})
     resumed = sum(dp.gather({dp.rank: len(mine) - len(todo)}).values())  # over the DP ranks
     predictions = {s.key: answered[s.key] for s in samples}  # the benchmark's order
-    scores = score_task(spec, samples, predictions, options.use_java)
+    scores = score_task(spec, samples, predictions, options.use_java, options.wordnet_dir)
     result = {
         "task": spec.name, "setting": setting, "metric": spec.metric, "score": scores["score"],
         "metrics": scores["metrics"], "num_samples": len(samples),
-        "scorer": {k: scores[k] for k in ("tokenizer", "scorers", "skipped_scorers") if k in scores},
+        "scorer": {k: scores[k] for k in ("tokenizer", "scorers", "skipped_scorers", "tagger", "wordnet") if k in scores},
         "checkpoint": identity,
         "config": {"model": gen.model, "decoding": dataclasses.asdict(options.decoding), "files": options.annotation_files,
                    "batch_size": options.batch_size, "data_parallel_size": dp.size,
@@ -91,4 +92,6 @@ def sample_record(sample: Sample, prediction: dict, scores: dict) -> dict:
         record["references"] = sample.references
     if sample.candidates:
         record["target"] = sample.target
+    if sample.question_type:
+        record["question_type"] = sample.question_type
     return record

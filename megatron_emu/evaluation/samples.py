@@ -24,6 +24,7 @@ class Sample:
     target: int = -1  # index of the right candidate
     relevance: list[float] = field(default_factory=list)  # VisDial dense relevance of each candidate
     history: list[tuple[str, str]] = field(default_factory=list)  # VisDial: earlier (question, answer)
+    question_type: str = ""  # NExT-OE: CW CH TN TC DL DB DC DO (WUPS's groups; DB / DC exact match)
 
     @property
     def answer(self) -> str:

@@ -1,8 +1,10 @@
 """The benchmarks: how each is read, prompted, answered and scored, and its headline metric.
 
 kind: "caption" (generated caption, CIDEr), "vqa" (generated short answer, VQA accuracy),
-"video_qa" (generated answer, exact-match accuracy), "choice" (candidates ranked by
-likelihood: NExT-QA top-1 accuracy), "dialog" (VisDial: NDCG / MRR of the 100 options).
+"video_qa" (generated answer, exact-match accuracy), "wups" (generated answer, WUPS against
+WordNet: open-ended NExT-QA, the paper's), "choice" (candidates ranked by likelihood: the
+multiple-choice NExT-QA's top-1 accuracy, which the paper does not report), "dialog" (VisDial:
+NDCG / MRR of the 100 options).
 `template`: Table 8's prompt (data/prompts.py TASK_PROMPTS).
 """
 
@@ -34,7 +36,8 @@ TASKS = {
     "visdial": TaskSpec("visdial", "dialog", "dialog", "NDCG"),
     "msvd_qa": TaskSpec("msvd_qa", "video_qa", "video_qa", "top-1 acc.", video=True),
     "msrvtt_qa": TaskSpec("msrvtt_qa", "video_qa", "video_qa", "top-1 acc.", video=True),
-    "nextqa": TaskSpec("nextqa", "choice", "video_temporal_qa", "top-1 acc.", video=True),
+    "nextqa": TaskSpec("nextqa", "choice", "video_temporal_qa", "top-1 acc.", video=True),  # multiple choice
+    "nextqa_oe": TaskSpec("nextqa_oe", "wups", "video_temporal_qa", "WUPS", video=True),  # open-ended: the paper's
 }
 
 
@@ -64,4 +67,7 @@ def read_samples(spec: TaskSpec, files: dict, train: bool = False) -> list[Sampl
         return visdial_files.read_visdial(f["annotations"], f.get("dense_annotations", ""), f.get("image_dir", ""))
     if spec.name == "nextqa":
         return video_files.read_next_qa(f["annotations"], f.get("video_dir", ""), f.get("video_map", ""))
+    if spec.name == "nextqa_oe":
+        return video_files.read_next_oe(f["annotations"], f.get("video_dir", ""), f.get("video_map", ""),
+                                        f.get("extra_answers", ""))
     return video_files.read_open_video_qa(f["annotations"], f.get("video_dir", ""), spec.name, f.get("video_map", ""))

@@ -41,14 +41,34 @@ class InceptionFeatures:
         except ImportError:
             raise ValueError("FID's Inception features need torch-fidelity: pip install 'megatron_emu[fid]' "
                              "(it brings torchvision)") from None
+        import torch_fidelity
+
         self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                  feature_extractor_weights_path=weights_path).eval().to(device)
         self.device = device
+        # what computed the features: recorded in the JSON and part of the reference cache's key
+        self.identity = {"extractor": f"torch-fidelity {torch_fidelity.__version__} inception-v3-compat, 2048-d pool",
+                         "weights": os.path.abspath(weights_path), "weights_xxh3": file_xxh3(weights_path)}
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         (features,) = self.model(images.to(self.device))
         return features.double().cpu().numpy()
+
+
+def file_xxh3(path: str) -> str:
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def extractor_identity(extractor) -> dict:
+    """InceptionFeatures' identity; for another callable (tests' stand-ins) its name."""
+    return getattr(extractor, "identity", None) or {"extractor": getattr(extractor, "__qualname__", type(extractor).__name__)}
 
 
 def read_uint8(path: str) -> torch.Tensor:
@@ -99,7 +119,11 @@ def reference_statistics(stats_path: str, image_dir: str, extractor, cache_dir: 
                    if p.lower().endswith(IMAGE_SUFFIXES))
     if len(paths) < 2:
         raise ValueError(f"--fid-reference-dir {image_dir or '(none)'}: needs real images (or give --fid-reference-stats)")
-    cached = os.path.join(cache_dir, f"reference-{hashlib.sha256(repr(paths).encode()).hexdigest()[:16]}.npz")
+    # keyed by the images (path, size, mtime) and the extractor (its weights' hash): statistics from other
+    # Inception weights, or of since-replaced images, are never reused
+    images = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    key = hashlib.sha256(repr((images, sorted(extractor_identity(extractor).items()))).encode()).hexdigest()[:16]
+    cached = os.path.join(cache_dir, f"reference-{key}.npz")
     if os.path.exists(cached):
         return load_statistics(cached)
     mu, sigma = feature_statistics(features_of(paths, extractor))
@@ -132,7 +156,8 @@ def run_fid(pipe, prompts: list[tuple[str, str]], extractor, reference: tuple, o
     if dp.first:
         fid, dims = fid_of_generated(prompts, image_dir, reference, extractor)
         result = {"task": "coco_fid", "setting": "0", "metric": "FID", "score": fid, "metrics": {"FID": fid},
-                  "num_samples": len(prompts), "scorer": {"features": f"{dims}-d", "formula": "frechet.py (eigh)"},
+                  "num_samples": len(prompts), "scorer": {"features": f"{dims}-d", "formula": "frechet.py (eigh)",
+                             **extractor_identity(extractor)},
                   "checkpoint": identity,
                   "config": {"model": model, **{k: v for k, v in options.items()}, "generated_now_by_rank0": generated},
                   "samples": [{"key": key, "prompt": caption, "image": image_path(image_dir, key)}

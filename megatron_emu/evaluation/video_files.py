@@ -6,6 +6,9 @@ looked up under --video-dir by the name the benchmark gives them.
   gives "vid1" (lines "-4wsuPCjDBc_5_15 vid1");
 - NExT-QA (multiple choice): test.csv / val.csv with video, question, answer (the right
   option's index), qid, a0..a4; map_vid_vidorID.json {"<video>": "<dir>/<name>"} -> <dir>/<name>.*
+- NExT-QA open-ended (NExT-OE, the paper's): test.csv / val.csv with video, frame_count, width,
+  height, question, answer (the text), qid, type (CW CH TN TP TC DL DB DC DO); optionally
+  add_reference_answer_<split>.json {"<video>": {"<qid>": "second answer"}}; the same video map.
 """
 
 from __future__ import annotations
@@ -75,4 +78,27 @@ def read_next_qa(path: str, video_dir: str, mapping_path: str = "") -> list[Samp
             raise ValueError(f"{path}: question {row['video']}_{row['qid']} answer {target} is not an option index 0..4")
         samples.append(Sample(f"{row['video']}_{row['qid']}", find_video(video_dir, name, path),
                               question=row["question"], candidates=[row[o] for o in options], target=target))
+    return samples
+
+
+NEXT_OE_TYPES = ("CW", "CH", "TN", "TP", "TC", "DL", "DB", "DC", "DO")
+
+
+def read_next_oe(path: str, video_dir: str, mapping_path: str = "", extra_answers_path: str = "") -> list[Sample]:
+    """NExT-OE: open-ended answers scored by WUPS (wups.py); references = [answer, additional answer?]."""
+    rows = read_csv(path, "NExT-OE", ["video", "question", "answer", "qid", "type"])
+    if "a0" in rows[0]:
+        raise ValueError(f"{path}: this is NExT-QA's multiple-choice file (a0..a4): use --task nextqa, or give NExT-OE's csv")
+    mapping = read_json(mapping_path, "NExT-QA video map (map_vid_vidorID.json)") if mapping_path else {}
+    extra = read_json(extra_answers_path, "NExT-OE additional answers (add_reference_answer_*.json)") \
+        if extra_answers_path else {}
+    samples = []
+    for row in rows:
+        video, qid = row["video"], row["qid"]
+        if row["type"] not in NEXT_OE_TYPES:
+            raise ValueError(f"{path}: question {video}_{qid} has type {row['type']!r}, not one of {' '.join(NEXT_OE_TYPES)}")
+        references = [row["answer"]] + ([str(extra[video][qid])] if qid in extra.get(video, {}) else [])
+        samples.append(Sample(f"{video}_{qid}", find_video(video_dir, mapping.get(video, video), path),
+                              question=row["question"], references=references,
+                              question_type="TN" if row["type"] == "TP" else row["type"]))  # eval_oe.py: TP counts as TN
     return samples

@@ -54,12 +54,14 @@ def checkpoint_block(block: nn.Module, selective: bool) -> None:
     """Replace `block.forward` by a non-reentrant checkpoint of the original forward."""
     inner = block.forward
     context_fn = _selective_context if selective else None
+    # Emu itself has no dropout, but LoRA adapters may (--lora-dropout): then the recomputed
+    # forward must draw the same mask as the first one, or the gradients are of another net.
+    replay_rng = any(isinstance(m, nn.Dropout) and m.p > 0 for m in block.modules())
 
     @functools.wraps(inner)
     def forward(*args, **kwargs):
         extra = {"context_fn": context_fn} if context_fn else {}
-        # No dropout anywhere in Emu: RNG state need not be replayed.
-        return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs)
+        return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=replay_rng, **extra, **kwargs)
 
     block.forward = forward
 

@@ -168,46 +168,48 @@ def train_loop(config: TrainConfig, run: Run) -> TrainSummary:
     bar = tqdm(total=config.train_iters, desc="pretrain", unit="it", disable=not (sys.stderr.isatty() and is_logger))
     last_log = time.perf_counter()
     last = start_iteration  # the last iteration run
-    for iteration in range(start_iteration, config.train_iters):
-        with timers("data-loader-wait"):
-            host_batches = [next(loader) for _ in range(n_micro)]
-        with timers("batch-generator"):
-            microbatches = [move_batch(b, device) for b in host_batches]
-        lr = optimizer.param_groups[0]["lr"]
-        result = train_step(pmodel, optimizer, microbatches, config, precision, timers)
-        skips.record(iteration + 1, result.skipped, result.nonfinite)  # raises after too many in a row
-        scheduler.step(iteration + 1)
-        monitor.step(iteration + 1, lr, result, microbatches, loader)
-        summary.history.append((iteration + 1, result.lm_loss, result.l2_loss))
-        bar.update(1)
-        if (iteration + 1) % config.log_interval == 0 or iteration == 0:
-            now = time.perf_counter()
-            steps = 1 if iteration == 0 else config.log_interval
-            elapsed = (now - last_log) / steps
-            last_log = now
-            stats = iteration_stats(config, iteration + 1, elapsed, lr, result, world_size, skips.take_counts(),
-                                    device.type)
-            if is_logger:
-                tqdm.write(stats.format(), file=sys.stdout)
-            monitor.log_line(stats)
-        if valid and config.eval_interval and (iteration + 1) % config.eval_interval == 0:
-            with timers("validation"):
-                lm, l2 = validation_loss(pmodel, [[move_batch(b, device) for b in step] for step in valid], config, precision)
-            summary.validation.append((iteration + 1, lm, l2))
-            monitor.validation(iteration + 1, lm, l2)
-            if is_logger:
-                tqdm.write(format_validation(iteration + 1, lm, l2), file=sys.stdout)
-        if checkpointer.should_save(iteration + 1):
-            with timers("save-checkpoint"):
-                checkpointer.save(iteration + 1, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
-        checkpointer.poll()
-        monitor.end_of_iteration(iteration + 1)
-        last = iteration + 1
-        summary.exit_reason = exits.reason(last) if last < config.train_iters else None  # same on every rank
-        if summary.exit_reason:
-            break
-    bar.close()
-    monitor.close()
+    try:  # the sinks closed here, not only at exit: an in-process caller may start another run
+        for iteration in range(start_iteration, config.train_iters):
+            with timers("data-loader-wait"):
+                host_batches = [next(loader) for _ in range(n_micro)]
+            with timers("batch-generator"):
+                microbatches = [move_batch(b, device) for b in host_batches]
+            lr = optimizer.param_groups[0]["lr"]
+            result = train_step(pmodel, optimizer, microbatches, config, precision, timers)
+            skips.record(iteration + 1, result.skipped, result.nonfinite)  # raises after too many in a row
+            scheduler.step(iteration + 1)
+            monitor.step(iteration + 1, lr, result, microbatches, loader)
+            summary.history.append((iteration + 1, result.lm_loss, result.l2_loss))
+            bar.update(1)
+            if (iteration + 1) % config.log_interval == 0 or iteration == 0:
+                now = time.perf_counter()
+                steps = 1 if iteration == 0 else config.log_interval
+                elapsed = (now - last_log) / steps
+                last_log = now
+                stats = iteration_stats(config, iteration + 1, elapsed, lr, result, world_size, skips.take_counts(),
+                                        device.type)
+                if is_logger:
+                    tqdm.write(stats.format(), file=sys.stdout)
+                monitor.log_line(stats)
+            if valid and config.eval_interval and (iteration + 1) % config.eval_interval == 0:
+                with timers("validation"):
+                    lm, l2 = validation_loss(pmodel, [[move_batch(b, device) for b in step] for step in valid], config, precision)
+                summary.validation.append((iteration + 1, lm, l2))
+                monitor.validation(iteration + 1, lm, l2)
+                if is_logger:
+                    tqdm.write(format_validation(iteration + 1, lm, l2), file=sys.stdout)
+            if checkpointer.should_save(iteration + 1):
+                with timers("save-checkpoint"):
+                    checkpointer.save(iteration + 1, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
+            checkpointer.poll()
+            monitor.end_of_iteration(iteration + 1)
+            last = iteration + 1
+            summary.exit_reason = exits.reason(last) if last < config.train_iters else None  # same on every rank
+            if summary.exit_reason:
+                break
+    finally:
+        bar.close()
+        monitor.close()
     if config.checkpoint.save and last > start_iteration and not checkpointer.should_save(last):
         checkpointer.save(last, pmodel.parts, optimizer, scheduler, loader, loader.consumed_samples)
     checkpointer.wait()
