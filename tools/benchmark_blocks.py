@@ -15,6 +15,7 @@ built, so the file for a large preset can be measured on one device.
 
 from __future__ import annotations
 
+import sys
 import dataclasses
 import statistics
 import time
@@ -111,3 +112,12 @@ def measure_block_costs(config: TrainConfig, images_per_sample: float, path: str
                          per={kind: "image" if kind in PER_IMAGE else "sequence" for kind in steps},
                          torch=torch.__version__)
     return write_costs(path, config.model, config.data.seq_length, seconds, measured_with)
+
+
+
+if __name__ == "__main__":  # a module of tools/benchmark_throughput.py, not a tool of its own
+    print("usage: python tools/benchmark_throughput.py [flags] --measure-block-costs FILE\n"
+          "error: tools/benchmark_blocks.py is a part of tools/benchmark_throughput.py: run that\n"
+          "example: python tools/benchmark_throughput.py --preset tiny --seq-length 96"
+          " --images-per-sample 2 --measure-block-costs costs.json", file=sys.stderr)
+    sys.exit(2)

@@ -12,6 +12,7 @@ round after round, so they share the machine's load; every figure is a median ov
 
 from __future__ import annotations
 
+import sys
 import dataclasses
 import json
 import os
@@ -200,3 +201,12 @@ def print_variants(row: dict) -> None:
             print("  rank %d: %s" % (rank, ", ".join(f"{k} {x:.1f}" for k, x in r.items())))
     print(f"load average {row['load_average']}, {row['threads']} threads per rank")
     print("BENCHMARK_JSON " + json.dumps(row), flush=True)
+
+
+
+if __name__ == "__main__":  # a module of tools/benchmark_throughput.py, not a tool of its own
+    print("usage: python tools/benchmark_throughput.py [flags] --measure-block-costs FILE | --stage-busy | --profile-comm\n"
+          "error: tools/benchmark_parallel.py is a part of tools/benchmark_throughput.py: run that\n"
+          "example: python -m torch.distributed.run --nproc-per-node 2 tools/benchmark_throughput.py"
+          " --pipeline-model-parallel-size 2 --stage-busy", file=sys.stderr)
+    sys.exit(2)

@@ -12,6 +12,7 @@ Compute = the main thread's aten ops outside communication calls.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -96,3 +97,12 @@ def profiled_comm(step, device: torch.device, rounds: int) -> dict[str, list[flo
         for key, value in comm_times(prof.events()).items():
             samples.setdefault(key, []).append(value)
     return samples
+
+
+
+if __name__ == "__main__":  # a module of tools/benchmark_throughput.py, not a tool of its own
+    print("usage: python tools/benchmark_throughput.py [flags] --profile-comm\n"
+          "error: tools/comm_trace.py is a part of tools/benchmark_throughput.py: run that\n"
+          "example: python -m torch.distributed.run --nproc-per-node 2 tools/benchmark_throughput.py"
+          " --data-parallel-sharding fsdp --profile-comm", file=sys.stderr)
+    sys.exit(2)
