@@ -160,11 +160,24 @@ def measure_variants(built: dict[str, dict], args) -> dict[str, dict]:
                 samples[name]["busy_s"].append(timers[name].seconds)
                 samples[name]["busy_cpu_s"].append(timers[name].cpu_seconds)
     if args.profile_comm:
-        from comm_trace import profiled_comm
-
-        for name, b in built.items():
-            samples[name].update(profiled_comm(b["step"], b["device"], args.timed_iters))
+        profile_rounds(built, samples, args.timed_iters)
     return {name: {k: statistics.median(v) for k, v in s.items() if v} for name, s in samples.items()}
+
+
+def profile_rounds(built: dict[str, dict], samples: dict[str, dict], rounds: int) -> None:
+    """Profiled single steps, the variants in turn as above; traces read after the last."""
+    from comm_trace import comm_times, profiled_step
+
+    traces = {name: [] for name in built}
+    for _ in range(rounds):
+        for name, b in built.items():
+            prof, seconds = profiled_step(b["step"], b["device"])
+            traces[name].append(prof)
+            samples[name].setdefault("profiled_step_s", []).append(seconds)
+    for name, profs in traces.items():
+        for prof in profs:
+            for key, value in comm_times(prof.events()).items():
+                samples[name].setdefault(key, []).append(value)
 
 
 def gather_rows(built: dict[str, dict], measured: dict[str, dict]) -> list[dict]:

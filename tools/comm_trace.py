@@ -76,29 +76,21 @@ def comm_times(events) -> dict[str, float]:
             "hidden_s": length(intersect(in_flight, compute)) / 1e6, "collectives": len(collectives)}
 
 
-def profiled_comm(step, device: torch.device, rounds: int) -> dict[str, list[float]]:
-    """Profile `rounds` single steps, every rank starting together (a barrier: a rank that
-    starts late would show up as the other's waiting); per step the comm_times and the
-    profiled step's seconds. Traces are read after the last step, outside the timing."""
-    traces, samples = [], {"profiled_step_s": []}
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dist.barrier()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            with record_function(STEP):
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-            samples["profiled_step_s"].append(time.perf_counter() - start)
-        traces.append(prof)
-    for prof in traces:
-        for key, value in comm_times(prof.events()).items():
-            samples.setdefault(key, []).append(value)
-    return samples
-
-
+def profiled_step(step, device: torch.device):
+    """One step under torch.profiler, every rank starting together (a barrier: a rank that
+    starts late would show up as the other's waiting); (the profile, the step's seconds).
+    Read it with comm_times(profile.events()) after the timed steps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        with record_function(STEP):
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    return prof, seconds
 
 if __name__ == "__main__":  # a module of tools/benchmark_throughput.py, not a tool of its own
     print("usage: python tools/benchmark_throughput.py [flags] --profile-comm\n"
