@@ -12,11 +12,11 @@ round after round, so they share the machine's load; every figure is a median ov
 
 from __future__ import annotations
 
-import sys
 import dataclasses
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -34,7 +34,7 @@ def run_measure_mode(config: TrainConfig, args) -> dict:
                                   args.timed_iters, device)
         print("BLOCK_COSTS_JSON " + json.dumps(row), flush=True)
         return row
-    if args.profile_comm and config.device == "cuda":
+    if args.profile_comm and config.device != "cpu" and torch.cuda.is_available():
         raise ValueError("--profile-comm reads gloo's collectives from the CPU trace; on GPU (NCCL kernels) "
                          "it is not implemented")
     variants = stage_busy_variants(config) if args.stage_busy else comm_variants(config)
@@ -75,7 +75,8 @@ def drop_repeated_splits(configs: dict[str, TrainConfig]) -> dict[str, TrainConf
         dims = ParallelDims.from_config(config.parallel, int(os.environ.get("WORLD_SIZE", "1")), config.model,
                                         config.data.seq_length)
         if dims.stage_layers in seen:
-            print(f"{name}: the split of {seen[dims.stage_layers]}, {list(dims.stage_layers)}: not repeated")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"{name}: the split of {seen[dims.stage_layers]}, {list(dims.stage_layers)}: not repeated")
             continue
         seen[dims.stage_layers], kept[name] = name, config
     return kept
