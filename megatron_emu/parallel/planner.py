@@ -1,13 +1,15 @@
 """Cluster planner: memory per rank and estimated throughput of each TP x PP x DP layout.
 
 Memory per rank = weights + gradients + optimizer states (from parameter counts of the
-rank's pipeline stage, / TP, / DP when FSDP shards them) + activations of the
-micro-batches in flight + transient buffers. Activations are not guessed from a
+rank's pipeline stage, / TP except what TP replicates, such as image encoders placed on
+images, / DP when FSDP shards them) + activations of the micro-batches in flight +
+transient buffers. Activations are not guessed from a
 formula: each block type (LLaMA layer, EVA block, Causal Former block, heads) runs once
 at the planned per-rank shapes on fake tensors (no memory, no compute, any model
 size), and the tensors autograd saves for backward are summed by storage. The code
 that trains is the code that is measured, so a model change updates the plan
-(planner_activations.py; this file: parameters, memory per rank, time, ranking).
+(planner_activations.py; parameters: planner_parameters.py; this file: memory per rank,
+time, ranking).
 
 Precision: fp32 keeps 4-byte everything. bf16 keeps fp32 master weights, fp32
 gradients and Adam states (16 bytes / parameter); with FSDP the blocks compute on
