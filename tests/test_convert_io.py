@@ -154,19 +154,24 @@ def _span_file(tmp_path, nbytes: int = 50_000):
 
 
 def _drop_cache(path: str) -> None:
-    """Drop the file from the page cache, and wait until its first page is really gone: the
-    kernel may keep pages still under writeback after one DONTNEED (a flaky CI run)."""
+    """Drop the file from the page cache, and wait until it is really gone: the kernel may keep
+    pages still under writeback after one DONTNEED (a flaky CI run). The check asks for the
+    last page with RWF_NOWAIT, which on a miss starts reading that page in: so it is not the
+    first page, which read_spans probes first (a probe of it here made a loaded run find the
+    file cached)."""
     import time
 
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # a probe's miss reads one page, no readahead
+        last_page = (os.fstat(fd).st_size - 1) // 4096 * 4096
         for _ in range(100):
             os.fsync(fd)  # only clean pages can be dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             if not hasattr(os, "RWF_NOWAIT"):
                 return
             try:
-                os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)  # succeeds only from the cache
+                os.preadv(fd, [bytearray(4096)], last_page, os.RWF_NOWAIT)  # succeeds only from the cache
             except OSError:  # EAGAIN: not cached (EOPNOTSUPP: the reader cannot tell either)
                 return
             time.sleep(0.05)

@@ -166,6 +166,31 @@ def test_tensor_parallel_ranks_answer_as_one_process(checkpoint, data, single_pr
         assert comparable(sharded) == comparable(read(single_process, "vqav2", setting))
 
 
+def test_pipeline_stages_answer_as_one_process(checkpoint, data, single_process, tmp_path):
+    """Two ranks holding one model split into two pipeline stages (PP=2, DP=1): the same answers,
+    RICES examples (the first stage's features) and scores; VisDial's candidate likelihoods too."""
+    spawn(2, _two_ranks, vqa_argv(checkpoint, data, tmp_path, "--shots", "0", "2", "--pipeline-model-parallel-size", "2"))
+    for setting in ("0", "2"):
+        staged = read(tmp_path, "vqav2", setting)
+        assert staged["config"]["data_parallel_size"] == 1
+        assert comparable(staged) == comparable(read(single_process, "vqav2", setting))
+    visdial = ["--task", "visdial", "--checkpoint", checkpoint, "--max-new-tokens", "2"] + fx.flags(data["visdial"])
+    evaluate.main(visdial + ["--output-dir", str(tmp_path / "one")])
+    spawn(2, _two_ranks, visdial + ["--output-dir", str(tmp_path / "pp"), "--pipeline-model-parallel-size", "2"])
+    one, staged = read(tmp_path / "one", "visdial", "0"), read(tmp_path / "pp", "visdial", "0")
+    assert len(staged["samples"][0]["scores"]) == 100 and comparable(staged) == comparable(one)
+
+
+def test_data_parallel_ranks_of_pipeline_stages_answer_as_one_process(checkpoint, data, single_process, tmp_path):
+    """DP=2 x PP=2 (4 ranks): each pipeline answers half the questions; gathered, as one process."""
+    spawn(4, _two_ranks, vqa_argv(checkpoint, data, tmp_path, "--shots", "0", "--pipeline-model-parallel-size", "2"))
+    staged = read(tmp_path, "vqav2", "0")
+    assert staged["config"]["data_parallel_size"] == 2
+    assert comparable(staged) == comparable(read(single_process, "vqav2", "0"))
+    cache, = os.listdir(os.path.join(tmp_path, "vqav2", "cache"))
+    assert sorted(os.listdir(os.path.join(tmp_path, "vqav2", "cache", cache))) == ["rank00000.jsonl", "rank00001.jsonl"]
+
+
 def _killed_run(argv):
     import torch
 

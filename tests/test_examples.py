@@ -14,22 +14,29 @@ EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[1] / "examples").
                   if p.suffix in (".sh", ".sbatch") and "pretrain_emu.py" in p.read_text())  # launch scripts
 
 
+def defaults(text: str) -> dict[str, str]:
+    """`X=${X:-default}` and `X=${X-"default"}` assignments: {X: default}."""
+    return dict(re.findall(r'^(\w+)=\$\{\w+:?-"?([^}"]*)"?\}', text, flags=re.M))
+
+
+def substituted(text: str, known: dict[str, str]) -> str:
+    """Shell variables replaced by their defaults (`known`, or `${X:-default}` in place) or by /X (paths)."""
+    text = re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", text)
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: known.get(m.group(1), "/" + m.group(1)), text)
+
+
 def pretrain_flags(script: Path) -> list[str]:
-    """The arguments after pretrain_emu.py, continuation lines joined, shell variables
-    replaced by their defaults (`X=${X:-default}` or `${X:-default}`) or by /X (paths)."""
+    """The arguments after pretrain_emu.py, continuation lines joined, variables substituted."""
     text = script.read_text().replace("\\\n", " ")
-    defaults = dict(re.findall(r"^(\w+)=\$\{\w+:-([^}]*)\}", text, flags=re.M))
     line = next(l for l in text.splitlines() if "pretrain_emu.py" in l and not l.lstrip().startswith("#"))
     args = line.split("pretrain_emu.py", 1)[1].replace('"$@"', "").rstrip().removesuffix("&")  # run in the background
-    args = re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", args)
-    args = re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m.group(1), "/" + m.group(1)), args)
-    return shlex.split(args)
+    return shlex.split(substituted(args, defaults(text)))
 
 
 def world_size(script: Path) -> int:
     """torchrun's --nproc-per-node times the #SBATCH --nodes (1 when not given)."""
     text = script.read_text()
-    per_node = int(re.search(r"--nproc-per-node[ =](\d+)", text).group(1))
+    per_node = int(shlex.split(substituted(re.search(r"--nproc-per-node[ =](\S+)", text).group(1), defaults(text)))[0])
     nodes = re.search(r"^#SBATCH --nodes=(\d+)", text, flags=re.M)
     return per_node * (int(nodes.group(1)) if nodes else 1)
 

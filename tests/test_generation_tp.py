@@ -1,4 +1,4 @@
-"""Tensor-parallel generation (TP2, gloo, CPU): every rank decodes the tokens one process does."""
+"""Tensor- and pipeline-parallel generation (TP2, PP2, gloo, CPU): every rank decodes the tokens one process does."""
 
 import numpy as np
 import pytest
@@ -35,7 +35,7 @@ def test_tp2_generates_the_tokens_of_one_process():
     spawn(2, _tp_worker)
 
 
-def test_tool_under_torchrun_tp2_prints_what_one_process_prints(tmp_path):
+def test_tool_under_torchrun_tp2_and_pp2_prints_what_one_process_prints(tmp_path):
     import os
     import subprocess
     import sys
@@ -55,5 +55,9 @@ def test_tool_under_torchrun_tp2_prints_what_one_process_prints(tmp_path):
                           "--tensor-model-parallel-size", "2"], capture_output=True, text=True, env=env)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert two.stdout == one.stdout and one.stdout.startswith("a red\t")
+    stages = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args,
+                             "--pipeline-model-parallel-size", "2"], capture_output=True, text=True, env=env)
+    assert stages.returncode == 0 and stages.stdout == one.stdout, stages.stderr[-2000:]
     bad = subprocess.run([sys.executable, *args, "--tensor-model-parallel-size", "2"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 1 and "needs as many ranks" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "world size 1 is not divisible by --tensor-model-parallel-size 2" in bad.stderr

@@ -4,7 +4,7 @@
         --annotations v2_mscoco_val2014_annotations.json --image-dir val2014 --shots 0 4 --text-examples \
         --train-questions ..._train2014_questions.json --train-annotations ..._train2014_annotations.json \
         --train-image-dir train2014 --output-dir eval/
-    torchrun --nproc-per-node 8 tools/evaluate.py ...   # data parallel (x --tensor-model-parallel-size)
+    torchrun --nproc-per-node 8 tools/evaluate.py ...   # data parallel x --tensor- x --pipeline-model-parallel-size
 
 Tasks and their files: coco_caption (Karpathy dataset_coco.json, test split; the train and
 restval splits are the RICES pool), vqav2 / okvqa (questions + annotations), vizwiz (val.json),
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="eval")
     p.add_argument("--no-java", action="store_true", help="caption metrics without Java (no METEOR/SPICE, python tokeniser)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP inside each data-parallel rank")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="LLaMA layers split over this many pipeline stages inside each data-parallel rank")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
@@ -97,24 +99,17 @@ def files_of(args) -> dict:
     return files
 
 
-def mesh_of(args):
-    """(device, the ("dp", "tp") mesh or None for one process)."""
-    from megatron_emu.parallel.mesh import init_distributed
+def build(args):
+    """This rank's part of the model (generation/inference.py: the one inference build)."""
+    from megatron_emu.generation.inference import InferenceConfig, build_inference
 
-    world, device = init_distributed(args.device)
-    tp = args.tensor_model_parallel_size
-    if tp < 1 or world % tp:
-        raise ValueError(f"--tensor-model-parallel-size {tp} must divide the {world} ranks")
-    if world == 1:
-        return device, None
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return device, init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return build_inference(InferenceConfig(args.checkpoint, args.preset, tokenizer_model=args.tokenizer_model,
+                                           tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                           pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                                           device=args.device, bf16=args.bf16))
 
 
 def run(args) -> str:
-    import torch
-
     from megatron_emu.evaluation.distributed import DataParallel
     from megatron_emu.evaluation.prompting import num_examples
     from megatron_emu.evaluation.report import checkpoint_identity, write_table
@@ -137,45 +132,60 @@ def run(args) -> str:
     if len(pool) < num_examples(largest):  # said before the model is loaded
         raise ValueError(f"setting {largest} needs {num_examples(largest)} in-context examples; "
                          f"the training files hold {len(pool)} samples")
-    device, mesh = mesh_of(args)
-    dp = DataParallel.from_mesh(mesh)
-    gen = EmuGenerator.load(args.checkpoint, args.preset, args.tokenizer_model, device,
-                            torch.bfloat16 if args.bf16 else torch.float32, args.model,
-                            mesh["tp"] if mesh is not None and args.tensor_model_parallel_size > 1 else None)
     decoding = DecodingConfig(max_new_tokens=args.max_new_tokens or spec.max_new_tokens, num_beams=args.num_beams,
                               seed=args.seed)
     decoding.validate()
-    identity = checkpoint_identity(args.checkpoint)
-    options = RunOptions(args.output_dir, decoding, args.batch_size, {k: os.path.abspath(v) for k, v in files.items()},
-                         False if args.no_java else None, args.wordnet_dir)
-    rices = Rices.build(gen.emu, spec, pool, os.path.join(args.output_dir, "rices_cache"), identity["xxh3"], dp) \
-        if needs_examples else None
-    for setting in settings:
-        run_setting(gen, spec, setting, samples, rices, options, dp, identity)
-    return write_table(args.output_dir) if dp.first else ""
+    inference = build(args)
+    try:
+        dp = DataParallel.from_mesh(inference.pmesh)
+        gen = EmuGenerator.from_run(inference, args.tokenizer_model, args.model)
+        identity = checkpoint_identity(args.checkpoint)
+        options = RunOptions(args.output_dir, decoding, args.batch_size,
+                             {k: os.path.abspath(v) for k, v in files.items()}, False if args.no_java else None,
+                             args.wordnet_dir)
+        rices = Rices.build(gen.emu, spec, pool, os.path.join(args.output_dir, "rices_cache"), identity["xxh3"], dp,
+                            gen.forward) if needs_examples else None
+        for setting in settings:
+            run_setting(gen, spec, setting, samples, rices, options, dp, identity)
+        return write_table(args.output_dir) if dp.first else ""
+    finally:
+        inference.close()
 
 
 def run_fid(args) -> str:
-    import torch
-
-    from megatron_emu.generation.frozen import freeze
-    from megatron_emu.decoder.pipeline import EmuImagePipeline, load_decoder
     from megatron_emu.evaluation.coco_files import read_caption_prompts
-    from megatron_emu.evaluation.distributed import DataParallel
-    from megatron_emu.evaluation.report import checkpoint_identity, write_table
-    from megatron_emu.evaluation.text_to_image import InceptionFeatures, reference_statistics, run_fid
-    from megatron_emu.generation import EmuGenerator
 
     if args.shots != [0] or args.text_examples:
         raise ValueError("coco_fid is zero-shot only (paper Table 2)")
     if not args.decoder:
         raise ValueError("--task coco_fid needs --decoder (the finetuned decoder directory)")
+    if args.tensor_model_parallel_size > 1 or args.pipeline_model_parallel_size > 1:
+        raise ValueError("--task coco_fid runs the whole Emu on each rank (data parallel only): "
+                         "drop --tensor-model-parallel-size / --pipeline-model-parallel-size")
+    from megatron_emu.evaluation.text_to_image import InceptionFeatures
+    from megatron_emu.parallel.mesh import init_distributed
+
     prompts = read_caption_prompts(args.annotations, args.num_prompts, args.seed)
-    device, mesh = mesh_of(args)
-    extractor = InceptionFeatures(args.inception_weights, device)
-    dp = DataParallel.from_mesh(mesh)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    gen = EmuGenerator.load(args.checkpoint, args.preset, args.tokenizer_model, device, dtype, args.model)
+    _, device = init_distributed(args.device)  # the device build_inference will use too
+    extractor = InceptionFeatures(args.inception_weights, device)  # its weights checked before Emu is read
+    inference = build(args)
+    try:
+        return fid_on(inference, extractor, args, prompts)
+    finally:
+        inference.close()
+
+
+def fid_on(inference, extractor, args, prompts) -> str:
+    from megatron_emu.generation.frozen import freeze
+    from megatron_emu.decoder.pipeline import EmuImagePipeline, load_decoder
+    from megatron_emu.evaluation.distributed import DataParallel
+    from megatron_emu.evaluation.report import checkpoint_identity, write_table
+    from megatron_emu.evaluation.text_to_image import reference_statistics, run_fid
+    from megatron_emu.generation import EmuGenerator
+
+    device, dtype = inference.device, inference.dtype
+    dp = DataParallel.from_mesh(inference.pmesh)
+    gen = EmuGenerator.from_run(inference, args.tokenizer_model, args.model)
     unet, vae, schedule = load_decoder(args.decoder, args.unet_subfolder)
     pipe = EmuImagePipeline(gen.emu, gen.tokenizer, freeze(unet).to(device, dtype), freeze(vae).to(device, dtype),
                             schedule, where=args.decoder)

@@ -59,21 +59,31 @@ def read_context_image(path: str, size: int) -> torch.Tensor:
 def main(argv=None) -> list[str]:
     from diffusers.utils import logging as diffusers_logging
 
-    from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
-    from megatron_emu.generation.frozen import freeze, load_emu
-    from megatron_emu.decoder.pipeline import EmuImagePipeline, load_decoder, save_pngs
+    from megatron_emu.generation.inference import InferenceConfig, build_inference
 
     args = build_parser().parse_args(argv)
     diffusers_logging.set_verbosity_error()  # notices about float32 modules when casting, at every start
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
     config = get_preset(args.preset)
+    # The whole Emu of the preset (load_emu's forms: our checkpoint, a state-dict file), one process.
+    inference = build_inference(InferenceConfig(args.emu_load, device=args.device, bf16=args.bf16, model=config))
+    try:
+        return generate(inference, args, config)
+    finally:
+        inference.close()
+
+
+def generate(inference, args, config) -> list[str]:
+    from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
+    from megatron_emu.generation.frozen import freeze
+    from megatron_emu.decoder.pipeline import EmuImagePipeline, load_decoder, save_pngs
+
+    if inference.dims.world_size != 1:
+        raise ValueError("generate_image.py runs in one process (no torchrun)")
+    device, dtype, emu = inference.device, inference.dtype, inference.emu
     # What the preset's decoder recipe trains at (the paper's 512 but for tiny).
     resolution = DECODER_RECIPES.get(args.preset, {}).get("resolution", DecoderConfig.resolution)
     height, width = args.height or resolution, args.width or args.height or resolution
     tokenizer = EmuTokenizer(args.tokenizer_model or build_tiny_tokenizer())
-    emu = load_emu(config, args.emu_load, device).to(dtype)
     unet, vae, schedule = load_decoder(args.decoder, args.unet_subfolder)
     pipe = EmuImagePipeline(emu, tokenizer, freeze(unet).to(device, dtype), freeze(vae).to(device, dtype), schedule,
                             where=args.decoder)

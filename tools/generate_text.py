@@ -9,6 +9,7 @@
     python tools/generate_text.py --load ADAPTERS --task chat --question "hi"   (a LoRA checkpoint on its recorded base)
     python tools/generate_text.py --load CKPT --prompt "<img:cat.png> a photo of" --prompt "once upon"
     torchrun --nproc-per-node 2 tools/generate_text.py --load CKPT --image cat.png --tensor-model-parallel-size 2
+    torchrun --nproc-per-node 2 tools/generate_text.py --load CKPT --image cat.png --pipeline-model-parallel-size 2
 
 --load takes our checkpoint (any TP/PP/DP layout), an instruction-tuning adapter checkpoint (on the
 base it records, or --pretrained-checkpoint), an HF export or a state-dict file.
@@ -61,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1,
-                   help="shard the model over this many ranks (torchrun; all ranks decode the same tokens, rank 0 prints)")
+                   help="shard the model over this many ranks (torchrun; ranks beyond TP x PP split the prompts, rank 0 prints)")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="split the LLaMA layers over this many pipeline stages (torchrun: TP x PP ranks)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
@@ -131,43 +134,45 @@ def chat_queries(args) -> list[tuple[str, tuple]]:
 
 
 def run(args) -> list[str]:
-    import torch
+    from megatron_emu.generation.inference import InferenceConfig, build_inference
+
+    inference = build_inference(InferenceConfig(
+        args.load, args.preset, args.pretrained_checkpoint, args.tokenizer_model, args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size, args.device, args.bf16))
+    try:
+        return answer_all(inference, args)
+    finally:
+        inference.close()
+
+
+def answer_all(inference, args) -> list[str]:
+    """Every query's line, in order. Data-parallel ranks (world / (TP x PP) > 1) answer a strided
+    share of the batches each and gather the lines: the batches are those one process decodes
+    (sampling's seed is per batch), so every line is the one process's. The ranks of one
+    TP x PP group answer the same batches."""
     from tqdm import tqdm
 
+    from megatron_emu.evaluation.distributed import DataParallel
     from megatron_emu.generation import DecodingConfig, EmuGenerator
 
-    device, tp_mesh = devices(args)
-    gen = EmuGenerator.load(args.load, args.preset, args.tokenizer_model, device,
-                            torch.bfloat16 if args.bf16 else torch.float32, args.model, tp_mesh,
-                            base=args.pretrained_checkpoint)
+    gen = EmuGenerator.from_run(inference, args.tokenizer_model, args.model)
     config = DecodingConfig(args.max_new_tokens, args.num_beams, args.sample, args.temperature, args.top_k, args.top_p,
                             args.repetition_penalty, args.length_penalty, args.seed)
     config.validate()
-    todo, lines = queries(args, gen), []
+    todo, dp = queries(args, gen), DataParallel.from_mesh(inference.pmesh)
     turns = [tuple(t) for t in args.turn]
     task = args.task or ("caption" if args.image else "prompt")
-    with tqdm(total=len(todo), desc="prompts", unit="prompt", file=sys.stderr, disable=not first_rank()) as bar:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
-            for (label, _), text in zip(batch, answer(gen, task, [q for _, q in batch], config, turns)):
-                lines.append(f"{label}\t{text}")
+    batches = [todo[start:start + args.batch_size] for start in range(0, len(todo), args.batch_size)]
+    mine = {}
+    with tqdm(total=sum(len(b) for b in dp.shard(batches)), desc="prompts", unit="prompt", file=sys.stderr,
+              disable=not first_rank()) as bar:
+        for index in dp.shard_indices(len(batches)):
+            batch = batches[index]
+            texts = answer(gen, task, [q for _, q in batch], config, turns)
+            mine[index] = [f"{label}\t{text}" for (label, _), text in zip(batch, texts)]
             bar.update(len(batch))
-    return lines
-
-
-def devices(args):
-    """(this rank's device, the tensor-parallel mesh or None)."""
-    from megatron_emu.parallel.mesh import init_distributed
-
-    world_size, device = init_distributed(args.device)
-    if world_size != args.tensor_model_parallel_size:
-        raise ValueError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} needs as many ranks "
-                         f"(torchrun --nproc-per-node {args.tensor_model_parallel_size}); this run has {world_size}")
-    if world_size == 1:
-        return device, None
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return device, init_device_mesh(device.type, (world_size,), mesh_dim_names=("tp",))
+    answered = dp.gather(mine)
+    return [line for index in range(len(batches)) for line in answered[index]]
 
 
 def first_rank() -> bool:

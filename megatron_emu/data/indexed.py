@@ -137,8 +137,6 @@ class MultimodalIndexed:
 
     def __init__(self, prefix: str, tokenizer_fingerprint: str | None = None, vocab_size: int | None = None):
         self.prefix = prefix
-        # Before anything is read: the plans of these files are keyed by it (plan_cache.py).
-        self.identity = file_identity(prefix)
         self.meta = read_meta(prefix)
         self.kind = self.meta["kind"]
         self.image_size = int(self.meta["image_size"])
@@ -150,7 +148,8 @@ class MultimodalIndexed:
             )
         if vocab_size is not None and self.vocab_size != vocab_size:
             raise ValueError(f"{prefix}.json: written for vocab size {self.meta['vocab_size']}, not {vocab_size}")
-        _check_files(prefix, self.meta)
+        _check_files(prefix, self.meta)  # one-line errors for missing files before anything else
+        self.identity = file_identity(prefix)  # before the .idx is read: its plans are keyed by it (plan_cache.py)
         check_idx_checksum(prefix, self.meta)
         try:
             self.ds = _mcore().IndexedDataset(prefix, multimodal=True)

@@ -28,9 +28,9 @@ from megatron_emu.decoder.checkpoint import load_checkpoint, save_checkpoint, sa
 from megatron_emu.decoder.conditions import drop_conditions, null_condition, pair_conditions
 from megatron_emu.decoder.data import DecoderMicroBatches, build_loader, bundled_pairs, emu_pixels, vae_pixels
 from megatron_emu.decoder.ema import EMA
-from megatron_emu.generation.frozen import freeze, load_emu
+from megatron_emu.generation.frozen import freeze
+from megatron_emu.generation.inference import InferenceConfig, InferenceRun, build_inference
 from megatron_emu.decoder.unet import build_tiny_sd, check_condition_dim, load_sd_components, resize_cross_attention
-from megatron_emu.parallel.mesh import init_distributed
 from megatron_emu.training.monitor import Sinks
 
 log = logging.getLogger("megatron_emu")
@@ -137,21 +137,31 @@ def train_step(unet, optimizer, microbatches, frozen: Frozen, config, noise_sche
 
 
 def finetune(config: DecoderConfig) -> Summary:
+    """Every rank holds the whole frozen Emu (the one inference build: a data-parallel mesh
+    of the world size) and trains a DDP replica of the UNet."""
+    model_config = get_preset(config.preset)
+    inference = build_inference(InferenceConfig(config.emu_load, device=config.device, bf16=config.bf16,
+                                                model=model_config))
+    try:
+        return finetune_on(inference, config)
+    finally:
+        inference.close()  # a single process's one-rank group; torchrun's is left to the launcher
+
+
+def finetune_on(inference: InferenceRun, config: DecoderConfig) -> Summary:
     from diffusers import DDPMScheduler
 
-    world, device = init_distributed(config.device)  # torchrun's group, as pretraining joins it
+    world, device, dtype = inference.dims.world_size, inference.device, inference.dtype
     rank = dist.get_rank() if world > 1 else 0
     per_rank = config.micro_batch_size * world
     if config.global_batch_size % per_rank:
         raise ValueError(f"--global-batch-size {config.global_batch_size} is not divisible by "
                          f"--micro-batch-size {config.micro_batch_size} x world size {world}")
     accumulation = config.global_batch_size // per_rank
-    model_config = get_preset(config.preset)
-    hidden = model_config.llm.hidden
-    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    hidden = inference.emu.config.llm.hidden
 
     bos_id = load_tokenizer_bos(config)
-    emu = load_emu(model_config, config.emu_load, device).to(dtype)
+    emu, inference.emu = inference.emu, None  # `frozen` becomes the one reference (a condition cache frees it)
     unet, vae, schedule = build_sd(config, hidden)
     unet, vae = unet.to(device).train(), vae.to(device, dtype)
     noise_scheduler = DDPMScheduler.from_config(schedule)

@@ -14,16 +14,6 @@ from megatron_emu.generation.forward import CachedForward
 from megatron_emu.generation.prompts import Prompt
 
 
-def _vocab_logprobs(forward: CachedForward, hidden: torch.Tensor) -> torch.Tensor:
-    """(..., H) final hidden states -> (..., V) log-probabilities over the real vocabulary."""
-    logits = forward.emu.llm.output(forward.emu.llm.norm(hidden))
-    if hasattr(logits, "full_tensor"):  # vocab-sharded under tensor parallelism
-        logits = logits.full_tensor()
-    logits = logits[..., :forward.vocab_size].float()
-    logits[..., forward.never] = float("-inf")  # as for the first token: tokens text never holds
-    return logits.log_softmax(dim=-1)
-
-
 @torch.no_grad()
 def continuation_logprobs(forward: CachedForward, prompt: Prompt, continuations: list[list[int]],
                           chunk: int = 32) -> list[float]:
@@ -41,8 +31,7 @@ def continuation_logprobs(forward: CachedForward, prompt: Prompt, continuations:
         logp = first[tokens[:, 0]][:, None]  # (C, 1)
         if width > 1:
             cache = prompt_cache.select(torch.zeros(len(group), dtype=torch.long, device=device))
-            hidden = forward.emu.llm.forward_layers(forward.emu.llm.tok_embeddings(tokens[:, :-1]), cache=cache)
-            rest = _vocab_logprobs(forward, hidden).gather(-1, tokens[:, 1:, None])[..., 0]  # (C, L-1)
+            rest = forward.token_logprobs(tokens, cache)  # (C, L-1); under PP, every stage gets them
             logp = torch.cat([logp, rest], dim=1)  # (C, L)
         counted = torch.arange(width, device=device)[None, :] < lengths[:, None]  # (C, L)
         out += (logp.masked_fill(~counted, 0).sum(dim=1) / lengths).tolist()

@@ -31,9 +31,10 @@ class Predictor:
     def examples(self, sample: Sample) -> list[Sample]:
         if not self.k:
             return []
-        from megatron_emu.evaluation.rices import visual_features
+        from megatron_emu.evaluation.rices import stage_features
 
-        return self.rices.nearest(visual_features(self.gen.emu, sample, self.spec), self.k, exclude=sample.key)
+        query = stage_features(self.gen.emu, sample, self.spec, self.gen.forward)
+        return self.rices.nearest(query, self.k, exclude=sample.key)
 
     def __call__(self, batch: list[Sample]) -> list[dict]:
         records = [{"key": s.key} for s in batch]

@@ -40,6 +40,14 @@ def visual_features(emu, sample: Sample, spec: TaskSpec) -> torch.Tensor:
     return torch.nn.functional.normalize(feature, dim=0).cpu()
 
 
+def stage_features(emu, sample: Sample, spec: TaskSpec, forward=None) -> torch.Tensor:
+    """visual_features on every rank; under pipeline parallelism the first stage (the one
+    holding the vision tower) computes them for the others (forward: generation/forward.py)."""
+    if forward is None:
+        return visual_features(emu, sample, spec)
+    return forward.on_first_stage(lambda: visual_features(emu, sample, spec), (emu.config.vision.width,))
+
+
 def draw_pool(train: list[Sample], seed: int = 0, size: int = POOL_SIZE) -> list[Sample]:
     if len(train) <= size:
         return list(train)
@@ -51,13 +59,15 @@ class Rices:
         self.pool, self.features = pool, features  # (P, D) unit rows
 
     @classmethod
-    def build(cls, emu, spec: TaskSpec, pool: list[Sample], cache_dir: str, checkpoint_id: str, dp) -> "Rices":
-        """Pool features from the cache, or computed over the DP ranks and cached (rank 0 writes)."""
+    def build(cls, emu, spec: TaskSpec, pool: list[Sample], cache_dir: str, checkpoint_id: str, dp,
+              forward=None) -> "Rices":
+        """Pool features from the cache, or computed over the DP ranks and cached (rank 0 writes).
+        forward: the generator's (its pipeline stages share the first stage's features)."""
         key = json.dumps([checkpoint_id, spec.name, [(s.key, s.visual) for s in pool]])
         path = os.path.join(cache_dir, f"rices-{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
         if os.path.exists(path):
             return cls(pool, torch.load(path, weights_only=True))
-        mine = {i: visual_features(emu, pool[i], spec).tolist() for i in dp.shard_indices(len(pool))}
+        mine = {i: stage_features(emu, pool[i], spec, forward).tolist() for i in dp.shard_indices(len(pool))}
         everything = dp.gather(mine)
         features = torch.tensor([everything[i] for i in range(len(pool))])  # (P, D)
         if dp.first:

@@ -32,34 +32,42 @@ class TextResult:
 
 
 class EmuGenerator:
-    def __init__(self, emu, tokenizer, model: str = ""):
+    def __init__(self, emu, tokenizer, model: str = "", links=None):
+        """links: `emu` is this rank's pipeline stage (generation/stage_links.py)."""
         if tokenizer.vocab_size != emu.config.llm.vocab_size:
             raise ValueError(f"{tokenizer.model_path}: tokenizer vocabulary {tokenizer.vocab_size} but the model's "
                              f"is {emu.config.llm.vocab_size}")
         self.emu, self.tokenizer = emu, tokenizer
         instruct = tokenizer.num_special_tokens == NUM_INSTRUCT_SPECIAL_TOKENS
         self.model = model or ("emu-i" if instruct else "emu")
-        self.forward = CachedForward(emu)
+        self.forward = CachedForward(emu, links)
         self.stop_ids = {tokenizer.eos_id: "eos"}
         if instruct:  # the model opening the next turn has finished its answer
             self.stop_ids[tokenizer.special.user] = "user"
 
     @classmethod
     def load(cls, path: str, preset: str = "tiny", tokenizer_model: str = "", device="cpu",
-             dtype: torch.dtype = torch.float32, model: str = "", tp_mesh=None, base: str = "") -> "EmuGenerator":
+             dtype: torch.dtype = torch.float32, model: str = "", base: str = "") -> "EmuGenerator":
         """A checkpoint, adapter checkpoint (on `base`, default the one it records), HF export or
-        state file (generation/loading.py); the tiny tokenizer by default. tp_mesh:
-        tensor-parallel over its ranks (each rank calls this alike)."""
+        state file (generation/loading.py); the tiny tokenizer by default. The whole model in
+        this process: the Python API's shortcut. Parallel runs (and the tools) build through
+        generation/inference.py build_inference, then `from_run`."""
         from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
-        from megatron_emu.generation.forward import shard_for_inference
         from megatron_emu.generation.loading import load_for_inference
 
         tokenizer_model = tokenizer_model or build_tiny_tokenizer()
         emu = load_for_inference(path, preset, device, dtype, base, tokenizer_model)
-        if tp_mesh is not None:
-            shard_for_inference(emu, tp_mesh)
         tokenizer = EmuTokenizer(tokenizer_model, emu.config.llm.num_special_tokens)
         return cls(emu, tokenizer, model)
+
+    @classmethod
+    def from_run(cls, run, tokenizer_model: str = "", model: str = "") -> "EmuGenerator":
+        """The generator of this rank's part of an inference run (generation/inference.py); every
+        rank of the run calls it and decodes the same tokens."""
+        from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
+
+        tokenizer = EmuTokenizer(tokenizer_model or build_tiny_tokenizer(), run.emu.config.llm.num_special_tokens)
+        return cls(run.emu, tokenizer, model, run.links)
 
     # -- any interleaved prompt ---------------------------------------------------------
     def generate(self, prompts: list[list], config: DecodingConfig | None = None) -> list[TextResult]:

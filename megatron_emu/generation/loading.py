@@ -58,6 +58,35 @@ def load_for_inference(path: str, preset: str = "tiny", device: torch.device | s
     return freeze(model.to(device, dtype))
 
 
+def whole_model_checkpoint(path: str):
+    """(DCPSource, its model config) for our checkpoint of a whole Emu, whose tensors a rank can
+    read a part of (read_part); None for the other forms (adapters, an HF export, a state file)."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "visual", "config.json")):
+        return None
+    from megatron_emu.convert.streams import DCPSource
+
+    source = DCPSource(path)
+    if source.record["config"].get("lora", {}).get("rank"):
+        return None
+    return source, ModelConfig.from_dict(source.record["config"]["model"])
+
+
+def read_part(source, config: ModelConfig, keep) -> Emu:
+    """The frozen part `keep(emu)` of the checkpoint's Emu (float32, CPU), reading its tensors
+    only: a pipeline stage of a 14B model without the whole model in memory."""
+    from megatron_emu.generation.frozen import freeze
+
+    model = keep(build_emu(config, device="meta"))
+    model.to_empty(device="cpu")
+    model.llm.init_rope()  # the one buffer (not saved)
+    names = sorted(model.state_dict())
+    missing = [n for n in names if n not in source.entries]
+    if missing:
+        raise ValueError(f"{source.path}: not an Emu of its recorded config (missing {missing[:3]})")
+    model.load_state_dict(source.read(names), strict=True)
+    return freeze(model)
+
+
 def with_vocabulary_of(config: ModelConfig, state: dict, path: str) -> ModelConfig:
     """The preset with as many added tokens as the state's embedding has rows for (4 or 6)."""
     rows = state.get("llm.tok_embeddings.weight")

@@ -93,13 +93,7 @@ class ParallelDims:
 
     def validate(self, model: ModelConfig, data: DataConfig) -> int:
         """Check heads, hidden sizes and batch against the layout; returns micro-batches per DP rank."""
-        llm = model.llm
-        for name, value in (("LLaMA heads", llm.heads), ("LLaMA FFN", llm.ffn_dim)):
-            if value % self.tp:
-                raise ValueError(f"{name} {value} is not divisible by --tensor-model-parallel-size {self.tp}")
-        if llm.padded_vocab_size % self.tp:
-            raise ValueError(f"vocabulary size {llm.padded_vocab_size} is not divisible by --tensor-model-parallel-size "
-                             f"{self.tp}: pad it with --make-vocab-size-divisible-by (e.g. 128)")
+        self.validate_model(model)
         if self.sequence_parallel and data.seq_length % self.tp:
             raise ValueError(f"--seq-length {data.seq_length} is not divisible by TP {self.tp} (--sequence-parallel)")
         g, m = data.global_batch_size, data.micro_batch_size
@@ -112,6 +106,16 @@ class ParallelDims:
         if self.pp > 1 and micro < self.pp:
             raise ValueError(f"{micro} micro-batches per step is fewer than the {self.pp} pipeline ranks")
         return micro
+
+    def validate_model(self, model: ModelConfig) -> None:
+        """The model's sizes against the layout (all inference needs: it has no batch to check)."""
+        llm = model.llm
+        for name, value in (("LLaMA heads", llm.heads), ("LLaMA FFN", llm.ffn_dim)):
+            if value % self.tp:
+                raise ValueError(f"{name} {value} is not divisible by --tensor-model-parallel-size {self.tp}")
+        if llm.padded_vocab_size % self.tp:
+            raise ValueError(f"vocabulary size {llm.padded_vocab_size} is not divisible by --tensor-model-parallel-size "
+                             f"{self.tp}: pad it with --make-vocab-size-divisible-by (e.g. 128)")
 
     def describe(self) -> str:
         dp = f"DP={self.dp} ({self.sharding}" + (f", {self.dp_replicate} replicas)" if self.sharding == "hsdp" else ")")

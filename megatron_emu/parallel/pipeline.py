@@ -140,19 +140,24 @@ def stage_indices(pmesh: ParallelMesh) -> list[int]:
 def split_stage(full: Emu, stage: int, stage_layers: tuple[int, ...], feed: MicrobatchFeed,
                 io_dtype: torch.dtype = IO_DTYPE) -> EmuStage:
     """A copy of `full` keeping only what stage `stage` runs; it exchanges activations in `io_dtype`."""
+    return EmuStage(prune_to_stage(copy.deepcopy(full), stage, stage_layers), feed, io_dtype)
+
+
+def prune_to_stage(model: Emu, stage: int, stage_layers: tuple[int, ...]) -> Emu:
+    """`model` itself, without what other stages hold (in place: inference prunes its one copy).
+    Where the stages split Emu is decided here only (training's EmuStage, inference's stage)."""
     first, last = stage == 0, stage == len(stage_layers) - 1
-    pruned = copy.deepcopy(full)
     if not first:
-        pruned.visual = pruned.ln_visual = pruned.causal_former = None
-        pruned.llm.tok_embeddings = None
+        model.visual = model.ln_visual = model.causal_former = None
+        model.llm.tok_embeddings = None
     if not last:
-        pruned.llm.norm = pruned.llm.output = pruned.regression_head = None
+        model.llm.norm = model.llm.output = model.regression_head = None
     start = sum(stage_layers[:stage])
     keep = {str(i) for i in range(start, start + stage_layers[stage])}
-    for name in list(pruned.llm.layers.keys()):
+    for name in list(model.llm.layers.keys()):
         if name not in keep:
-            del pruned.llm.layers[name]
-    return EmuStage(pruned, feed, io_dtype)
+            del model.llm.layers[name]
+    return model
 
 
 def meta(*shape: int, dtype: torch.dtype = IO_DTYPE, grad: bool = False) -> torch.Tensor:

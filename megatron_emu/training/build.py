@@ -5,8 +5,10 @@
        recompute, compile, FSDP/DDP, materialised: parallel/parallelize.py) -> AdamW
 
 Pretraining (train.py), the throughput benchmark (tools/benchmark_throughput.py) and the
-parallel tests all call `build_run`. One process is a mesh of size 1 (parallel/mesh.py),
-so a single process builds, steps and clips through the same code as 8 ranks do.
+parallel tests all call `build_run`; inference (generation/inference.py `build_inference`:
+generation, evaluation, the decoder's frozen Emu) starts from the same `build_layout`. One
+process is a mesh of size 1 (parallel/mesh.py), so a single process builds, steps and clips
+through the same code as 8 ranks do.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from datetime import timedelta
 
 import torch
 
-from megatron_emu.config import TrainConfig
+from megatron_emu.config import DataConfig, ModelConfig, ParallelConfig, PerformanceConfig, TrainConfig
 from megatron_emu.model.attention import configure_attention
 from megatron_emu.model.emu import build_emu
 from megatron_emu.parallel.image_split import choose_placement
@@ -56,24 +58,53 @@ class Run:
 def build_run(config: TrainConfig) -> Run:
     """Every size checked before any work; then the mesh, the kernels and the model parts of
     this rank (built on the meta device: no rank ever holds the whole model) and its AdamW."""
-    timeout = timedelta(minutes=config.parallel.distributed_timeout_minutes)
-    world_size, device = init_distributed(config.device, timeout)
-    dims = ParallelDims.from_config(config.parallel, world_size, config.model, config.data.seq_length)
-    n_micro = dims.validate(config.model, config.data)
-    if config.performance.fp16 and dims.pp > 1:
+    layout = build_layout(config.parallel, config.performance, config.model, config.device, config.data)
+    try:
+        torch.manual_seed(config.seed)
+        pmodel = build_model(config, layout.pmesh, layout.n_micro, layout.precision.dtype)
+        optimizer = build_optimizer(pmodel.parts, config.optimizer, config.performance.fused_kernels,
+                                    layout.pmesh.device.type)
+    except BaseException:
+        layout.pmesh.close()
+        raise
+    return Run(config, layout.dims, layout.pmesh, layout.n_micro, layout.attention, layout.precision, pmodel, optimizer)
+
+
+@dataclass
+class RunLayout:
+    """What every run, training or inference, starts from: the validated sizes, the mesh,
+    the attention backend and the precision."""
+
+    dims: ParallelDims
+    pmesh: ParallelMesh
+    n_micro: int  # micro-batches per step on each data-parallel rank (inference: 1)
+    attention: str
+    precision: Precision
+
+
+def build_layout(parallel: ParallelConfig, performance: PerformanceConfig, model: ModelConfig, device_name: str,
+                 data: DataConfig | None = None) -> RunLayout:
+    """init_distributed -> ParallelDims (validated against the model, and the batch when
+    `data` is given: training) -> mesh -> attention backend -> Precision. The first half of
+    build_run, and of generation/inference.py's build_inference."""
+    timeout = timedelta(minutes=parallel.distributed_timeout_minutes)
+    world_size, device = init_distributed(device_name, timeout)
+    dims = ParallelDims.from_config(parallel, world_size, model, data.seq_length if data is not None else None)
+    if data is not None:
+        n_micro = dims.validate(model, data)
+    else:
+        dims.validate_model(model)
+        n_micro = 1
+    if performance.fp16 and dims.pp > 1:
         raise ValueError("--fp16 loss scaling is not supported with pipeline parallelism; use --bf16")
     pmesh = build_mesh(dims, device, timeout)
     try:
-        perf = config.performance
-        attention = configure_attention(perf.attention_backend, device.type, perf.use_flash_attn)
-        precision = Precision(perf, device.type)
-        torch.manual_seed(config.seed)
-        pmodel = build_model(config, pmesh, n_micro, precision.dtype)
-        optimizer = build_optimizer(pmodel.parts, config.optimizer, perf.fused_kernels, device.type)
+        attention = configure_attention(performance.attention_backend, device.type, performance.use_flash_attn)
+        precision = Precision(performance, device.type)
     except BaseException:
         pmesh.close()
         raise
-    return Run(config, dims, pmesh, n_micro, attention, precision, pmodel, optimizer)
+    return RunLayout(dims, pmesh, n_micro, attention, precision)
 
 
 def build_model(config: TrainConfig, pmesh: ParallelMesh, n_micro: int,

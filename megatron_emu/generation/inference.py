@@ -1,0 +1,129 @@
+"""The one way to build a frozen Emu for inference: generation, evaluation, image generation and
+the decoder's conditions (tools/generate_text.py, tools/evaluate.py, tools/generate_image.py,
+decoder/train.py) all call `build_inference`.
+
+    the model config (and later the weights: any form generation/loading.py reads; the
+    decoder's --emu-load: frozen.py)
+    -> training/build.py build_layout: init_distributed -> ParallelDims (tp, pp, dp from the
+       world size, validated against the model) -> mesh -> attention backend -> Precision
+    -> this rank's part: its pipeline stage (parallel/pipeline.py prune_to_stage), on its
+       device in the compute dtype, TP-sharded with training's plans (no sequence parallelism),
+       frozen; no FSDP / DDP, no optimizer.
+
+One process is a mesh of size 1, as in training. The model config comes first (the layout
+needs its layers and heads): our checkpoint of a whole Emu records it, and each rank then
+reads only its part's tensors; the other forms are read whole on the CPU and cut to the part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_emu.config import ModelConfig, ParallelConfig, PerformanceConfig
+from megatron_emu.generation.forward import shard_for_inference
+from megatron_emu.generation.frozen import freeze, load_emu
+from megatron_emu.generation.loading import load_for_inference, read_part, whole_model_checkpoint
+from megatron_emu.generation.stage_links import StageLinks
+from megatron_emu.model.emu import Emu
+from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh
+from megatron_emu.parallel.pipeline import prune_to_stage
+from megatron_emu.training.build import RunLayout, build_layout
+
+
+@dataclass
+class InferenceConfig:
+    load: str = ""  # our checkpoint (any layout), adapters, an HF export or a state-dict file
+    preset: str = "tiny"  # the model size of a state-dict file
+    base: str = ""  # adapters: their base (default: the one they record)
+    tokenizer_model: str = ""  # adapters: the words of [USER] / [ASSISTANT]
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    device: str = "auto"
+    bf16: bool = False
+    attention_backend: str = "auto"
+    # The decoder's --emu-load: an Emu of this config from our checkpoint or a state-dict file
+    # (frozen.py load_emu; empty `load`: random weights, for smoke runs).
+    model: ModelConfig | None = None
+
+
+@dataclass
+class InferenceRun:
+    """This rank's share of an inference run."""
+
+    layout: RunLayout
+    emu: Emu  # this rank's frozen part: the whole Emu, or its pipeline stage; TP-sharded
+    links: StageLinks | None  # pipeline neighbours (None without PP)
+
+    @property
+    def dims(self) -> ParallelDims:
+        return self.layout.dims
+
+    @property
+    def pmesh(self) -> ParallelMesh:
+        return self.layout.pmesh
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.pmesh.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.precision.dtype
+
+    def close(self) -> None:
+        """End the one-rank process group of a single process (parallel/mesh.py)."""
+        self.layout.pmesh.close()
+
+
+def build_inference(config: InferenceConfig) -> InferenceRun:
+    weights = Weights(config)
+    parallel = ParallelConfig(tensor_model_parallel_size=config.tensor_model_parallel_size,
+                              pipeline_model_parallel_size=config.pipeline_model_parallel_size)
+    performance = PerformanceConfig(attention_backend=config.attention_backend, fused_kernels=False, bf16=config.bf16)
+    layout = build_layout(parallel, performance, weights.config, config.device)
+    try:
+        emu = frozen_part(weights, layout)
+        links = StageLinks(layout.pmesh.pp_mesh, layout.pmesh.device) if layout.dims.pp > 1 else None
+    except BaseException:
+        layout.pmesh.close()
+        raise
+    return InferenceRun(layout, emu, links)
+
+
+class Weights:
+    """Where the run's weights come from. Our checkpoint of a whole Emu says its model config
+    and each rank reads the tensors of its own part only; every other form (adapters merged on
+    their base, an HF export, a state-dict file, the decoder's --emu-load) is read whole, float32
+    on the CPU, and cut to the rank's part."""
+
+    def __init__(self, config: InferenceConfig):
+        found = None
+        if config.model is None and config.load and not config.base:
+            found = whole_model_checkpoint(config.load)
+        self.source, self.whole = (found[0], None) if found else (None, read_whole(config))
+        self.config: ModelConfig = found[1] if found else self.whole.config
+
+    def part(self, keep) -> Emu:
+        """keep(emu) -> this rank's part of `emu` (in place)."""
+        return keep(self.whole) if self.whole is not None else read_part(self.source, self.config, keep)
+
+
+def read_whole(config: InferenceConfig) -> Emu:
+    """The whole frozen Emu, float32 on the CPU."""
+    if config.model is not None:
+        return load_emu(config.model, config.load)
+    if not config.load:
+        raise ValueError("no checkpoint to load: give --load / --checkpoint")
+    return load_for_inference(config.load, config.preset, base=config.base, tokenizer_model=config.tokenizer_model)
+
+
+def frozen_part(weights: Weights, layout: RunLayout) -> Emu:
+    """This rank's part: its pipeline stage, on its device in the compute dtype, TP-sharded."""
+    dims, pmesh = layout.dims, layout.pmesh
+    stage = (lambda emu: prune_to_stage(emu, pmesh.pp_rank, dims.stage_layers)) if dims.pp > 1 else (lambda emu: emu)
+    part = weights.part(stage).to(pmesh.device, layout.precision.dtype)
+    if dims.tp > 1:
+        shard_for_inference(part, pmesh.tp_mesh)
+    return freeze(part)

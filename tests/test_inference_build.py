@@ -1,0 +1,175 @@
+"""The one inference build (generation/inference.py build_inference): every entry point that
+runs a frozen Emu goes through it; TP2 and PP2 parts (gloo, CPU) give what one process gives:
+logits, greedy / beam / sampled tokens, candidate likelihoods and RICES features."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_emu.config import get_preset
+from megatron_emu.convert.imports import import_checkpoint
+from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
+from megatron_emu.generation import inference as inference_module
+from megatron_emu.generation.decoding import DecodingConfig, generate
+from megatron_emu.generation.forward import CachedForward
+from megatron_emu.generation.inference import InferenceConfig, build_inference
+from megatron_emu.generation.loading import load_for_inference
+from megatron_emu.generation.prompts import build_prompt
+from tests import eval_fixtures as fx
+from tests.dist_utils import spawn
+
+pytest.importorskip("transformers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "tools")
+CONFIG = get_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer") / "ckpt"
+    import_checkpoint([], CONFIG, str(root), seed=0)
+    return str(root)
+
+
+class Built(Exception):
+    """The spy's stop: the entry point reached build_inference."""
+
+
+def test_every_inference_entry_point_builds_through_build_inference(checkpoint, tmp_path, monkeypatch):
+    from megatron_emu.decoder import train as decoder_train
+    from megatron_emu.decoder.arguments import DecoderConfig
+
+    sys.path.insert(0, TOOLS)
+    import evaluate
+    import generate_image
+    import generate_text
+
+    seen = []
+
+    def spy(config):
+        seen.append(config)
+        raise Built
+
+    monkeypatch.setattr(inference_module, "build_inference", spy)  # the tools import it when they run
+    monkeypatch.setattr(decoder_train, "build_inference", spy)
+    vqa = fx.vqa_pair(str(tmp_path), "val2014", 2)
+    calls = {
+        "generate_text": lambda: generate_text.main(["--load", checkpoint, "--prompt", "a", "--pipeline-model-parallel-size", "2"]),
+        "evaluate": lambda: evaluate.main(["--task", "vqav2", "--checkpoint", checkpoint, "--tensor-model-parallel-size",
+                                           "2", "--output-dir", str(tmp_path / "eval")] + fx.flags(vqa)),
+        "generate_image": lambda: generate_image.main(["--emu-load", checkpoint, "--decoder", str(tmp_path),
+                                                       "--prompt", "a"]),
+        "decoder": lambda: decoder_train.finetune(DecoderConfig(preset="tiny", emu_load=checkpoint)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(Built):
+            call()
+    assert [c.load for c in seen] == [checkpoint] * 4
+    assert (seen[0].pipeline_model_parallel_size, seen[1].tensor_model_parallel_size) == (2, 2)
+    assert seen[2].model == CONFIG and seen[3].model == CONFIG  # --emu-load: the preset's Emu (frozen.py)
+    # ... and none of them builds a mesh or reads the weights itself.
+    for path in ("tools/generate_text.py", "tools/evaluate.py", "tools/generate_image.py", "megatron_emu/decoder/train.py"):
+        source = open(os.path.join(ROOT, path)).read()
+        for private in ("init_device_mesh", "load_for_inference", "load_emu(", "EmuGenerator.load("):
+            assert private not in source, (path, private)
+
+
+def prompts_for(tokenizer):
+    image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    items = (["a red circle"], [image, "the image shows"], ["once", image, "then"])
+    return [build_prompt(i, tokenizer, CONFIG) for i in items]
+
+
+def _tp_worker(rank, world_size, path):
+    run = build_inference(InferenceConfig(path, tensor_model_parallel_size=2))
+    single = load_for_inference(path)
+    tokenizer = EmuTokenizer(build_tiny_tokenizer())
+    assert (run.dims.tp, run.dims.pp, run.dims.dp) == (2, 1, 1)
+    wq = run.emu.llm.layers["0"].attention.wq.weight
+    assert wq.to_local().shape[0] == CONFIG.llm.hidden // 2 and not wq.requires_grad
+    assert not any(p.requires_grad for p in run.emu.parameters()) and not run.emu.training
+    prompts = prompts_for(tokenizer)
+    with torch.no_grad():
+        sharded, whole = CachedForward(run.emu), CachedForward(single)
+        torch.testing.assert_close(sharded.start(prompts), whole.start(prompts), rtol=1e-5, atol=1e-5)
+        next_tokens = torch.tensor([5, 6, 7])
+        torch.testing.assert_close(sharded.step(next_tokens), whole.step(next_tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_tp2_frozen_build_gives_the_logits_of_one_process(checkpoint):
+    spawn(2, _tp_worker, checkpoint)
+
+
+def _pp_worker(rank, world_size, path, state_file, tp):
+    from megatron_emu.convert.streams import DCPSource
+    from megatron_emu.evaluation.likelihood import continuation_logprobs
+
+    read, real_read = [], DCPSource.read
+    DCPSource.read = lambda self, names, **kw: read.extend(names) or real_read(self, names, **kw)
+    run = build_inference(InferenceConfig(path, tensor_model_parallel_size=tp, pipeline_model_parallel_size=2))
+    DCPSource.read = real_read
+    assert sorted(read) == sorted(run.emu.state_dict())  # this stage's tensors only, not the whole model
+    single = load_for_inference(path)
+    tokenizer = EmuTokenizer(build_tiny_tokenizer())
+    stage = run.pmesh.pp_rank
+    assert run.dims.stage_layers == (2, 2) and set(run.emu.llm.layers) == ({"0", "1"} if stage == 0 else {"2", "3"})
+    assert (run.emu.visual is not None, run.emu.regression_head is not None) == (stage == 0, stage == 1)
+    stop = {tokenizer.eos_id: "eos"}
+    prompts = prompts_for(tokenizer)
+    for config in (DecodingConfig(max_new_tokens=6), DecodingConfig(max_new_tokens=4, repetition_penalty=1.3),
+                   DecodingConfig(max_new_tokens=4, do_sample=True, temperature=1.5, seed=3),
+                   DecodingConfig(max_new_tokens=3, num_beams=2)):
+        expected = generate(CachedForward(single), prompts, config, stop)
+        got = generate(CachedForward(run.emu, run.links), prompts, config, stop)
+        assert got == expected, (rank, config, got, expected)
+    options = [[7, 8, 9], [10], [11, 12, 13, 14]]  # VisDial-style candidates of unequal length
+    expected = continuation_logprobs(CachedForward(single), prompts[1], options, chunk=2)
+    got = continuation_logprobs(CachedForward(run.emu, run.links), prompts[1], options, chunk=2)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    from_file = build_inference(InferenceConfig(state_file, tensor_model_parallel_size=tp, pipeline_model_parallel_size=2))
+    assert set(from_file.emu.state_dict()) == set(run.emu.state_dict())  # read whole, cut to the same stage
+    config = DecodingConfig(max_new_tokens=4)
+    assert generate(CachedForward(from_file.emu, from_file.links), prompts, config, stop) == \
+        generate(CachedForward(single), prompts, config, stop)
+    features = CachedForward(run.emu, run.links).on_first_stage(lambda: single.ln_visual.weight.detach() + 1,
+                                                                (CONFIG.vision.width,))
+    torch.testing.assert_close(features, single.ln_visual.weight.detach() + 1)  # the first stage's value everywhere
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2xpp2"])
+def test_pipeline_stages_decode_and_score_as_one_process(checkpoint, tp, tmp_path):
+    """From our checkpoint (each rank reads its stage's tensors) and from a state-dict file (read
+    whole, then cut)."""
+    state_file = str(tmp_path / "emu.pt")
+    torch.save(load_for_inference(checkpoint).state_dict(), state_file)
+    spawn(2 * tp, _pp_worker, checkpoint, state_file, tp)
+
+
+def _generate_text(rank, world_size, argv, expected):
+    sys.path.insert(0, TOOLS)
+    import generate_text
+
+    assert generate_text.main(argv) == expected, rank
+
+
+@pytest.mark.parametrize("world, pp", [(2, 1), (4, 2)], ids=["dp2", "dp2xpp2"])
+def test_generate_text_splits_the_prompts_over_data_parallel_ranks(checkpoint, world, pp):
+    sys.path.insert(0, TOOLS)
+    import generate_text
+
+    argv = ["--load", checkpoint, "--prompt", "a red", "--prompt", "once upon", "--prompt", "the", "--batch-size", "1",
+            "--max-new-tokens", "3", "--sample", "--seed", "2"]
+    expected = generate_text.main(argv)  # one process
+    assert [line.split("\t")[0] for line in expected] == ["a red", "once upon", "the"]
+    spawn(world, _generate_text, argv + ["--pipeline-model-parallel-size", str(pp)], expected)
+
+
+def test_layout_errors_are_one_line(checkpoint):
+    with pytest.raises(ValueError, match="world size 1 is not divisible by --tensor-model-parallel-size 1 x "
+                                         "--pipeline-model-parallel-size 2"):
+        build_inference(InferenceConfig(checkpoint, pipeline_model_parallel_size=2))
+    with pytest.raises(ValueError, match="no checkpoint to load"):
+        build_inference(InferenceConfig(""))
