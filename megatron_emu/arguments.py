@@ -85,6 +85,9 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
                         "as equal as whole layers allow")
     g.add_argument("--pipeline-balance-images-per-sample", type=float, default=None,
                    help="auto: images (and video frames) per sample of the data mix (default 2, the paper's mix)")
+    g.add_argument("--pipeline-balance-costs", default=None, metavar="FILE",
+                   help="auto: weigh stages by the measured per-block times of FILE (written by "
+                        "tools/benchmark_throughput.py --measure-block-costs) instead of FLOPs")
     g.add_argument("--vision-tensor-parallel", default=None, choices=["heads", "images", "auto"],
                    help="TP placement of the ViT and Causal Former: heads (split heads where TP divides them, else "
                         "replicate), images (replicate; each TP rank encodes 1/TP of the images, then all-gather), "
@@ -94,6 +97,11 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-distributed-optimizer", action="store_true", default=None,
                    help="Megatron's sharded optimizer; here = --data-parallel-sharding fsdp")
     g.add_argument("--num-distributed-optimizer-instances", type=int, default=None, help="hsdp: number of replicas")
+    g.add_argument("--overlap-grad-reduce", dest="overlap_grad_reduce", action="store_true", default=None,
+                   help="Megatron's flag: here the default (FSDP2 reduces each block as its backward ends)")
+    g.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce", action="store_false", default=None,
+                   help="DP: one FSDP2 unit per model part, so gradients are reduced after the whole backward and "
+                        "parameters gathered whole before forward (default: per block, overlapped with compute)")
     g.add_argument("--distributed-timeout-minutes", type=float, default=None,
                    help="timeout of every process group: a rank that stops answering makes the others fail "
                         "after this long, naming the collective (default 10; fractions allowed)")
@@ -204,7 +212,9 @@ FIELDS: dict[str, str] = {
         "tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel", "pipeline_schedule",
         "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
         "decoder_last_pipeline_num_layers", "pipeline_balance", "pipeline_balance_images_per_sample",
-        "vision_tensor_parallel", "data_parallel_sharding", "num_distributed_optimizer_instances", "distributed_timeout_minutes")},
+        "pipeline_balance_costs",
+        "vision_tensor_parallel", "data_parallel_sharding", "num_distributed_optimizer_instances", "distributed_timeout_minutes",
+        "overlap_grad_reduce")},
     **{name: f"checkpoint.{name}" for name in (
         "save", "save_interval", "load", "finetune", "no_load_optim", "no_load_rng", "keep_last", "async_save",
         "pretrained_checkpoint", "allow_checkpoint_rewind")},

@@ -106,11 +106,17 @@ class ParallelConfig:
     # LAION-COCO 128 pairs at 1 image, MMC4 64 at ~3 per 1024-token chunk (up to 5), WebVid 16 +
     # YT-Storyboard 16 at 8 frames: (256 + 64 * 3 + 32 * 8) / 352 = 2.0.
     pipeline_balance_images_per_sample: float = 2.0
+    # auto: measured per-block times (parallel/block_costs.py) instead of FLOPs; "" = FLOPs.
+    pipeline_balance_costs: str = ""
     # TP placement of the ViT and Causal Former: heads (split heads where TP divides them) | images
     # (replicated, each TP rank encodes 1/TP of the images) | auto (per module, fewer bytes moved).
     vision_tensor_parallel: str = "heads"
     data_parallel_sharding: str = "ddp"  # ddp | fsdp (ZeRO-3, FSDP2) | hsdp (shard inside groups, replicate across)
     num_distributed_optimizer_instances: int = 1  # hsdp: number of replicas (the rest of DP shards)
+    # Every transformer block its own FSDP2 unit: gradients reduced block by block during
+    # backward, parameters gathered block by block (prefetched). False: one unit per model
+    # part, gathered whole before forward and reduced after the whole backward (for comparison).
+    overlap_grad_reduce: bool = True
     # Every process group's timeout: a rank that stops answering fails the others after this long.
     distributed_timeout_minutes: float = 10.0
 

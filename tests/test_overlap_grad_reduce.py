@@ -25,11 +25,11 @@ from tests.dist_utils import spawn
 MICRO_BATCHES = 2
 
 
-def _observe(rank: int, world_size: int, sharding: str) -> None:
+def _observe(rank: int, world_size: int, sharding: str, per_block: bool = True) -> None:
     model_config = get_preset("tiny")
     dims = ParallelDims.from_config(ParallelConfig(data_parallel_sharding=sharding), world_size, model_config)
     model = build_emu(model_config, seed=0)
-    apply_data_parallel(model, build_mesh(dims, torch.device("cpu")))
+    apply_data_parallel(model, build_mesh(dims, torch.device("cpu")), per_block=per_block)
     layers = list(model.llm.layers.values())
 
     events: list[tuple[str, int]] = []  # (what, micro-batch)
@@ -57,6 +57,9 @@ def _observe(rank: int, world_size: int, sharding: str) -> None:
     assert not [e for e in events if e == ("reduce", 0)], events
     last = [what for what, m in events if m == MICRO_BATCHES - 1]
     before_layer0 = last[: last.index("layer 0 backward")].count("reduce")
+    if not per_block:  # --no-overlap-grad-reduce: one reduction, after the whole backward
+        assert before_layer0 == 0 and last.count("reduce") == 1 and last[-2:] == ["reduce", "backward done"], last
+        return
     # Every LLaMA layer after layer 0 has been reduced while layer 0 (and the vision side) still computes.
     assert before_layer0 >= len(layers) - 1, last
     # Everything else (layer 0, the vision blocks, the root's embeddings and heads) by the end of backward.
@@ -68,6 +71,11 @@ def _observe(rank: int, world_size: int, sharding: str) -> None:
 @pytest.mark.parametrize("sharding", ["fsdp", "ddp"])
 def test_gradient_reductions_are_issued_during_backward(sharding):
     spawn(2, _observe, sharding)
+
+
+def test_no_overlap_grad_reduce_reduces_after_backward():
+    """The comparison setting of tools/benchmark_throughput.py --profile-comm."""
+    spawn(2, _observe, "fsdp", False)
 
 
 def _observe_pipeline(rank: int, world_size: int) -> None:

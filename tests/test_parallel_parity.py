@@ -305,6 +305,8 @@ WORLD2 = {
     "PP2 zero-bubble": dict(pipeline_model_parallel_size=2, pipeline_schedule="zero-bubble"),
     "DP2 DDP": dict(data_parallel_sharding="ddp"),
     "DP2 FSDP2": dict(data_parallel_sharding="fsdp"),
+    # --no-overlap-grad-reduce: one FSDP2 unit for the whole model, reduced after backward.
+    "DP2 FSDP2 no overlap": dict(data_parallel_sharding="fsdp", overlap_grad_reduce=False),
     # Activation recompute in multi-process training (the plain layouts above also run
     # with fused norms and fused AdamW on DTensors; one layout without them).
     "TP2 full recompute": dict(tensor_model_parallel_size=2, performance=dict(recompute_granularity="full")),

@@ -65,6 +65,12 @@ def add_benchmark_args(parser: argparse.ArgumentParser) -> None:
                         "--corpus-batches): also the same samples one per row")
     g.add_argument("--no-memory", action="store_true", help="skip the CPU memory-tracking step")
     g.add_argument("--data-only", action="store_true", help="run tools/benchmark_data.py with the other flags")
+    g.add_argument("--measure-block-costs", metavar="FILE", default=None,
+                   help="write per-block times at the run's shapes to FILE for --pipeline-balance-costs")
+    g.add_argument("--stage-busy", action="store_true",
+                   help="PP: even vs --pipeline-balance auto side by side, each rank's stage compute time")
+    g.add_argument("--profile-comm", action="store_true",
+                   help="DP: overlap vs --no-overlap-grad-reduce side by side, profiled time in collectives")
 
 
 # -- timing ---------------------------------------------------------------------------
@@ -265,6 +271,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     config = apply_llm_shape(to_config(args), args)
+    if args.measure_block_costs or args.stage_busy or args.profile_comm:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from benchmark_parallel import run_measure_mode
+
+        return run_measure_mode(config, args)
     ours = prepare_emu(config, args.images_per_sample, args.corpus_batches)
     try:
         row = measure(config, args, ours)

@@ -35,6 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images-per-sample", type=int, default=2,
                    help="images (video frames) per sample of the data mix: FLOPs and the pipeline balance")
     p.add_argument("--fp32", action="store_true", help="plan fp32 training (default: bf16)")
+    p.add_argument("--pipeline-balance-costs", default="", metavar="FILE",
+                   help="split pipeline stages by the measured block times of FILE "
+                        "(tools/benchmark_throughput.py --measure-block-costs) instead of FLOPs")
+    p.add_argument("--vision-tensor-parallel", default="heads", choices=["heads", "images", "auto"],
+                   help="TP placement of the ViT and Causal Former, as pretrain_emu.py's flag (memory per rank)")
     p.add_argument("--top", type=int, default=12, help="rows to print")
     p.add_argument("--json", action="store_true", help="also print every row as JSON lines")
     return p.parse_args(argv)
@@ -52,14 +57,18 @@ def assumptions(hw) -> str:
             f"not at all with zero-bubble); 1F1B bubble (PP-1)/v micro-batches")
 
 
-def flags(row, images_per_sample: float) -> str:
+def flags(row, images_per_sample: float, vision_tensor_parallel: str = "heads", costs_file: str = "") -> str:
     d = row.dims
     text = (f"--tensor-model-parallel-size {d.tp} --pipeline-model-parallel-size {d.pp} "
             f"--data-parallel-sharding {d.sharding}")
+    if d.tp > 1 and vision_tensor_parallel != "heads":
+        text += f" --vision-tensor-parallel {vision_tensor_parallel}"
     if d.pp > 1:
         text += f" --pipeline-schedule {d.schedule} --pipeline-balance auto"
         if images_per_sample != 2:
             text += f" --pipeline-balance-images-per-sample {images_per_sample:g}"
+        if costs_file:
+            text += f" --pipeline-balance-costs {costs_file}"
     if row.recompute == "selective":
         text += " --recompute-activations"
     elif row.recompute == "full":
@@ -99,11 +108,12 @@ def main(argv=None) -> list:
         seq_length=args.seq_length or recipe.seq_length,
         images_per_sample=args.images_per_sample,
         dtype="float32" if args.fp32 else "bfloat16",
+        vision_tensor_parallel=args.vision_tensor_parallel,
     )
     hw = HARDWARE[args.gpu]
     hw = dataclasses.replace(hw, memory_gib=args.gpu_memory_gib or hw.memory_gib,
                              peak_tflops=args.peak_tflops or hw.peak_tflops)
-    rows = plan(get_preset(args.preset), work, args.gpus, hw)
+    rows = plan(get_preset(args.preset), work, args.gpus, hw, costs_file=args.pipeline_balance_costs)
     if not rows:
         raise ValueError(f"tools/plan.py: no TP x PP x DP layout of {args.gpus} GPUs accepts global batch "
                          f"{work.global_batch_size} / micro-batch {work.micro_batch_size} for {args.preset}")
@@ -117,7 +127,7 @@ def main(argv=None) -> list:
     if best.fits:
         print(f"\nrecommended: {best.dims.describe()}, recompute {best.recompute or 'off'}: "
               f"{best.memory.row()['total']} GiB per GPU, ~{best.time['tokens_per_s']:,.0f} tokens/s\n"
-              f"  pretrain_emu.py --preset {args.preset} {flags(best, args.images_per_sample)}{' --bf16' if not args.fp32 else ''}")
+              f"  pretrain_emu.py --preset {args.preset} {flags(best, args.images_per_sample, args.vision_tensor_parallel, args.pipeline_balance_costs)}{' --bf16' if not args.fp32 else ''}")
     else:
         print("\nno layout fits in memory: add GPUs, lower --micro-batch-size or --seq-length")
     if args.json:

@@ -8,7 +8,9 @@ stage, so the split that matters is the one whose costliest stage is cheapest.
 
 Megatron users place the ends by hand (--decoder-first/last-pipeline-num-layers); here
 the split is chosen from the FLOPs model of model/flops.py, the same one that the
-planner and the MFU figures use.
+planner and the MFU figures use, or, with --pipeline-balance-costs FILE, from per-block
+times measured at the run's shapes (block_costs.py), which see what FLOPs do not: blocks
+that run below matmul efficiency.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ from typing import Callable
 
 from megatron_emu.config import ModelConfig
 from megatron_emu.model import flops
+from megatron_emu.parallel import block_costs
 
 StageCost = Callable[[int, bool, bool], float]  # (LLaMA layers, is first, is last) -> cost
 
 
-def emu_stage_cost(model: ModelConfig, seq_length: int, images_per_sample: float) -> StageCost:
-    """Forward + backward FLOPs of one sample through a stage (micro-batch size cancels out)."""
+def emu_stage_cost(model: ModelConfig, seq_length: int, images_per_sample: float, costs_file: str = "") -> StageCost:
+    """Forward + backward FLOPs of one sample through a stage (micro-batch size cancels out),
+    or its measured seconds when `costs_file` (--pipeline-balance-costs) is given."""
+    if costs_file:
+        seconds = block_costs.load_costs(costs_file, model, seq_length)
+        return block_costs.measured_stage_cost(seconds, model, images_per_sample)
+
     def cost(layers: int, first: bool, last: bool) -> float:
         return flops.stage_flops(model, 1, seq_length, images_per_sample, layers, first, last)
     return cost

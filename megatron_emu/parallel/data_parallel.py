@@ -23,10 +23,13 @@ from megatron_emu.parallel.image_split import reduce_image_split_grads
 from megatron_emu.parallel.mesh import ParallelMesh
 
 
-def apply_data_parallel(part: nn.Module, pmesh: ParallelMesh, compute_dtype: torch.dtype = torch.float32) -> None:
+def apply_data_parallel(part: nn.Module, pmesh: ParallelMesh, compute_dtype: torch.dtype = torch.float32,
+                        per_block: bool = True) -> None:
     """Wrap one model part in place; a no-op when DP is 1. Under --bf16 / --fp16
     (`compute_dtype`) FSDP2 gathers parameters in it for compute and reduce-scatters
-    gradients in fp32; the sharded parameters (the optimizer's master weights) stay fp32."""
+    gradients in fp32; the sharded parameters (the optimizer's master weights) stay fp32.
+    per_block False (--no-overlap-grad-reduce): the part is one unit, whose gradients are
+    reduced only once its whole backward is done."""
     if pmesh.dims.dp == 1:
         return
     mesh = pmesh.sharding_mesh()
@@ -36,7 +39,7 @@ def apply_data_parallel(part: nn.Module, pmesh: ParallelMesh, compute_dtype: tor
     mp_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
         if compute_dtype != torch.float32 else MixedPrecisionPolicy()
     kwargs = dict(mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
-    for blocks in part.transformer_stacks().values():
+    for blocks in part.transformer_stacks().values() if per_block else ():
         for block in blocks:
             fully_shard(block, **kwargs)
     fully_shard(part, **kwargs)

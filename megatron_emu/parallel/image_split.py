@@ -118,9 +118,11 @@ class ShareImages(torch.autograd.Function):
     def forward(ctx, images: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         n, size, rank = images.shape[0], dist.get_world_size(group), dist.get_rank(group)
         per_rank = math.ceil(n / size)
-        padded = torch.cat([images, images[-1:].expand(per_rank * size - n, *images.shape[1:])])
+        share = images[rank * per_rank:(rank + 1) * per_rank]
         ctx.n, ctx.group = n, group
-        return padded[rank * per_rank:(rank + 1) * per_rank]
+        # A copy of the share alone, not a view of all N images: the encoder saves its input
+        # for backward, and a view would keep every image's pixels alive until then.
+        return torch.cat([share, images[-1:].expand(per_rank - share.shape[0], *images.shape[1:])])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

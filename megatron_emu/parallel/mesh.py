@@ -79,10 +79,14 @@ class ParallelDims:
                 f"--num-distributed-optimizer-instances {replicas} does not divide the data-parallel size {dp}"
             )
         cost = None
-        if parallel.pipeline_balance == "auto":
+        if parallel.pipeline_balance_costs and not (parallel.pipeline_balance == "auto" and pp > 1):
+            raise ValueError("--pipeline-balance-costs is read by --pipeline-balance auto with "
+                             "--pipeline-model-parallel-size > 1 only")
+        if parallel.pipeline_balance == "auto" and pp > 1:
             if seq_length is None:
                 raise ValueError("--pipeline-balance auto needs the sequence length to cost the stages")
-            cost = emu_stage_cost(model, seq_length, parallel.pipeline_balance_images_per_sample)
+            cost = emu_stage_cost(model, seq_length, parallel.pipeline_balance_images_per_sample,
+                                  parallel.pipeline_balance_costs)
         virtual, layers = pipeline_layout(parallel, model.llm.layers, cost) if pp > 1 else (1, ())
         return cls(world_size, tp, pp, dp, sharding, replicas, parallel.sequence_parallel,
                    parallel.pipeline_schedule, virtual, layers)

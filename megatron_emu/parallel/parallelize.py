@@ -58,7 +58,7 @@ class ParallelModel:
 def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, objective, seed: int,
                     performance: PerformanceConfig | None = None, lora: LoRASpec | None = None,
                     compute_dtype: torch.dtype = torch.float32,
-                    vision_placement: dict[str, str] | None = None) -> ParallelModel:
+                    vision_placement: dict[str, str] | None = None, overlap_grad_reduce: bool = True) -> ParallelModel:
     """`full` is either initialised (every rank the same: tests, checkpoint loading) or on
     the meta device, in which case each rank materialises and initialises only its stages.
     `objective(outputs, batch) -> EmuLoss`: the loss the last pipeline stage computes (PP only).
@@ -67,7 +67,8 @@ def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, objective, see
     each other and what FSDP2 gathers parameters in; master weights stay fp32.
     `lora`: freeze the base and adapt the LLM's q, k, v, o (model/lora.py); adapters of an
     initialised `full` start from the single-process values (init by name), like the base.
-    `vision_placement`: TP placement of the image encoders (image_split.choose_placement)."""
+    `vision_placement`: TP placement of the image encoders (image_split.choose_placement).
+    `overlap_grad_reduce` False (--no-overlap-grad-reduce): one FSDP2 unit per part."""
     performance = performance or PerformanceConfig(fused_kernels=False)
     dims = pmesh.dims
     if dims.pp > 1:
@@ -90,7 +91,7 @@ def parallelize_emu(full: Emu, pmesh: ParallelMesh, n_micro: int, objective, see
         if performance.fused_kernels:
             apply_fused_norms(part, pmesh.device.type)
         apply_recompute_and_compile(part, performance)
-        apply_data_parallel(part, pmesh, compute_dtype)
+        apply_data_parallel(part, pmesh, compute_dtype, per_block=overlap_grad_reduce)
         if on_meta:
             materialise(part, pmesh.device, seed)
     schedule = EmuPipeline(parts, stages, pmesh, n_micro, objective) if dims.pp > 1 else None

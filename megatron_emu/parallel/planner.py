@@ -1,13 +1,15 @@
 """Cluster planner: memory per rank and estimated throughput of each TP x PP x DP layout.
 
 Memory per rank = weights + gradients + optimizer states (from parameter counts of the
-rank's pipeline stage, / TP, / DP when FSDP shards them) + activations of the
-micro-batches in flight + transient buffers. Activations are not guessed from a
+rank's pipeline stage, / TP except what TP replicates, such as image encoders placed on
+images, / DP when FSDP shards them) + activations of the micro-batches in flight +
+transient buffers. Activations are not guessed from a
 formula: each block type (LLaMA layer, EVA block, Causal Former block, heads) runs once
 at the planned per-rank shapes on fake tensors (no memory, no compute, any model
 size), and the tensors autograd saves for backward are summed by storage. The code
 that trains is the code that is measured, so a model change updates the plan
-(planner_activations.py; this file: parameters, memory per rank, time, ranking).
+(planner_activations.py; parameters: planner_parameters.py; this file: memory per rank,
+time, ranking).
 
 Precision: fp32 keeps 4-byte everything. bf16 keeps fp32 master weights, fp32
 gradients and Adam states (16 bytes / parameter); with FSDP the blocks compute on
@@ -28,8 +30,11 @@ from dataclasses import dataclass
 
 from megatron_emu.config import DataConfig, ModelConfig, ParallelConfig
 from megatron_emu.model import flops as flops_model
+from megatron_emu.parallel import block_costs
 from megatron_emu.parallel.mesh import ParallelDims
-from megatron_emu.parallel.planner_activations import BlockActivations, activation_profile, block_bytes, cached
+from megatron_emu.parallel.planner_activations import BlockActivations, activation_profile, block_bytes
+from megatron_emu.parallel.planner_parameters import (  # noqa: F401 (parameter_counts: the planner's API)
+    encoder_placement, parameter_counts, rank_parameters, stage_layers)
 
 GiB = 2**30
 
@@ -61,6 +66,7 @@ class Workload:
     dtype: str = "bfloat16"  # float32 | bfloat16
     recompute: str | None = None  # None | selective | full
     recompute_num_layers: int | None = None
+    vision_tensor_parallel: str = "heads"  # heads | images | auto (--vision-tensor-parallel)
 
 
 @dataclass
@@ -89,76 +95,10 @@ class MemoryEstimate:
                     in_flight=self.in_flight)
 
 
-# -- parameters per pipeline rank --------------------------------------------------------
-@cached
-def parameter_counts(config: ModelConfig) -> dict[str, int]:
-    """Parameters of the encoder (ViT + ln_visual + Causal Former), the token embedding,
-    one LLaMA layer, and the head (final norm, LM head, regression head)."""
-    from megatron_emu.model.emu import build_emu
-
-    emu = build_emu(config, device="meta")
-    count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
-    return dict(encoder=count(emu.visual, emu.ln_visual, emu.causal_former), embed=count(emu.llm.tok_embeddings),
-                layer=count(emu.llm.layers["0"]), head=count(emu.llm.norm, emu.llm.output, emu.regression_head),
-                encoder_blocks=count(emu.visual.blocks, emu.causal_former.blocks),
-                largest_block=max(count(emu.llm.layers["0"]), count(emu.visual.blocks[0]),
-                                  count(emu.causal_former.blocks[0])),
-                vision_block=count(emu.visual.blocks[0]), cf_block=count(emu.causal_former.blocks[0]),
-                **tp_replicated_counts(emu))
-
-
-def tp_replicated_counts(emu) -> dict[str, int]:
-    """Parameters every TP rank holds whole, by tensor_parallel.py's plans: what no
-    column/row-parallel plan covers (norms, the patch embedding, position embeddings,
-    query tokens, the Causal Former projection) and row-parallel biases."""
-    from megatron_emu.parallel import tensor_parallel as tpp
-
-    def replicated(module, plan) -> int:
-        n = 0
-        for name, p in module.named_parameters():
-            owner, _, leaf = name.rpartition(".")
-            style = plan.get(owner)
-            if style is None or (isinstance(style, tpp.RowwiseParallel) and leaf == "bias"):
-                n += p.numel()
-        return n
-
-    c = emu.causal_former
-    outside = [p for m in (emu.visual, emu.ln_visual, c) for n, p in m.named_parameters()
-               if not n.startswith("blocks.") and p is not c.relative_attention_bias.weight]
-    return dict(layer_replicated=replicated(emu.llm.layers["0"], tpp.llama_layer_plan(False)),
-                vision_block_replicated=replicated(emu.visual.blocks[0], tpp.vision_block_plan()),
-                cf_block_replicated=replicated(c.blocks[0], tpp.causal_former_block_plan()),
-                encoder_outside_replicated=sum(p.numel() for p in outside),
-                head_replicated=sum(p.numel() for p in emu.llm.norm.parameters()))
-
-
-def rank_parameters(model: ModelConfig, dims: ParallelDims, stages: list[int]) -> int:
-    """Parameters one TP rank of these stages holds: sharded ones / TP, replicated whole
-    (blocks whose heads TP does not divide stay whole, like parallelize_vision)."""
-    counts, layers = parameter_counts(model), stage_layers(dims, model)
-    tp, v, c = dims.tp, model.vision, model.causal_former
-    shared = lambda total, whole: (total - whole) // tp + whole  # noqa: E731
-    layer = shared(counts["layer"], counts["layer_replicated"])
-    vis_block, cf_block = counts["vision_block"], counts["cf_block"]
-    vision_split = v.heads % tp == 0 and v.mlp_dim % tp == 0
-    cf_split = c.heads % tp == 0 and c.ffn_dim % tp == 0
-    encoder = (v.layers * (shared(vis_block, counts["vision_block_replicated"]) if vision_split else vis_block)
-               + c.layers * (shared(cf_block, counts["cf_block_replicated"]) if cf_split else cf_block))
-    outside = counts["encoder"] - counts["encoder_blocks"]
-    # Only the relative-position bias is split outside the blocks, and only with the heads.
-    encoder += shared(outside, counts["encoder_outside_replicated"]) if cf_split else outside
-    last = len(layers) - 1
-    return sum(layers[s] * layer + (s == 0) * (encoder + counts["embed"] // tp)
-               + (s == last) * shared(counts["head"], counts["head_replicated"]) for s in stages)
-
-
+# -- pipeline ranks ---------------------------------------------------------------------
 def rank_stages(dims: ParallelDims, pp_rank: int) -> list[int]:
     """Pipeline stages (indices) held by one PP rank: stage s lives on rank s % pp."""
     return [s for s in range(dims.num_stages) if s % dims.pp == pp_rank]
-
-
-def stage_layers(dims: ParallelDims, model: ModelConfig) -> tuple[int, ...]:
-    return dims.stage_layers if dims.pp > 1 else (model.llm.layers,)
 
 
 # -- memory -----------------------------------------------------------------------------
@@ -167,7 +107,8 @@ def estimate_memory(model: ModelConfig, work: Workload, dims: ParallelDims, pp_r
     counts, layers = parameter_counts(model), stage_layers(dims, model)
     stages = rank_stages(dims, pp_rank)
     last = len(layers) - 1
-    params = rank_parameters(model, dims, stages)
+    placement = workload_placement(model, work, dims)
+    params = rank_parameters(model, dims, stages, placement)
     fsdp = dims.sharding in ("fsdp", "hsdp")
     bf16_weights = fsdp and work.dtype != "float32"  # FSDP2 MixedPrecisionPolicy gathers bf16
     n_micro = work.global_batch_size // (work.micro_batch_size * dims.dp)
@@ -176,16 +117,22 @@ def estimate_memory(model: ModelConfig, work: Workload, dims: ParallelDims, pp_r
     # FSDP2 keeps unsharded gradients while sync is off (gradient accumulation).
     grads = 4 * params // (shard if n_micro == 1 else 1)
 
-    prof = activation_profile(model, work.micro_batch_size, work.seq_length, dims.tp, work.dtype, bf16_weights)
+    # An encoder placed on heads runs 1/TP-wide blocks on every image; one on images
+    # full-width blocks on this rank's ceil(N / TP) images; a replicated one both in full.
+    encoder_tp = tuple(dims.tp if placement[e] == "heads" else 1 for e in ("visual", "causal_former"))
+    prof = activation_profile(model, work.micro_batch_size, work.seq_length, dims.tp, work.dtype, bf16_weights,
+                              encoder_tp)
     per_micro, workspace = 0, 0
     for s in stages:
         per_micro += stack_bytes(prof.llm_layer, layers[s], work)
         workspace = max(workspace, prof.llm_layer.saved if work.recompute else 0)
         if s == 0:
             images = work.micro_batch_size * work.images_per_sample
-            per_micro += images * (stack_bytes(prof.vision_block, model.vision.layers, work)
-                                   + stack_bytes(prof.causal_former_block, model.causal_former.layers, work)
-                                   + prof.encoder_rest)
+            share = lambda e: -(-images // dims.tp) if placement[e] == "images" else images  # noqa: E731
+            per_micro += (share("visual") * (stack_bytes(prof.vision_block, model.vision.layers, work)
+                                             + prof.encoder_rest)
+                          + share("causal_former") * stack_bytes(prof.causal_former_block,
+                                                                 model.causal_former.layers, work))
         if s == last:
             per_micro += prof.llm_head
     in_flight = in_flight_microbatches(dims, pp_rank, n_micro)
@@ -204,6 +151,12 @@ def estimate_memory(model: ModelConfig, work: Workload, dims: ParallelDims, pp_r
         transient += gathered * (compute_bytes if bf16_weights else 4) + 4 * block
     return MemoryEstimate(weights, grads, optimizer, in_flight * per_micro, transient, in_flight,
                           grads_with_activations=n_micro > 1 or dims.pp > 1)
+
+
+def workload_placement(model: ModelConfig, work: Workload, dims: ParallelDims) -> dict[str, str]:
+    """--vision-tensor-parallel resolved as training/build.py resolves it."""
+    images_per_step = work.global_batch_size / dims.dp * work.images_per_sample
+    return encoder_placement(model, dims, work.vision_tensor_parallel, images_per_step)
 
 
 def stack_bytes(block: BlockActivations, layers: int, work: Workload) -> int:
@@ -306,9 +259,12 @@ class PlanRow:
 
 
 def candidate_dims(model: ModelConfig, data: DataConfig, gpus: int, images_per_sample: float = 2.0,
-                   shardings=("ddp", "fsdp")):
+                   shardings=("ddp", "fsdp"), costs_file: str = ""):
     """Every layout the trainer accepts (ParallelDims.validate) for `gpus` ranks; pipelines
-    are split by cost (--pipeline-balance auto) at the workload's images per sample."""
+    are split by cost (--pipeline-balance auto) at the workload's images per sample, by
+    measured block times when `costs_file` (--pipeline-balance-costs) is given."""
+    if costs_file:  # a bad file is the user's error, not a layout to skip
+        block_costs.load_costs(costs_file, model, data.seq_length)
     divisors = [d for d in range(1, gpus + 1) if gpus % d == 0]
     for tp in (d for d in divisors if d <= 8):
         for pp in (d for d in divisors if tp * d <= gpus and d <= model.llm.layers):
@@ -317,7 +273,8 @@ def candidate_dims(model: ModelConfig, data: DataConfig, gpus: int, images_per_s
                     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                               sequence_parallel=False, pipeline_schedule=schedule,
                                               data_parallel_sharding=sharding, pipeline_balance="auto",
-                                              pipeline_balance_images_per_sample=images_per_sample)
+                                              pipeline_balance_images_per_sample=images_per_sample,
+                                              pipeline_balance_costs=costs_file)
                     try:
                         dims = ParallelDims.from_config(parallel, gpus, model, data.seq_length)
                         dims.validate(model, data)
@@ -326,12 +283,14 @@ def candidate_dims(model: ModelConfig, data: DataConfig, gpus: int, images_per_s
                     yield dims
 
 
-def plan(model: ModelConfig, work: Workload, gpus: int, hw: Hardware, headroom: float = 0.9) -> list[PlanRow]:
-    """Every valid layout x recompute choice, those that fit first, fastest first."""
+def plan(model: ModelConfig, work: Workload, gpus: int, hw: Hardware, headroom: float = 0.9,
+         costs_file: str = "") -> list[PlanRow]:
+    """Every valid layout x recompute choice, those that fit first, fastest first. `costs_file`:
+    measured block times for the pipeline split (the step time stays the FLOPs model's)."""
     data = DataConfig(seq_length=work.seq_length, micro_batch_size=work.micro_batch_size,
                       global_batch_size=work.global_batch_size)
     rows = []
-    for dims in candidate_dims(model, data, gpus, work.images_per_sample):
+    for dims in candidate_dims(model, data, gpus, work.images_per_sample, costs_file=costs_file):
         for recompute in (None, "selective", "full"):
             w = dataclasses.replace(work, recompute=recompute, recompute_num_layers=None)
             memory = max((estimate_memory(model, w, dims, r) for r in range(dims.pp)), key=lambda m: m.total)

@@ -108,23 +108,27 @@ class ActivationProfile:
 
 @cached
 def activation_profile(config: ModelConfig, micro_batch_size: int, seq_length: int, tp: int, dtype: str,
-                       bf16_weights: bool) -> ActivationProfile:
+                       bf16_weights: bool, encoder_tp: tuple[int, int] | None = None) -> ActivationProfile:
+    """encoder_tp: (ViT, Causal Former) TP shards of their blocks; None: `tp` for both. 1 for
+    an encoder that TP replicates (placed on images, or heads that TP does not divide)."""
     from megatron_emu.model.emu import Emu
     from megatron_emu.model.llama import rotary_tables, token_positions
 
     compute = getattr(torch, dtype)
     weight_dtype = compute if bf16_weights else torch.float32
     b, s, v, c = micro_batch_size, seq_length, config.vision, config.causal_former
+    vision_tp, cf_tp = encoder_tp or (tp, tp)
     with FakeTensorMode(), _default_dtype(weight_dtype):
         emu = Emu(config)
-        for block in (emu.llm.layers["0"], emu.visual.blocks[0], emu.causal_former.blocks[0]):
-            shard_for_tp(block, tp)
+        for block, shards in ((emu.llm.layers["0"], tp), (emu.visual.blocks[0], vision_tp),
+                              (emu.causal_former.blocks[0], cf_tp)):
+            shard_for_tp(block, shards)
         hidden = lambda *shape: torch.randn(*shape, dtype=weight_dtype, requires_grad=True)  # noqa: E731
         positions = token_positions(rotary_tables(config.llm, s), s)
         llm = measure_saved(emu.llm.layers["0"], (hidden(b, s, config.llm.hidden), positions), compute)
         vis = measure_saved(emu.visual.blocks[0], (hidden(1, v.num_tokens, v.width),), compute)
         visual = hidden(1, v.num_tokens, v.width)
-        bias = torch.randn(1, c.heads // tp, c.num_query_tokens, c.num_query_tokens, dtype=weight_dtype)
+        bias = torch.randn(1, c.heads // cf_tp, c.num_query_tokens, c.num_query_tokens, dtype=weight_dtype)
         cf = measure_saved(emu.causal_former.blocks[0], (hidden(1, c.num_query_tokens, c.d_model), visual, bias), compute,
                            shared=(visual,))
         # The whole encoder of one image with 0 blocks = everything around the blocks.

@@ -115,7 +115,8 @@ def build_model(config: TrainConfig, pmesh: ParallelMesh, n_micro: int,
     full = build_emu(config.model, device="meta")
     apply_freezing(full, config.optimizer)
     return parallelize_emu(full, pmesh, n_micro, emu_objective(config), config.seed, config.performance,
-                           lora_spec(config), compute_dtype, vision_placement(config, pmesh.dims))
+                           lora_spec(config), compute_dtype, vision_placement(config, pmesh.dims),
+                           config.parallel.overlap_grad_reduce)
 
 
 def vision_placement(config: TrainConfig, dims: ParallelDims) -> dict[str, str]:
