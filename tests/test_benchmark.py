@@ -166,3 +166,23 @@ def test_llm_shape_takes_another_presets_widths():
     assert config.model.vision == get_preset("tiny").vision  # the vision side stays tiny
     with pytest.raises(ValueError, match="--llm-layers must be >= 1"):
         bench_ops.apply_llm_shape(bench.to_config(args), parser.parse_args(["--llm-layers", "0"]))
+
+
+def test_compare_hf_times_both_sides_at_their_initial_weights(monkeypatch):
+    """Ours steps twice a round (image and text-only step, one model) to transformers' once:
+    at a learning rate it drifted sooner into subnormal gradients (slow on x86), so the
+    comparison freezes both (lr 0: the same AdamW work, weights unchanged)."""
+    frozen = []
+    real = bench.freeze_weights
+
+    def spy(*optimizers):
+        real(*optimizers)
+        frozen.extend((o, [p.detach().clone() for g in o.param_groups for p in g["params"]]) for o in optimizers)
+
+    monkeypatch.setattr(bench, "freeze_weights", spy)
+    bench.main(SMALL + ["--compare", "hf", "--no-memory"])
+    assert len(frozen) == 2  # ours and transformers
+    for optimizer, before in frozen:
+        after = [p.detach() for g in optimizer.param_groups for p in g["params"]]
+        assert all(g["lr"] == 0.0 for g in optimizer.param_groups)
+        assert all(torch.equal(a, b) for a, b in zip(after, before))

@@ -42,11 +42,10 @@ import torch.distributed as dist  # noqa: E402
 from megatron_emu.arguments import build_parser, to_config  # noqa: E402
 from megatron_emu.config import TrainConfig  # noqa: E402
 from megatron_emu.data.random_batches import random_batch  # noqa: E402
-from megatron_emu.training.optim import build_optimizer  # noqa: E402
 from megatron_emu.training.metrics import CPUPeakMemory, device_peak_tflops, mfu, training_flops  # noqa: E402
-from megatron_emu.training.precision import Precision  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_hf import freeze_weights, prepare_hf_llama  # noqa: E402
 from benchmark_ops import add_ops_args, apply_llm_shape, profile_ops, run_eager, text_only_step  # noqa: E402
 
 log = logging.getLogger("megatron_emu")
@@ -164,47 +163,6 @@ def prepare_emu(config: TrainConfig, images_per_sample: int, corpus: bool = Fals
                 layout=dims.describe(), attention=run.attention, rows=rows, images=images)
 
 
-# -- transformers baseline ------------------------------------------------------------
-def prepare_hf_llama(config: TrainConfig, device: torch.device):
-    """A training step of LlamaForCausalLM with our LLaMA's shape, same batch and precision.
-    With --compile each decoder layer is compiled, as ours compiles each block: both sides
-    compiled is the fair comparison."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    m, d, perf = config.model.llm, config.data, config.performance
-    hf_config = LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden, intermediate_size=m.ffn_dim, num_hidden_layers=m.layers,
-        num_attention_heads=m.heads, num_key_value_heads=m.heads, max_position_embeddings=m.max_positions,
-        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=False,
-        use_cache=False,  # training: no KV cache (transformers 5 builds one by default)
-    )
-    hf_config._attn_implementation = "sdpa"
-    torch.manual_seed(config.seed)
-    model = LlamaForCausalLM(hf_config).to(device)
-    if perf.recompute_granularity == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if perf.compile:
-        for layer in model.model.layers:
-            layer.compile(backend=perf.compile_backend)
-    optimizer = build_optimizer(model, config.optimizer, perf.fused_kernels, device.type)  # the AdamW ours runs
-    precision = Precision(perf, device.type)
-    n_micro = d.global_batch_size // d.micro_batch_size
-    batches = [random_batch(config.model, d.micro_batch_size, d.seq_length, 0, seed=i)["tokens"].to(device)
-               for i in range(n_micro)]
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        for tokens in batches:
-            with precision.autocast():
-                loss = model(input_ids=tokens, labels=tokens).loss
-            precision.backward(loss / n_micro)
-        precision.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.clip_grad)
-        precision.step(optimizer)
-
-    return step
-
-
 # -- report -------------------------------------------------------------------------
 def versions() -> dict:
     import transformers
@@ -295,6 +253,7 @@ def measure(config: TrainConfig, args, ours: dict) -> dict:
             raise ValueError("--compare hf runs on a single process")
         hf_step = prepare_hf_llama(config, device)
         steps += [text_only_step(config, ours), hf_step]  # text-only, both
+        freeze_weights(ours["run"].optimizer, hf_step.optimizer)
         if config.performance.compile:  # and transformers eager: ours compiled vs both
             steps.append(run_eager(hf_step))
     if args.compare == "unpacked":
