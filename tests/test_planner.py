@@ -136,3 +136,45 @@ def test_plan_states_its_assumptions(capsys):
     out = capsys.readouterr().out
     assert "assumed: matmul-bound blocks at 50% of peak" in out and "exposed comm" in out
     assert "--pipeline-balance auto" in out
+
+
+def test_step_time_counts_the_encoders_as_placed():
+    """--vision-tensor-parallel: a head-split encoder runs 1/TP of its FLOPs with two
+    all-reduces per block each way; an image-split one runs ceil(images / TP) images whole,
+    gathers its outputs and all-reduces its fp32 gradients once a step; a replicated one runs
+    everything. Worked values at emu-14b, TP4, 2 images per micro-batch."""
+    from megatron_emu.parallel.planner_encoders import (
+        encoder_block_parameters, encoder_rank_flops, encoder_shares, encoder_tp_bytes)
+
+    config, hw = get_preset("emu-14b"), HARDWARE["a100-80g"]
+    shares = encoder_shares(config)
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["visual"] > 0.9  # EVA-CLIP-g dominates
+    heads, images = {"visual": "heads", "causal_former": "heads"}, {"visual": "images", "causal_former": "images"}
+    mixed = {"visual": "heads", "causal_former": "replicated"}
+    assert encoder_rank_flops(config, 100.0, 2, 4, heads) == pytest.approx(25.0)
+    assert encoder_rank_flops(config, 100.0, 2, 4, images) == pytest.approx(50.0)  # ceil(2 / 4) of 2 images
+    assert encoder_rank_flops(config, 100.0, 8, 4, images) == pytest.approx(25.0)
+    assert encoder_rank_flops(config, 100.0, 2, 4, mixed) == pytest.approx(25.0 * shares["visual"]
+                                                                           + 100.0 * shares["causal_former"])
+    v, c = config.vision, config.causal_former
+    assert encoder_tp_bytes(config, 2, 2, heads) == dict(
+        allreduce=4 * 2 * 2 * (v.layers * v.num_tokens * v.width + c.layers * c.num_query_tokens * c.d_model),
+        gather=0.0, step_allreduce=0.0)
+    params = encoder_block_parameters(config)
+    assert encoder_tp_bytes(config, 2, 2, images) == dict(
+        allreduce=0.0, gather=2 * 2 * (v.num_tokens * v.width + c.num_query_tokens * config.llm.hidden),
+        step_allreduce=4 * (params["visual"] + params["causal_former"]))
+
+    def step(placement):
+        dims = ParallelDims.from_config(ParallelConfig(tensor_model_parallel_size=4, data_parallel_sharding="fsdp"),
+                                        8, config, seq_length=1024)
+        return dims, estimate_step_time(config, Workload(1, 16, 1024, 2, vision_tensor_parallel=placement), dims, hw)
+
+    dims, by_heads = step("heads")
+    _, by_images = step("images")
+    assert by_heads["encoder_grads_s"] == 0.0
+    assert by_images["encoder_grads_s"] == pytest.approx(
+        allreduce_seconds(4 * (params["visual"] + params["causal_former"]) / dims.dp_shard, 4, hw.intra_node_gbs))
+    # Two images over four ranks: each rank runs the whole ViT on one (padded) image, half the
+    # images of the micro-batch, then the gradient all-reduce: slower than splitting the heads.
+    assert by_images["seconds"] > by_heads["seconds"]

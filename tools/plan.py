@@ -54,7 +54,9 @@ def assumptions(hw) -> str:
             f"{hw.intra_node_gbs:g} GB/s per GPU (NVLink, {hw.gpus_per_node} GPUs per node) and fully exposed; "
             f"DP on {hw.inter_node_gbs:g} GB/s per GPU across nodes; FSDP all-gathers prefetched behind compute; "
             f"gradients reduced once per step, hidden by the last micro-batch's backward (each stage's with PP; "
-            f"not at all with zero-bubble); 1F1B bubble (PP-1)/v micro-batches")
+            f"not at all with zero-bubble); 1F1B bubble (PP-1)/v micro-batches; "
+            f"image encoders as --vision-tensor-parallel places them (heads: 1/TP of their FLOPs + TP all-reduces per block; "
+            f"images: ceil(images/TP) each + one fp32 gradient all-reduce per step; replicated: all of them)")
 
 
 def flags(row, images_per_sample: float, vision_tensor_parallel: str = "heads", costs_file: str = "") -> str:

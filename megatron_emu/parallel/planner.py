@@ -29,12 +29,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from megatron_emu.config import DataConfig, ModelConfig, ParallelConfig
-from megatron_emu.model import flops as flops_model
 from megatron_emu.parallel import block_costs
 from megatron_emu.parallel.mesh import ParallelDims
 from megatron_emu.parallel.planner_activations import BlockActivations, activation_profile, block_bytes
 from megatron_emu.parallel.planner_parameters import (  # noqa: F401 (parameter_counts: the planner's API)
     encoder_placement, parameter_counts, rank_parameters, stage_layers)
+from megatron_emu.parallel.planner_time import (  # noqa: F401 (allreduce_seconds, stage_flops: the planner's API)
+    allreduce_seconds, estimate_step_time, rank_stages, stage_flops, workload_placement)
 
 GiB = 2**30
 
@@ -95,12 +96,6 @@ class MemoryEstimate:
                     in_flight=self.in_flight)
 
 
-# -- pipeline ranks ---------------------------------------------------------------------
-def rank_stages(dims: ParallelDims, pp_rank: int) -> list[int]:
-    """Pipeline stages (indices) held by one PP rank: stage s lives on rank s % pp."""
-    return [s for s in range(dims.num_stages) if s % dims.pp == pp_rank]
-
-
 # -- memory -----------------------------------------------------------------------------
 def estimate_memory(model: ModelConfig, work: Workload, dims: ParallelDims, pp_rank: int = 0) -> MemoryEstimate:
     """Peak bytes of one rank of PP rank `pp_rank` (every TP/DP rank of it is alike)."""
@@ -153,12 +148,6 @@ def estimate_memory(model: ModelConfig, work: Workload, dims: ParallelDims, pp_r
                           grads_with_activations=n_micro > 1 or dims.pp > 1)
 
 
-def workload_placement(model: ModelConfig, work: Workload, dims: ParallelDims) -> dict[str, str]:
-    """--vision-tensor-parallel resolved as training/build.py resolves it."""
-    images_per_step = work.global_batch_size / dims.dp * work.images_per_sample
-    return encoder_placement(model, dims, work.vision_tensor_parallel, images_per_step)
-
-
 def stack_bytes(block: BlockActivations, layers: int, work: Workload) -> int:
     recomputed = layers if work.recompute != "full" or work.recompute_num_layers is None else min(
         layers, work.recompute_num_layers)
@@ -174,78 +163,6 @@ def in_flight_microbatches(dims: ParallelDims, pp_rank: int, n_micro: int) -> in
     if dims.virtual_stages > 1:
         held = -(-held * (dims.pp * dims.virtual_stages + dims.pp - 1) // (dims.pp * dims.virtual_stages))
     return held
-
-
-# -- throughput model -------------------------------------------------------------------
-def stage_flops(model: ModelConfig, work: Workload, layers: int, first: bool, last: bool) -> float:
-    """Forward + backward (+ recompute) FLOPs of one micro-batch through one stage."""
-    return flops_model.stage_flops(model, work.micro_batch_size, work.seq_length, work.images_per_sample, layers,
-                               first, last, work.recompute, work.recompute_num_layers)
-
-
-def allreduce_seconds(nbytes: float, ranks: int, gbs: float) -> float:
-    return 2 * (ranks - 1) / ranks * nbytes / (gbs * 1e9) if ranks > 1 else 0.0
-
-
-def estimate_step_time(model: ModelConfig, work: Workload, dims: ParallelDims, hw: Hardware) -> dict:
-    """Seconds per optimizer step on the slowest PP rank, and its parts."""
-    layers = stage_layers(dims, model)
-    n_micro = work.global_batch_size // (work.micro_batch_size * dims.dp)
-    act_bytes = 2 if work.dtype != "float32" else 4
-    # TP: two all-reduces of (B, S, H) per LLaMA layer forward, two backward (+2 when recomputed).
-    per_layer = 4 + (2 if work.recompute == "full" else 0)
-    tp_bytes = per_layer * work.micro_batch_size * work.seq_length * model.llm.hidden * act_bytes
-    rank_mb, tp_per_rank = [], []
-    for r in range(dims.pp):
-        stages = rank_stages(dims, r)
-        flops = sum(stage_flops(model, work, layers[s], s == 0, s == len(layers) - 1) for s in stages) / dims.tp
-        compute = flops / (hw.peak_tflops * 1e12 * hw.efficiency)
-        tp_per_rank.append(sum(layers[s] for s in stages) * allreduce_seconds(tp_bytes, dims.tp, hw.intra_node_gbs))
-        rank_mb.append(compute + tp_per_rank[-1])
-    t_mb = max(rank_mb)
-    bubble = (dims.pp - 1) / max(dims.virtual_stages, 1) if dims.pp > 1 else 0
-    pipeline = (n_micro + bubble) * t_mb
-    dp_exposed = data_parallel_exposed_seconds(model, work, dims, hw, layers, n_micro, t_mb, pipeline)
-    tp_exposed = max(tp_per_rank) * (n_micro + bubble)  # TP collectives sit on the critical path
-    step = pipeline + dp_exposed
-    flops = flops_model.training_flops(model, work.global_batch_size, work.seq_length,
-                                   work.global_batch_size * work.images_per_sample)
-    exposed = tp_exposed + dp_exposed
-    return dict(seconds=step, bubble_s=bubble * t_mb, dp_exposed_s=dp_exposed, tp_exposed_s=tp_exposed,
-                exposed_comm_fraction=exposed / step, tokens_per_s=work.global_batch_size * work.seq_length / step,
-                mfu=flops / step / (dims.world_size * hw.peak_tflops * 1e12))
-
-
-def data_parallel_exposed_seconds(model: ModelConfig, work: Workload, dims: ParallelDims, hw: Hardware,
-                                  layers: tuple[int, ...], n_micro: int, t_mb: float, pipeline: float) -> float:
-    """Data-parallel traffic the schedule does not hide, as the code runs it today.
-
-    - Parameter all-gathers (fsdp): FSDP2 prefetches the next block's gather behind the
-      current block's compute, so they hide behind the pipeline's compute. Without PP a
-      block is gathered in forward and again in backward of every micro-batch; with PP
-      the stage stays gathered for the whole step (data_parallel.py), once.
-    - Gradient reduction (fp32 reduce-scatter, or all-reduce of full replicas): gradients
-      accumulate over micro-batches and are reduced once: FSDP2 reduces each block as its
-      gradient becomes final in the last micro-batch, which hides behind at most that
-      micro-batch's backward (~2/3 of it); with PP, per stage (pipeline.OverlappedStage).
-      Zero-bubble splits the backward and keeps torch's reduction after the schedule:
-      nothing hides it.
-    """
-    counts = parameter_counts(model)
-    params = max(sum(layers[s] * counts["layer"] for s in rank_stages(dims, r)) for r in range(dims.pp))
-    params = (params + counts["encoder"] + counts["embed"] + counts["head"] / dims.pp) / dims.tp
-    bw = hw.intra_node_gbs if dims.tp * dims.dp <= hw.gpus_per_node else hw.inter_node_gbs
-    act_bytes = 2 if work.dtype != "float32" else 4
-    if dims.dp_shard > 1:  # all-gather / reduce-scatter each move half of an all-reduce
-        gathers = (2 * n_micro if dims.pp == 1 else 1) * act_bytes * params
-        gather_s = allreduce_seconds(gathers, dims.dp_shard, bw) / 2
-        reduce_s = allreduce_seconds(4 * params, dims.dp_shard, bw) / 2
-    else:
-        gather_s, reduce_s = 0.0, 0.0
-    if dims.dp_replicate > 1:  # full replicas (ddp, hsdp across groups): all-reduce of fp32 gradients
-        reduce_s += allreduce_seconds(4 * params / dims.dp_shard, dims.dp_replicate, bw)
-    reduce_hidden_by = t_mb * 2 / 3 if dims.pp == 1 or dims.schedule != "zero-bubble" else 0.0
-    return max(0.0, gather_s - pipeline) + max(0.0, reduce_s - reduce_hidden_by)
 
 
 # -- the search ---------------------------------------------------------------------------
