@@ -13,10 +13,11 @@ of B; a large eps keeps the update proportional to the gradient, the noise at ro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from megatron_emu.config import (
     NUM_INSTRUCT_SPECIAL_TOKENS, DataConfig, LoRAConfig, OptimizerConfig, ParallelConfig, PerformanceConfig,
@@ -128,3 +129,63 @@ def worker(rank: int, world: int, ref: list[dict]) -> None:
 
 def test_lora_two_ranks_equal_single_process():
     spawn(2, worker, reference(run_config()))
+
+
+DROPOUT_SPEC = LoRASpec(rank=8, alpha=16.0, dropout=0.25)
+
+
+def dropout_config(**parallel) -> TrainConfig:
+    config = run_config(**parallel)
+    return dataclasses.replace(config, lora=LoRAConfig(DROPOUT_SPEC.rank, DROPOUT_SPEC.alpha, DROPOUT_SPEC.dropout))
+
+
+def with_trained_b(named_parameters) -> None:
+    """B = 0 at init would hide A's mask from the gradients: give B values (the same full
+    tensor everywhere, sharded where the run shards it)."""
+    for name, param in named_parameters:
+        if name.endswith("lora_B"):
+            full = torch.nn.init.normal_(torch.empty(param.shape), std=0.02, generator=torch.Generator().manual_seed(3))
+            with torch.no_grad():
+                param.copy_(distribute_tensor(full, param.device_mesh, param.placements) if isinstance(param, DTensor)
+                            else full)
+
+
+def dropout_reference(config: TrainConfig) -> dict:
+    """The clipped adapter gradients of one step, masks drawn from the stream seeded 1000."""
+    model = build_emu(config.model, seed=SEED)
+    init_parameters(model, config.model.init_std, SEED, set(apply_lora(model, DROPOUT_SPEC)))
+    with_trained_b(model.named_parameters())
+    torch.manual_seed(1000)
+    batches = step_batches(config)[0]
+    for b in batches:
+        loss = emu_loss(*model(b["tokens"], b["images"]), b["tokens"], config.model.special_tokens,
+                        vocab_size=config.model.llm.vocab_size, answer_mask=b["answer_mask"])
+        (loss.total / len(batches)).backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def dropout_worker(rank: int, world: int, ref: dict) -> None:
+    for name, parallel in {"TP2": dict(tensor_model_parallel_size=2),
+                           "TP2+SP": dict(tensor_model_parallel_size=2, sequence_parallel=True)}.items():
+        config = dropout_config(**parallel)
+        run = build_run(config)
+        with_trained_b(run.pmodel.named_parameters())
+        torch.manual_seed(1000)  # every rank: the same stream as the reference
+        train_step(run.pmodel, run.optimizer, step_batches(config)[0], config)
+        compared = 0
+        for pname, param in run.pmodel.named_parameters():
+            if is_lora_parameter(pname):
+                got = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+                want = ref[pname]
+                torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL * max(want.abs().max().item(), 1e-12),
+                                           msg=lambda m: f"{name} {pname}: {m}")
+                compared += 1
+        assert compared == len(ref) and all(ref[n].abs().max() > 0 for n in ref)
+        run.close()
+
+
+def test_lora_dropout_masks_under_tp_are_the_single_process_masks():
+    """--lora-dropout under TP (+SP): each adapter's input, replicated or split over heads,
+    is dropped with the mask one process draws for the whole tensor (GlobalMaskDropout)."""
+    spawn(2, dropout_worker, dropout_reference(dropout_config()))
