@@ -127,12 +127,12 @@ def cached_plan(prefix: str, name: str, params: dict, width: int,
     identity: file_identity(prefix) taken when the dataset was opened (else taken now)."""
     key = plan_key(identity or file_identity(prefix), name, params, width)
     # Beside the dataset first: a warm start then needs no writability check (access + abspath).
-    path = plan_file(prefix, name, key)
-    plan, problem = _load(path, key, width)
+    beside = plan_file(prefix, name, key)
+    plan, _ = _load(beside, key, width)
     if plan is not None:
         return plan
-    if problem == "missing":
-        path = plan_file(sidecar_base(prefix, cache_dir), name, key)  # the cache dir if read-only
+    path = plan_file(sidecar_base(prefix, cache_dir), name, key)  # where it is built: the cache dir if read-only
+    if path != beside:
         plan, _ = _load(path, key, width)
         if plan is not None:
             return plan
