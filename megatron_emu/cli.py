@@ -39,3 +39,14 @@ class ToolParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\nexample: {self.example}\n")
+
+
+
+def refuse_run_as_tool(module_file: str, flags: str, example: str) -> None:
+    """A module of tools/benchmark_throughput.py run on its own: its usage, one `error:` line
+    and an example, exit code 2, as every tool answers a call it cannot serve."""
+    name = os.path.basename(module_file)
+    print(f"usage: python tools/benchmark_throughput.py [flags] {flags}\n"
+          f"error: tools/{name} is a part of tools/benchmark_throughput.py: run that\n"
+          f"example: {example}", file=sys.stderr)
+    sys.exit(2)

@@ -15,7 +15,6 @@ built, so the file for a large preset can be measured on one device.
 
 from __future__ import annotations
 
-import sys
 import dataclasses
 import statistics
 import time
@@ -116,8 +115,7 @@ def measure_block_costs(config: TrainConfig, images_per_sample: float, path: str
 
 
 if __name__ == "__main__":  # a module of tools/benchmark_throughput.py, not a tool of its own
-    print("usage: python tools/benchmark_throughput.py [flags] --measure-block-costs FILE\n"
-          "error: tools/benchmark_blocks.py is a part of tools/benchmark_throughput.py: run that\n"
-          "example: python tools/benchmark_throughput.py --preset tiny --seq-length 96"
-          " --images-per-sample 2 --measure-block-costs costs.json", file=sys.stderr)
-    sys.exit(2)
+    from megatron_emu.cli import refuse_run_as_tool
+
+    refuse_run_as_tool(__file__, "--measure-block-costs FILE",
+                       "python tools/benchmark_throughput.py --preset tiny --seq-length 96 --images-per-sample 2 --measure-block-costs costs.json")

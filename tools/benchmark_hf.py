@@ -3,8 +3,6 @@ of LlamaForCausalLM with our LLaMA's shape, batch, precision and AdamW."""
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from megatron_emu.config import TrainConfig
@@ -66,7 +64,7 @@ def freeze_weights(*optimizers) -> None:
 
 
 if __name__ == "__main__":  # a module of tools/benchmark_throughput.py, not a tool of its own
-    print("usage: python tools/benchmark_throughput.py [flags] --compare hf\n"
-          "error: tools/benchmark_hf.py is a part of tools/benchmark_throughput.py: run that\n"
-          "example: python tools/benchmark_throughput.py --preset tiny --compare hf", file=sys.stderr)
-    sys.exit(2)
+    from megatron_emu.cli import refuse_run_as_tool
+
+    refuse_run_as_tool(__file__, "--compare hf",
+                       "python tools/benchmark_throughput.py --preset tiny --compare hf")

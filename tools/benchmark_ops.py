@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
 
 import torch
@@ -151,8 +150,7 @@ def profile_ops(args, steps: list) -> dict:
 
 
 if __name__ == "__main__":  # a module of tools/benchmark_throughput.py, not a tool of its own
-    print("usage: python tools/benchmark_throughput.py [flags] --compare hf --profile-ops [--llm-shape 1b --llm-layers N]\n"
-          "error: tools/benchmark_ops.py is a part of tools/benchmark_throughput.py: run that\n"
-          "example: python tools/benchmark_throughput.py --preset tiny --compare hf --profile-ops --no-memory",
-          file=sys.stderr)
-    sys.exit(2)
+    from megatron_emu.cli import refuse_run_as_tool
+
+    refuse_run_as_tool(__file__, "--compare hf --profile-ops [--llm-shape 1b --llm-layers N]",
+                       "python tools/benchmark_throughput.py --preset tiny --compare hf --profile-ops --no-memory")

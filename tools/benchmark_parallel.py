@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -219,8 +218,7 @@ def print_variants(row: dict) -> None:
 
 
 if __name__ == "__main__":  # a module of tools/benchmark_throughput.py, not a tool of its own
-    print("usage: python tools/benchmark_throughput.py [flags] --measure-block-costs FILE | --stage-busy | --profile-comm\n"
-          "error: tools/benchmark_parallel.py is a part of tools/benchmark_throughput.py: run that\n"
-          "example: python -m torch.distributed.run --nproc-per-node 2 tools/benchmark_throughput.py"
-          " --pipeline-model-parallel-size 2 --stage-busy", file=sys.stderr)
-    sys.exit(2)
+    from megatron_emu.cli import refuse_run_as_tool
+
+    refuse_run_as_tool(__file__, "--measure-block-costs FILE | --stage-busy | --profile-comm",
+                       "python -m torch.distributed.run --nproc-per-node 2 tools/benchmark_throughput.py --pipeline-model-parallel-size 2 --stage-busy")

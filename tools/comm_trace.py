@@ -12,7 +12,6 @@ Compute = the main thread's aten ops outside communication calls.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -93,8 +92,7 @@ def profiled_step(step, device: torch.device):
     return prof, seconds
 
 if __name__ == "__main__":  # a module of tools/benchmark_throughput.py, not a tool of its own
-    print("usage: python tools/benchmark_throughput.py [flags] --profile-comm\n"
-          "error: tools/comm_trace.py is a part of tools/benchmark_throughput.py: run that\n"
-          "example: python -m torch.distributed.run --nproc-per-node 2 tools/benchmark_throughput.py"
-          " --data-parallel-sharding fsdp --profile-comm", file=sys.stderr)
-    sys.exit(2)
+    from megatron_emu.cli import refuse_run_as_tool
+
+    refuse_run_as_tool(__file__, "--profile-comm",
+                       "python -m torch.distributed.run --nproc-per-node 2 tools/benchmark_throughput.py --data-parallel-sharding fsdp --profile-comm")
