@@ -61,11 +61,10 @@ def _heads_divide(config: ModelConfig, name: str, tp: int) -> bool:
     return config.causal_former.heads % tp == 0 and config.causal_former.ffn_dim % tp == 0
 
 
-def _images_cheaper(config: ModelConfig, name: str, tp: int, images_per_step: float) -> bool:
-    """Bytes over TP per step: heads-split activations all-reduced per block (2 forward, 2
-    backward, bf16) against one fp32 gradient all-reduce of the module plus the gather of
-    its outputs. Ring all-reduce moves 2 (T-1)/T of a buffer, all-gather (T-1)/T."""
-    ring, gather = 2 * (tp - 1) / tp, (tp - 1) / tp
+def tp_traffic(config: ModelConfig, name: str, images: float, act_bytes: int = 2) -> dict[str, float]:
+    """Bytes over TP of encoder `name` for `images` images, by placement: `heads`, its blocks'
+    activations all-reduced (2 forward, 2 backward per block); `images_gather`, its outputs
+    gathered; `images_grads`, its fp32 gradients all-reduced (once a step, whatever `images`)."""
     with torch.device("meta"):  # exact parameter counts, no memory
         module = EVAVisionTransformer(config.vision) if name == "visual" else \
             CausalFormer(config.causal_former, visual_dim=config.vision.width, llm_hidden=config.llm.hidden)
@@ -78,9 +77,17 @@ def _images_cheaper(config: ModelConfig, name: str, tp: int, images_per_step: fl
         c = config.causal_former
         tokens, width, blocks = c.num_query_tokens, c.d_model, c.layers
         out_tokens, out_width = c.num_query_tokens, config.llm.hidden
-    heads_bytes = images_per_step * blocks * 4 * tokens * width * 2 * ring
-    images_bytes = params * 4 * ring + images_per_step * out_tokens * out_width * 2 * gather
-    return images_bytes < heads_bytes
+    return dict(heads=images * blocks * 4 * tokens * width * act_bytes,
+                images_gather=images * out_tokens * out_width * act_bytes, images_grads=4 * params)
+
+
+def _images_cheaper(config: ModelConfig, name: str, tp: int, images_per_step: float) -> bool:
+    """Bytes over TP per step, bf16 activations: heads-split all-reduces against one fp32
+    gradient all-reduce of the module plus the gather of its outputs. Ring all-reduce moves
+    2 (T-1)/T of a buffer, all-gather (T-1)/T."""
+    ring, gather = 2 * (tp - 1) / tp, (tp - 1) / tp
+    traffic = tp_traffic(config, name, images_per_step)
+    return traffic["images_grads"] * ring + traffic["images_gather"] * gather < traffic["heads"] * ring
 
 
 def apply_image_split(part: nn.Module, tp_group: dist.ProcessGroup, placement: dict[str, str]) -> None:

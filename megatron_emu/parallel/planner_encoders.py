@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from megatron_emu.config import ModelConfig
 from megatron_emu.model import flops as flops_model
+from megatron_emu.parallel.image_split import tp_traffic
 from megatron_emu.parallel.planner_parameters import parameter_counts
 
 ENCODERS = ("visual", "causal_former")
@@ -47,33 +48,26 @@ def encoder_rank_flops(model: ModelConfig, encoders_flops: float, images: float,
     return total
 
 
-def encoder_block_parameters(model: ModelConfig) -> dict[str, int]:
-    """Parameters in each encoder's blocks (nearly all of it)."""
-    counts = parameter_counts(model)
-    return {"visual": model.vision.layers * counts["vision_block"],
-            "causal_former": model.causal_former.layers * counts["cf_block"]}
-
-
 def encoder_parameters_per_rank(model: ModelConfig, tp: int, placement: dict[str, str]) -> float:
-    """The encoders' parameters one TP rank holds: 1/TP of a head-split one, all of the others."""
-    whole = sum(n for name, n in encoder_block_parameters(model).items() if placement[name] != "heads")
-    return (parameter_counts(model)["encoder"] - whole) / tp + whole
+    """The encoders' parameters one TP rank holds: 1/TP of a head-split one's blocks, all of the others."""
+    counts = parameter_counts(model)
+    blocks = {"visual": model.vision.layers * counts["vision_block"],
+              "causal_former": model.causal_former.layers * counts["cf_block"]}
+    whole = sum(n for name, n in blocks.items() if placement[name] != "heads")
+    return (counts["encoder"] - whole) / tp + whole
 
 
 def encoder_tp_bytes(model: ModelConfig, images: float, act_bytes: int, placement: dict[str, str]) -> dict[str, float]:
     """Bytes over TP for one micro-batch: `allreduce` (heads-split blocks) and `gather`
     (image-split outputs), and `step_allreduce` (image-split gradients, fp32, once a step;
-    the caller divides it by the FSDP shard count)."""
-    v, c = model.vision, model.causal_former
-    blocks = {"visual": (v.layers, v.num_tokens, v.width), "causal_former": (c.layers, c.num_query_tokens, c.d_model)}
-    outputs = {"visual": v.num_tokens * v.width, "causal_former": c.num_query_tokens * model.llm.hidden}
-    params = encoder_block_parameters(model)
+    the caller divides it by the FSDP shard count). The same accounting as the trainer's
+    --vision-tensor-parallel auto (image_split.tp_traffic)."""
     out = dict(allreduce=0.0, gather=0.0, step_allreduce=0.0)
     for name in ENCODERS:
-        layers, tokens, width = blocks[name]
+        traffic = tp_traffic(model, name, images, act_bytes)
         if placement[name] == "heads":
-            out["allreduce"] += layers * 4 * images * tokens * width * act_bytes
+            out["allreduce"] += traffic["heads"]
         elif placement[name] == "images":
-            out["gather"] += images * outputs[name] * act_bytes
-            out["step_allreduce"] += 4 * params[name]
+            out["gather"] += traffic["images_gather"]
+            out["step_allreduce"] += traffic["images_grads"]
     return out
