@@ -159,3 +159,22 @@ def test_views_pickle_their_plan_as_a_file_name_for_spawned_workers(tok, data, m
     again = pickle.loads(blob).array
     assert isinstance(again, np.memmap) and again.filename == view.plan.array.filename
     np.testing.assert_array_equal(again, view.plan.array)
+
+
+def test_a_damaged_plan_beside_a_read_only_dataset_is_rebuilt_in_the_cache_dir(tok, data, tmp_path, monkeypatch):
+    """The plan beside the dataset is read first; when it cannot be used and the dataset's
+    directory is read-only, the rebuild goes to the cache dir (not beside it), and the
+    damaged file is left as it was."""
+    spec = SeqSpec.from_tokenizer(tok, 64)
+    good = np.array(InterleavedView(data, spec).plan.array)  # built beside, while writable
+    (name,) = [p for p in plan_files(data) if p.endswith(".bin")]
+    beside = os.path.join(os.path.dirname(data.prefix), name)
+    os.truncate(beside, os.path.getsize(beside) - 8)
+    damaged = open(beside, "rb").read()
+    dataset_dir = os.path.dirname(data.prefix)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if p == dataset_dir else real_access(p, mode))
+    view = InterleavedView(data, spec, cache_dir=str(tmp_path / "cache"))
+    np.testing.assert_array_equal(view.plan.array, good)
+    assert open(beside, "rb").read() == damaged
+    assert any(".plan-chunks-" in p for p in os.listdir(tmp_path / "cache" / "plans"))
