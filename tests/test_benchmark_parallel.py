@@ -4,9 +4,10 @@ trace arithmetic of tools/comm_trace.py."""
 import importlib.util
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
 
 from tests.dist_utils import spawn
 
@@ -19,8 +20,11 @@ spec.loader.exec_module(bench)
 from comm_trace import comm_times  # noqa: E402  (tools/, on the path above)
 
 
-def event(name, start, end, thread=1):
-    return SimpleNamespace(name=name, thread=thread, time_range=SimpleNamespace(start=start, end=end))
+def event(name, start, end, thread=1, stream=None):
+    """A profiler event as torch.profiler builds them; with `stream`, a CUDA kernel on it."""
+    on_gpu = stream is not None
+    return FunctionEvent(id=0, name=name, thread=stream if on_gpu else thread, start_us=start, end_us=end,
+                         device_type=DeviceType.CUDA if on_gpu else DeviceType.CPU, device_resource_id=stream)
 
 
 def test_comm_times_split_waiting_from_hidden():
@@ -42,6 +46,29 @@ def test_comm_times_split_waiting_from_hidden():
     assert times["collective_s"] == pytest.approx(60e-6)  # 20 + 20 + 20 in flight
     assert times["hidden_s"] == pytest.approx(20e-6)
     assert times["waiting_s"] == pytest.approx((2 + 20 + 27) * 1e-6)  # c10d call, idle wait, FSDP region
+
+
+def test_comm_times_reads_nccl_kernels_on_gpu():
+    """A GPU trace: the step's CPU region 0..100 us; kernels on the compute stream (7) and
+    NCCL's (13). The all-gather 10..30 runs beside the matmul 5..25: 15 hidden, 5 exposed;
+    the reduce-scatter 40..60 beside a memcpy 50..55 only: 5 hidden, 15 exposed; a second
+    reduce-scatter 45..50 overlaps the first (in flight once). gloo-style CPU events and
+    the CPU side of the step are not read when kernels are there, and a kernel after the
+    step is not counted."""
+    events = [
+        event("benchmark::step", 0, 100), event("aten::mm", 1, 3), event("nccl:all_gather", 9, 31),
+        event("ampere_sgemm_128x64_tn", 5, 25, stream=7),
+        event("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 10, 30, stream=13),
+        event("ncclKernel_ReduceScatter_RING_LL_Sum_float(ncclWorkElem)", 40, 60, stream=13),
+        event("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 45, 50, stream=14),
+        event("Memcpy DtoD (Device -> Device)", 50, 55, stream=7),
+        event("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 120, 130, stream=13),
+    ]
+    times = comm_times(events)
+    assert times["collectives"] == 3
+    assert times["collective_s"] == pytest.approx(40e-6)
+    assert times["hidden_s"] == pytest.approx(20e-6)
+    assert times["waiting_s"] == pytest.approx(20e-6)
 
 
 COMMON = ["--preset", "tiny", "--device", "cpu", "--seq-length", "96", "--warmup-iters", "1", "--timed-iters", "2"]

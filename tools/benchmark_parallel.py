@@ -4,7 +4,8 @@
     --stage-busy                 PP: even vs --pipeline-balance auto (and auto from the costs file
                                  when --pipeline-balance-costs is given), each rank's busy time
     --profile-comm               DP: per-block FSDP2 units (overlap) vs --no-overlap-grad-reduce,
-                                 time in collectives from a torch.profiler trace (comm_trace.py)
+                                 time in collectives from a torch.profiler trace (comm_trace.py:
+                                 gloo's CPU threads, or NCCL kernels on GPU)
 
 The layouts compared are built side by side in one process group and stepped in turn,
 round after round, so they share the machine's load; every figure is a median over rounds.
@@ -33,9 +34,6 @@ def run_measure_mode(config: TrainConfig, args) -> dict:
                                   args.timed_iters, device)
         print("BLOCK_COSTS_JSON " + json.dumps(row), flush=True)
         return row
-    if args.profile_comm and config.device != "cpu" and torch.cuda.is_available():
-        raise ValueError("--profile-comm reads gloo's collectives from the CPU trace; on GPU (NCCL kernels) "
-                         "it is not implemented")
     variants = stage_busy_variants(config) if args.stage_busy else comm_variants(config)
     built = build_variants(variants, args.images_per_sample)
     try:

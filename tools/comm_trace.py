@@ -1,11 +1,18 @@
 """Time in collectives from a torch.profiler trace of one training step (--profile-comm).
 
-From the CPU trace of one step on one rank:
+On GPU (NCCL), from the device side of the trace of one step on one rank, the way
+Holistic Trace Analysis counts it:
+- collective: time some NCCL kernel (`ncclDevKernel_*`, `ncclKernel_*`) runs on the GPU;
+- hidden: time an NCCL kernel runs while a compute kernel (any other kernel, memcpy or
+  memset, on another stream) runs too;
+- waiting (exposed): collective - hidden, the part of the communication the step pays for
+  (an NCCL kernel that waits for a late peer counts here, as it should).
+On CPU (gloo), from the CPU trace:
 - collective: time some collective is in flight (gloo runs each one on a worker thread,
-  recorded as `gloo:<op>`; NCCL kernels would be the GPU-side equivalent, not read here);
+  recorded as `gloo:<op>`);
 - waiting (exposed): time the main thread does not compute while a collective is in
   flight or while it is inside a communication call (FSDP2's all-gather and
-  reduce-scatter regions, c10d ops): the part of the communication the step pays for;
+  reduce-scatter regions, c10d ops);
 - hidden: time a collective is in flight while the main thread runs compute ops.
 Compute = the main thread's aten ops outside communication calls.
 """
@@ -16,6 +23,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 Interval = tuple[float, float]
@@ -59,11 +67,35 @@ def is_comm_frame(name: str) -> bool:
     return name.startswith(COMM_FRAMES) and not name.startswith("FSDP::all_gather_copy_out")
 
 
+def span(event) -> Interval:
+    return event.time_range.start, event.time_range.end
+
+
 def comm_times(events) -> dict[str, float]:
-    """{"collective_s", "waiting_s", "hidden_s", "collectives"} of the one STEP region in `events`."""
+    """{"collective_s", "waiting_s", "hidden_s", "collectives"} of the one STEP region in
+    `events`: from its GPU kernels when the trace has any, else from its CPU threads."""
     (step,) = [e for e in events if e.name == STEP]
-    window = [(step.time_range.start, step.time_range.end)]
-    span = lambda e: (e.time_range.start, e.time_range.end)  # noqa: E731
+    window = [span(step)]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and intersect(window, [span(e)])]
+    return gpu_comm_times(kernels, window) if kernels else cpu_comm_times(events, step, window)
+
+
+def is_nccl_kernel(name: str) -> bool:
+    return name.lower().startswith("nccl")
+
+
+def gpu_comm_times(kernels, window: list[Interval]) -> dict[str, float]:
+    """Device-side: NCCL kernels against every other kernel, memcpy and memset, all streams."""
+    comm = [span(e) for e in kernels if is_nccl_kernel(e.name)]
+    in_flight = intersect(merge(comm), window)
+    compute = intersect(merge([span(e) for e in kernels if not is_nccl_kernel(e.name)]), window)
+    hidden = length(intersect(in_flight, compute))
+    return {"collective_s": length(in_flight) / 1e6, "waiting_s": (length(in_flight) - hidden) / 1e6,
+            "hidden_s": hidden / 1e6, "collectives": len(comm)}
+
+
+def cpu_comm_times(events, step, window: list[Interval]) -> dict[str, float]:
+    """Host-side: gloo's worker threads against the main thread's ops."""
     main = [e for e in events if e.thread == step.thread]
     collectives = [span(e) for e in events if e.name.startswith("gloo:") and inside(span(e), window)]
     in_flight = merge(collectives)
@@ -82,7 +114,8 @@ def profiled_step(step, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dist.barrier()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         start = time.perf_counter()
         with record_function(STEP):
             step()
