@@ -6,8 +6,9 @@
 
 `--profile-ops` runs --profile-steps extra steps (interleaved, per-op medians) of each compared side (our text-only step and
 LlamaForCausalLM, same shape, same batch) under torch.profiler and reports the share of
-the step spent in matmuls: self CPU time in aten::mm / addmm / bmm / matmul / linear
-(and their out= variants) over the self CPU time of every op. Attention's fused kernel
+the step spent in matmuls: self time in aten::mm / addmm / bmm / matmul / linear
+(and their out= variants) over the self time of every op. Self time is CPU time on CPU
+and, on GPU, the time of the kernels each op launched itself (the CUDA activity). Attention's fused kernel
 (SDPA) is counted apart, as it is neither a plain matmul nor overhead. The largest other
 ops are listed, which is where a step can still lose time.
 
@@ -64,13 +65,19 @@ def apply_llm_shape(config, args):
     return dataclasses.replace(config, model=dataclasses.replace(config.model, llm=llm))
 
 
-def op_times(step) -> tuple[dict[str, float], float]:
-    """Self CPU microseconds of every op over one profiled call of `step`, and its wall time (s)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+def op_times(step, device: torch.device) -> tuple[dict[str, float], float]:
+    """Self microseconds of every op over one profiled call of `step`, and its wall time (s):
+    CPU time on CPU; on GPU the time of the kernels each op launched (the host only queues)."""
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
         start = time.perf_counter()
         step()
+        if on_gpu:
+            torch.cuda.synchronize(device)
         wall = time.perf_counter() - start
-    return {event.key: event.self_cpu_time_total for event in prof.key_averages()}, wall
+    self_time = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    return {event.key: getattr(event, self_time) for event in prof.key_averages()}, wall
 
 
 def median_op_times(runs: list[tuple[dict[str, float], float]]) -> tuple[dict[str, float], float]:
@@ -96,13 +103,14 @@ def op_share(times: dict[str, float], wall: float, top: int) -> dict:
     }
 
 
-def profile_sides(sides: dict[str, callable], top: int, steps: int = 3) -> dict[str, dict]:
+def profile_sides(sides: dict[str, callable], top: int, steps: int = 3,
+                  device: torch.device = torch.device("cpu")) -> dict[str, dict]:
     """Profile `steps` steps of each side, interleaved (after the timed steps: warm); the
     shares are of the per-op medians."""
     runs = {name: [] for name in sides}
     for _ in range(steps):
         for name, step in sides.items():
-            runs[name].append(op_times(step))
+            runs[name].append(op_times(step, device))
     return {name: op_share(*median_op_times(runs[name]), top) for name in sides}
 
 
@@ -136,7 +144,7 @@ def run_eager(step):
     return eager_step
 
 
-def profile_ops(args, steps: list) -> dict:
+def profile_ops(args, steps: list, device: torch.device) -> dict:
     """--profile-ops: profiled steps of each side; ours is the text-only step under --compare hf."""
     if args.compare == "hf":
         sides = {"ours": steps[1], "transformers": steps[2]}
@@ -144,7 +152,7 @@ def profile_ops(args, steps: list) -> dict:
             sides["transformers eager"] = steps[3]
     else:
         sides = {"ours": steps[0]}
-    profiles = profile_sides(sides, args.profile_top, args.profile_steps)
+    profiles = profile_sides(sides, args.profile_top, args.profile_steps, device)
     print_profile(profiles)
     return profiles
 

@@ -269,7 +269,7 @@ def measure(config: TrainConfig, args, ours: dict) -> dict:
         row.update(hf_eager_tokens_per_s=config.data.global_batch_size * config.data.seq_length / seconds[3],
                    ratio_vs_hf_eager=seconds[3] / seconds[1])
     if args.profile_ops:
-        row.update(op_profile=profile_ops(args, steps))
+        row.update(op_profile=profile_ops(args, steps, device))
     if args.compare == "unpacked":
         row.update(unpacked_step_ms=seconds[1] * 1000, packing_speedup=seconds[1] / seconds[0])
     return row
