@@ -103,14 +103,23 @@ def test_tp2_frozen_build_gives_the_logits_of_one_process(checkpoint):
     spawn(2, _tp_worker, checkpoint)
 
 
+def built_reading(source_class, config: InferenceConfig):
+    """(build_inference(config), the names it read through source_class.read)."""
+    read, real_read = [], source_class.read
+    source_class.read = lambda self, names, **kw: read.extend(names) or real_read(self, names, **kw)
+    try:
+        return build_inference(config), read
+    finally:
+        source_class.read = real_read
+
+
 def _pp_worker(rank, world_size, path, state_file, tp):
     from megatron_emu.convert.streams import DCPSource
     from megatron_emu.evaluation.likelihood import continuation_logprobs
+    from megatron_emu.generation.loading import StateFileSource
 
-    read, real_read = [], DCPSource.read
-    DCPSource.read = lambda self, names, **kw: read.extend(names) or real_read(self, names, **kw)
-    run = build_inference(InferenceConfig(path, tensor_model_parallel_size=tp, pipeline_model_parallel_size=2))
-    DCPSource.read = real_read
+    run, read = built_reading(DCPSource, InferenceConfig(path, tensor_model_parallel_size=tp,
+                                                         pipeline_model_parallel_size=2))
     assert sorted(read) == sorted(run.emu.state_dict())  # this stage's tensors only, not the whole model
     single = load_for_inference(path)
     tokenizer = EmuTokenizer(build_tiny_tokenizer())
@@ -129,8 +138,9 @@ def _pp_worker(rank, world_size, path, state_file, tp):
     expected = continuation_logprobs(CachedForward(single), prompts[1], options, chunk=2)
     got = continuation_logprobs(CachedForward(run.emu, run.links), prompts[1], options, chunk=2)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    from_file = build_inference(InferenceConfig(state_file, tensor_model_parallel_size=tp, pipeline_model_parallel_size=2))
-    assert set(from_file.emu.state_dict()) == set(run.emu.state_dict())  # read whole, cut to the same stage
+    from_file, read = built_reading(StateFileSource, InferenceConfig(state_file, tensor_model_parallel_size=tp,
+                                                                     pipeline_model_parallel_size=2))
+    assert sorted(read) == sorted(from_file.emu.state_dict()) == sorted(run.emu.state_dict())  # its stage only
     config = DecodingConfig(max_new_tokens=4)
     assert generate(CachedForward(from_file.emu, from_file.links), prompts, config, stop) == \
         generate(CachedForward(single), prompts, config, stop)
@@ -141,10 +151,17 @@ def _pp_worker(rank, world_size, path, state_file, tp):
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2xpp2"])
 def test_pipeline_stages_decode_and_score_as_one_process(checkpoint, tp, tmp_path):
-    """From our checkpoint (each rank reads its stage's tensors) and from a state-dict file (read
-    whole, then cut)."""
-    state_file = str(tmp_path / "emu.pt")
-    torch.save(load_for_inference(checkpoint).state_dict(), state_file)
+    """From our checkpoint and from a state-dict file (safetensors with PP2, a torch file with
+    TP2xPP2) each rank reads its stage's tensors only."""
+    state = load_for_inference(checkpoint).state_dict()
+    if tp == 1:
+        from safetensors.torch import save_file
+
+        state_file = str(tmp_path / "emu.safetensors")
+        save_file({k: v.contiguous() for k, v in state.items()}, state_file)
+    else:
+        state_file = str(tmp_path / "emu.pt")
+        torch.save(state, state_file)
     spawn(2 * tp, _pp_worker, checkpoint, state_file, tp)
 
 
@@ -173,3 +190,40 @@ def test_layout_errors_are_one_line(checkpoint):
         build_inference(InferenceConfig(checkpoint, pipeline_model_parallel_size=2))
     with pytest.raises(ValueError, match="no checkpoint to load"):
         build_inference(InferenceConfig(""))
+
+
+def test_a_state_file_of_another_shape_is_refused_in_one_line(checkpoint, tmp_path):
+    """Reading a part checks the whole file first: an extra tensor, a missing one, or a tensor
+    of another shape is named, with the file, before anything is loaded."""
+    from megatron_emu.generation.loading import partial_source, read_part
+
+    state = load_for_inference(checkpoint).state_dict()
+    cases = {
+        "extra": (dict(state, **{"llm.extra.weight": torch.zeros(2)}), r"unexpected \['llm.extra.weight'\]"),
+        "missing": ({k: v for k, v in state.items() if k != "llm.norm.weight"}, r"missing \['llm.norm.weight'\]"),
+        "shape": (dict(state, **{"llm.norm.weight": torch.zeros(3)}), r"llm.norm.weight \(3,\) \(expected \(128,\)\)"),
+    }
+    for name, (bad, message) in cases.items():
+        path = str(tmp_path / f"{name}.pt")
+        torch.save(bad, path)
+        source, config = partial_source(path, "tiny")
+        with pytest.raises(ValueError, match=f"{path}: not an Emu of this config.*{message}"):
+            read_part(source, config, lambda emu: emu)
+
+
+def test_a_damaged_safetensors_state_file_is_refused_in_one_line(checkpoint, tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_emu.generation.loading import partial_source
+
+    path = str(tmp_path / "emu.safetensors")
+    save_file({k: v.contiguous() for k, v in load_for_inference(checkpoint).state_dict().items()}, path)
+    data = open(path, "rb").read()
+    damaged = {"truncated": (data[:-100], "truncated"), "garbage": (b"\xff" * 64, "header length"),
+               "header": (data[:8] + b"{" * (len(data) - 8), "not a readable safetensors file")}
+    for name, (content, message) in damaged.items():
+        bad = str(tmp_path / f"{name}.safetensors")
+        open(bad, "wb").write(content)
+        with pytest.raises(ValueError, match=message) as error:
+            partial_source(bad, "tiny")
+        assert bad in str(error.value) and "\n" not in str(error.value), name

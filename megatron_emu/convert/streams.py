@@ -95,6 +95,9 @@ class DCPSource:
             if key.startswith("model.") and hasattr(meta, "size")
         }
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name].size)
+
     def nbytes(self, name: str) -> int:
         meta = self.entries[name]
         return torch.Size(meta.size).numel() * meta.properties.dtype.itemsize
@@ -170,7 +173,7 @@ class SafetensorsSource:
                 with safe_open(file, framework="pt") as f:
                     for name in f.keys():
                         self.names[name] = file
-                _check_length(file)
+                check_length(file)
             except ValueError:
                 raise
             except Exception as e:  # safetensors raises its own error types
@@ -185,17 +188,12 @@ class SafetensorsSource:
     def spans(self) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
         """As iteration, but each tensor as the FileSpan of its bytes (nothing read yet), for
         callers that copy tensors unchanged; a dtype torch cannot name here comes as a tensor."""
-        by_code = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
         for file in self.files:
-            start, header = _header(file)
+            spans = header_spans(file)
             with safe_open(file, framework="pt") as f:
                 names = list(f.keys())  # the order iteration yields
             for name in names:
-                entry = header[name]
-                if entry["dtype"] not in by_code:
-                    yield name, self.get(name)
-                    continue
-                yield name, FileSpan(file, start + entry["data_offsets"][0], by_code[entry["dtype"]], tuple(entry["shape"]))
+                yield name, spans[name] or self.get(name)
 
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.names[name], framework="pt") as f:
@@ -210,10 +208,21 @@ def _header(file: str) -> tuple[int, dict]:
     """(file offset of the data, the JSON header) of a safetensors file."""
     with open(file, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
+        if header_len > os.fstat(f.fileno()).st_size - 8:
+            raise ValueError(f"{file}: header length {header_len} runs past the end of the file")
         return 8 + header_len, json.loads(f.read(header_len))
 
 
-def _check_length(file: str) -> None:
+def header_spans(file: str) -> dict[str, FileSpan | None]:
+    """Where each tensor's bytes lie in a safetensors file, from its header alone (no mmap of
+    the file); None for a dtype torch cannot name here."""
+    by_code = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+    start, header = _header(file)
+    return {name: FileSpan(file, start + e["data_offsets"][0], by_code[e["dtype"]], tuple(e["shape"]))
+            if e["dtype"] in by_code else None for name, e in header.items() if name != "__metadata__"}
+
+
+def check_length(file: str) -> None:
     """safetensors reads the header lazily; a truncated body must fail before we write."""
     start, header = _header(file)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)

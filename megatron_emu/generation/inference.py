@@ -11,8 +11,9 @@ decoder/train.py) all call `build_inference`.
        frozen; no FSDP / DDP, no optimizer.
 
 One process is a mesh of size 1, as in training. The model config comes first (the layout
-needs its layers and heads): our checkpoint of a whole Emu records it, and each rank then
-reads only its part's tensors; the other forms are read whole on the CPU and cut to the part.
+needs its layers and heads): our checkpoint of a whole Emu records it, a state-dict file
+takes the preset's; from these two each rank then reads only its part's tensors. The other
+forms (adapters, an HF export) are built whole on the CPU and cut to the part.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from megatron_emu.config import ModelConfig, ParallelConfig, PerformanceConfig
 from megatron_emu.generation.forward import shard_for_inference
 from megatron_emu.generation.frozen import freeze, load_emu
-from megatron_emu.generation.loading import load_for_inference, read_part, whole_model_checkpoint
+from megatron_emu.generation.loading import load_for_inference, partial_source, read_part
 from megatron_emu.generation.stage_links import StageLinks
 from megatron_emu.model.emu import Emu
 from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh
@@ -93,15 +94,15 @@ def build_inference(config: InferenceConfig) -> InferenceRun:
 
 
 class Weights:
-    """Where the run's weights come from. Our checkpoint of a whole Emu says its model config
-    and each rank reads the tensors of its own part only; every other form (adapters merged on
-    their base, an HF export, a state-dict file, the decoder's --emu-load) is read whole, float32
-    on the CPU, and cut to the rank's part."""
+    """Where the run's weights come from. From our checkpoint of a whole Emu (its model config
+    recorded) and from a state-dict file (the preset's config) each rank reads the tensors of
+    its own part only; the other forms (adapters merged on their base, an HF export, the
+    decoder's --emu-load) are read whole, float32 on the CPU, and cut to the rank's part."""
 
     def __init__(self, config: InferenceConfig):
         found = None
         if config.model is None and config.load and not config.base:
-            found = whole_model_checkpoint(config.load)
+            found = partial_source(config.load, config.preset)
         self.source, self.whole = (found[0], None) if found else (None, read_whole(config))
         self.config: ModelConfig = found[1] if found else self.whole.config
 

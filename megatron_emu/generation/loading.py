@@ -51,16 +51,21 @@ def load_for_inference(path: str, preset: str = "tiny", device: torch.device | s
         state = source.read(list(source.entries))
     else:
         state = read_emu_state(path)
-        config = with_vocabulary_of(get_preset(preset), state, path)
+        config = with_vocabulary_of(get_preset(preset), rows_of(state), path)
     model = build_emu(config, device="cpu", seed=0)
     check_emu_state(state, model, path)
     model.load_state_dict(state, strict=True)
     return freeze(model.to(device, dtype))
 
 
-def whole_model_checkpoint(path: str):
-    """(DCPSource, its model config) for our checkpoint of a whole Emu, whose tensors a rank can
-    read a part of (read_part); None for the other forms (adapters, an HF export, a state file)."""
+def partial_source(path: str, preset: str = "tiny"):
+    """(source, model config) for a form whose tensors a rank can read a part of (read_part):
+    our checkpoint of a whole Emu (its recorded config), or a single state-dict file of
+    `preset` (.safetensors, or torch.save'd and memory-mapped); None for the forms that are
+    built whole (adapters on their base, an HF export)."""
+    if os.path.isfile(path):
+        source = StateFileSource(path)
+        return source, with_vocabulary_of(get_preset(preset), source.entries.get(EMBEDDING, (None,))[0], path)
     if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "visual", "config.json")):
         return None
     from megatron_emu.convert.streams import DCPSource
@@ -71,30 +76,95 @@ def whole_model_checkpoint(path: str):
     return source, ModelConfig.from_dict(source.record["config"]["model"])
 
 
+class StateFileSource:
+    """A single state-dict file, tensor by tensor, so a rank reads its part alone: safetensors
+    through its header and positioned reads of the tensors asked for (no mmap of the whole
+    file, which fails for a file larger than memory), a torch file memory-mapped."""
+
+    def __init__(self, path: str):
+        from megatron_emu.convert.streams import TorchFileSource, check_length, header_spans
+
+        self.path = path
+        if path.endswith(".safetensors"):
+            try:
+                self.spans = header_spans(path)
+                check_length(path)
+            except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+            unknown = [n for n, span in self.spans.items() if span is None]
+            if unknown:
+                raise ValueError(f"{path}: {unknown[0]} has a dtype torch cannot read here")
+            self.entries = {n: span.shape for n, span in self.spans.items()}
+        else:
+            self.mapped = TorchFileSource(path)  # a one-line ValueError for an unreadable file
+            self.entries = self.mapped.shapes()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name]
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        if self.path.endswith(".safetensors"):
+            return {name: self.spans[name].tensor() for name in names}
+        return {name: self.mapped.get(name) for name in names}
+
+
 def read_part(source, config: ModelConfig, keep) -> Emu:
-    """The frozen part `keep(emu)` of the checkpoint's Emu (float32, CPU), reading its tensors
+    """The frozen part `keep(emu)` of the source's Emu (float32, CPU), reading its tensors
     only: a pipeline stage of a 14B model without the whole model in memory."""
     from megatron_emu.generation.frozen import freeze
 
-    model = keep(build_emu(config, device="meta"))
+    whole = build_emu(config, device="meta")
+    check_names(source, set(whole.state_dict()))
+    model = keep(whole)
     model.to_empty(device="cpu")
     model.llm.init_rope()  # the one buffer (not saved)
-    names = sorted(model.state_dict())
-    missing = [n for n in names if n not in source.entries]
-    if missing:
-        raise ValueError(f"{source.path}: not an Emu of its recorded config (missing {missing[:3]})")
-    model.load_state_dict(source.read(names), strict=True)
+    expected = model.state_dict()  # the part's own tensors: copying into them loads the part
+    wrong = [f"{n} {source.shape(n)} (expected {tuple(t.shape)})" for n, t in expected.items() if source.shape(n) != t.shape]
+    if wrong:
+        raise ValueError(f"{source.path}: not an Emu of this config: {', '.join(wrong[:3])}")
+    for names in batches(sorted(expected), lambda n: expected[n].nbytes, READ_BATCH_BYTES):
+        for name, tensor in source.read(names).items():
+            expected[name].copy_(tensor)
     return freeze(model)
 
 
-def with_vocabulary_of(config: ModelConfig, state: dict, path: str) -> ModelConfig:
-    """The preset with as many added tokens as the state's embedding has rows for (4 or 6)."""
-    rows = state.get("llm.tok_embeddings.weight")
+READ_BATCH_BYTES = 512 * 2**20  # read this much at a time: the part plus one batch in memory
+
+
+def batches(names: list[str], nbytes, limit: int) -> list[list[str]]:
+    """`names` in order, cut into runs of at most `limit` bytes (a larger tensor alone)."""
+    out, size = [], limit
+    for name in names:
+        if size + nbytes(name) > limit:
+            out.append([])
+            size = 0
+        out[-1].append(name)
+        size += nbytes(name)
+    return out
+
+
+def check_names(source, names: set[str]) -> None:
+    """Every tensor of the whole Emu is there, and (a state file) nothing else."""
+    missing = sorted(names - set(source.entries))
+    unexpected = sorted(set(source.entries) - names) if isinstance(source, StateFileSource) else []
+    if missing or unexpected:
+        raise ValueError(f"{source.path}: not an Emu of this config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+EMBEDDING = "llm.tok_embeddings.weight"
+
+
+def rows_of(state: dict) -> int | None:
+    return state[EMBEDDING].shape[0] if EMBEDDING in state else None
+
+
+def with_vocabulary_of(config: ModelConfig, rows: int | None, path: str) -> ModelConfig:
+    """The preset with as many added tokens as the embedding has rows for (4 or 6)."""
     if rows is None:
-        raise ValueError(f"{path}: no llm.tok_embeddings.weight: not an Emu state dict")
-    added = rows.shape[0] - config.llm.base_vocab_size
+        raise ValueError(f"{path}: no {EMBEDDING}: not an Emu state dict")
+    added = rows - config.llm.base_vocab_size
     if added not in (NUM_PRETRAIN_SPECIAL_TOKENS, NUM_INSTRUCT_SPECIAL_TOKENS):
-        raise ValueError(f"{path}: embedding has {rows.shape[0]} rows; this preset's vocabulary is "
+        raise ValueError(f"{path}: embedding has {rows} rows; this preset's vocabulary is "
                          f"{config.llm.base_vocab_size} + 4 (Emu) or + 6 (Emu-I)")
     return dataclasses.replace(config, llm=dataclasses.replace(config.llm, num_special_tokens=added))
 
