@@ -28,9 +28,8 @@ from megatron_emu.generation.frozen import freeze, load_emu
 from megatron_emu.generation.loading import load_for_inference, partial_source, read_part
 from megatron_emu.generation.stage_links import StageLinks
 from megatron_emu.model.emu import Emu
-from megatron_emu.parallel.mesh import ParallelDims, ParallelMesh
 from megatron_emu.parallel.pipeline import prune_to_stage
-from megatron_emu.training.build import RunLayout, build_layout
+from megatron_emu.training.build import OnLayout, RunLayout, build_layout
 
 
 @dataclass
@@ -50,7 +49,7 @@ class InferenceConfig:
 
 
 @dataclass
-class InferenceRun:
+class InferenceRun(OnLayout):
     """This rank's share of an inference run."""
 
     layout: RunLayout
@@ -58,24 +57,8 @@ class InferenceRun:
     links: StageLinks | None  # pipeline neighbours (None without PP)
 
     @property
-    def dims(self) -> ParallelDims:
-        return self.layout.dims
-
-    @property
-    def pmesh(self) -> ParallelMesh:
-        return self.layout.pmesh
-
-    @property
-    def device(self) -> torch.device:
-        return self.layout.pmesh.device
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.layout.precision.dtype
-
-    def close(self) -> None:
-        """End the one-rank process group of a single process (parallel/mesh.py)."""
-        self.layout.pmesh.close()
 
 
 def build_inference(config: InferenceConfig) -> InferenceRun:

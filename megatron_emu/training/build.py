@@ -34,25 +34,59 @@ log = logging.getLogger("megatron_emu")
 
 
 @dataclass
-class Run:
-    """This rank's share of one run: layout, kernels, precision, model parts, optimizer."""
+class RunLayout:
+    """What every run, training or inference, starts from: the validated sizes, the mesh,
+    the attention backend and the precision."""
 
-    config: TrainConfig
     dims: ParallelDims
     pmesh: ParallelMesh
-    n_micro: int  # micro-batches per step on each data-parallel rank
+    n_micro: int  # micro-batches per step on each data-parallel rank (inference: 1)
     attention: str  # the attention backend chosen (model/attention.py)
     precision: Precision
+
+
+class OnLayout:
+    """A run built on a RunLayout (`self.layout`): its sizes, mesh and device, and its close."""
+
+    layout: RunLayout
+
+    @property
+    def dims(self) -> ParallelDims:
+        return self.layout.dims
+
+    @property
+    def pmesh(self) -> ParallelMesh:
+        return self.layout.pmesh
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.pmesh.device
+
+    def close(self) -> None:
+        """End the one-rank process group of a single process (parallel/mesh.py)."""
+        self.layout.pmesh.close()
+
+
+@dataclass
+class Run(OnLayout):
+    """This rank's share of one training run: layout, model parts, optimizer."""
+
+    config: TrainConfig
+    layout: RunLayout
     pmodel: ParallelModel
     optimizer: torch.optim.Optimizer
 
     @property
-    def device(self) -> torch.device:
-        return self.pmesh.device
+    def n_micro(self) -> int:
+        return self.layout.n_micro
 
-    def close(self) -> None:
-        """End the one-rank process group of a single process (parallel/mesh.py)."""
-        self.pmesh.close()
+    @property
+    def attention(self) -> str:
+        return self.layout.attention
+
+    @property
+    def precision(self) -> Precision:
+        return self.layout.precision
 
 
 def build_run(config: TrainConfig) -> Run:
@@ -67,19 +101,7 @@ def build_run(config: TrainConfig) -> Run:
     except BaseException:
         layout.pmesh.close()
         raise
-    return Run(config, layout.dims, layout.pmesh, layout.n_micro, layout.attention, layout.precision, pmodel, optimizer)
-
-
-@dataclass
-class RunLayout:
-    """What every run, training or inference, starts from: the validated sizes, the mesh,
-    the attention backend and the precision."""
-
-    dims: ParallelDims
-    pmesh: ParallelMesh
-    n_micro: int  # micro-batches per step on each data-parallel rank (inference: 1)
-    attention: str
-    precision: Precision
+    return Run(config, layout, pmodel, optimizer)
 
 
 def build_layout(parallel: ParallelConfig, performance: PerformanceConfig, model: ModelConfig, device_name: str,
