@@ -32,7 +32,7 @@ def runs(tmp_path_factory):
     """A base, adapters trained on it (2 iterations) and their --lora-merge."""
     root = tmp_path_factory.mktemp("adapters")
     data = str(root / "count")
-    preprocess_main(["--input-type", "alpaca", "--input", write_counting_alpaca(str(root / "count.json")),
+    preprocess_main(["--input-type", "alpaca", "--input", write_counting_alpaca(str(root / "count_alpaca.json")),
                      "--output-prefix", data, "--no-progress"])
     base, adapters, merged = (str(root / n) for n in ("base", "lora", "merged"))
     import_checkpoint([], get_preset("tiny"), base, seed=0)  # a (random) pretrained Emu: 4 added tokens

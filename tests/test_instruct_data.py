@@ -1,6 +1,8 @@
 """Instruction data: the Emu-I template, answer-only loss mask through the indexed format,
 the four public input formats with bad records skipped and counted."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -104,3 +106,16 @@ def test_conversations_need_the_chat_tokens(tmp_path, tok):
         preprocess_main(["--input-type", "alpaca", "--input", paths["alpaca"], "--output-prefix",
                          str(tmp_path / "x"), "--tokenizer-model", tok.model_path, "--num-special-tokens", "4",
                          "--no-progress"])
+
+
+def test_an_output_prefix_that_would_overwrite_its_input_is_refused(tmp_path, tok):
+    """`--input data/x.json --output-prefix data/x`: the dataset's metadata would replace the
+    input file. Refused before anything is written; the input is unchanged."""
+    paths = write_fixtures(str(tmp_path))
+    before = open(paths["alpaca"], "rb").read()
+    prefix = paths["alpaca"].removesuffix(".json")
+    with pytest.raises(ValueError, match=f"{paths['alpaca']}: is an input, and --output-prefix {prefix} would "
+                                         f"overwrite it with {paths['alpaca']}"):
+        preprocess_main(["--input-type", "alpaca", "--input", paths["alpaca"], "--output-prefix", prefix,
+                         "--tokenizer-model", tok.model_path, "--no-progress"])
+    assert open(paths["alpaca"], "rb").read() == before and not os.path.exists(prefix + ".bin")

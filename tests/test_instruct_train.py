@@ -28,7 +28,7 @@ COMMON = ["--num-workers", "0", "--device", "cpu", "--log-interval", "100", "--s
 def conversations(tmp_path_factory):
     root = tmp_path_factory.mktemp("conv")
     prefix = str(root / "count")
-    preprocess_main(["--input-type", "alpaca", "--input", write_counting_alpaca(str(root / "count.json")),
+    preprocess_main(["--input-type", "alpaca", "--input", write_counting_alpaca(str(root / "count_alpaca.json")),
                      "--output-prefix", prefix, "--no-progress"])
     return prefix
 

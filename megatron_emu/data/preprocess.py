@@ -232,6 +232,7 @@ def preprocess(shards: list[Shard], output_prefix: str, kind: str, tokenizer_pat
     (assigned_shards) and merges nothing: merge_parts (--merge) joins all jobs' parts once
     every job is done, byte for byte what one job over all shards writes."""
     t0 = time.time()
+    check_outputs_spare_inputs(shards, output_prefix)
     parts_dir = output_prefix + ".parts"
     os.makedirs(parts_dir, exist_ok=True)
     mine = assigned_shards(shards, shard_index, num_shards)
@@ -268,12 +269,26 @@ def _part_settings(kind, tokenizer_path, num_special, image_size, image_format) 
             "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
 
 
+OUTPUT_SUFFIXES = (".bin", ".idx", ".json", ".report.json")
+
+
+def check_outputs_spare_inputs(shards: list[Shard], output_prefix: str) -> None:
+    """An output that is also an input (`--input data/x.json --output-prefix data/x`) would be
+    overwritten by the dataset's metadata: refused before anything is written."""
+    outputs = {os.path.realpath(output_prefix + suffix): output_prefix + suffix for suffix in OUTPUT_SUFFIXES}
+    for shard in shards:
+        if isinstance(shard.spec, str) and os.path.realpath(shard.spec) in outputs:
+            raise ValueError(f"{shard.spec}: is an input, and --output-prefix {output_prefix} would overwrite it "
+                             f"with {outputs[os.path.realpath(shard.spec)]}; choose another --output-prefix")
+
+
 def merge_parts(shards: list[Shard], output_prefix: str, kind: str, tokenizer_path: str, *,
                 num_special: int = 4, image_size: int = 224, image_format: str = "raw",
                 keep_parts: bool = False, resumed: int = 0, started: float | None = None) -> dict:
     """Concatenate every shard's part, in shard order, into `<output_prefix>.*` without
     decoding anything (.idx entries appended, .bin bytes copied and hashed on the way)."""
     t0 = time.time() if started is None else started
+    check_outputs_spare_inputs(shards, output_prefix)
     parts_dir = output_prefix + ".parts"
     settings = _part_settings(kind, tokenizer_path, num_special, image_size, image_format)
     metas = {s.index: _part_done(_part_prefix(parts_dir, s), dict(settings, shard=s.name)) for s in shards}
