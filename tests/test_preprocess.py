@@ -203,3 +203,40 @@ def test_cli_error_is_one_line(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1].startswith("error:") and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_disk_is_one_line_and_resume_finishes_byte_identical(tok, tmp_path, pairs_jsonl, monkeypatch, workers):
+    """The disk fills while the second shard's .bin is written (in a forked worker with 2):
+    one line naming the output and what to do, not a shard counted as unreadable input; the
+    first shard's finished part is kept (one process); after space is freed, --resume redoes
+    what was not finished and writes what one uninterrupted run writes."""
+    import errno
+
+    from megatron_emu.data import checksums
+
+    path, _ = pairs_jsonl
+    other = tmp_path / "pairs2.jsonl"
+    shutil.copy(path, other)
+    args = ["--input-type", "pairs", "--input", path, other, "--workers", workers]
+    run(tok, *args, "--output-prefix", tmp_path / "clean")
+    real_write, writes = checksums.HashingWriter.write, []
+
+    def fill_up(self, data):
+        if "00001" in self.file.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(checksums.HashingWriter, "write", fill_up)
+    prefix = tmp_path / "full"
+    with pytest.raises(ValueError, match=rf"^{prefix}: No space left on device \(writing its files\); free space, "
+                                         r"then run the same command with --resume: finished shards are kept$"):
+        run(tok, *args, "--output-prefix", prefix)
+    assert not os.path.exists(f"{prefix}.parts/00001.json") and not os.path.exists(f"{prefix}.json")
+    kept = os.path.exists(f"{prefix}.parts/00000.json")
+    assert kept or workers > 1  # one process finished shard 0 before shard 1 failed
+    monkeypatch.setattr(checksums.HashingWriter, "write", real_write)
+    report = run(tok, *args, "--output-prefix", prefix, "--resume")
+    assert report["shards_resumed"] == int(kept) and report["skipped"] == {}
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"full{suffix}").read_bytes() == (tmp_path / f"clean{suffix}").read_bytes()

@@ -149,6 +149,16 @@ class _Ticker:
         self.pending, self.last = 0, time.monotonic()
 
 
+def documents_of(shard: Shard):
+    """The shard's documents (and SkipItems); a source that dies mid-way ends them with an
+    unreadable_shard SkipItem naming the shard: what was read is kept. Only the reading is
+    guarded: an error while the caller writes a document is not raised in here."""
+    try:
+        yield from iter_shard_documents(shard)
+    except Exception as e:
+        yield SkipItem("unreadable_shard", f"{shard.name} ({e.__class__.__name__}: {e})")
+
+
 def process_shard(job: tuple, progress=None) -> dict:
     """Write one shard's partial dataset; its .json (written last) marks it complete.
 
@@ -161,22 +171,19 @@ def process_shard(job: tuple, progress=None) -> dict:
     if os.path.exists(part_prefix + ".json"):  # a stale marker must not vouch for the files rewritten below
         os.remove(part_prefix + ".json")
     writer = DocumentWriter(part_prefix, tokenizer.vocab_size, image_size, image_format)
-    try:
-        for doc in iter_shard_documents(shard):
-            if isinstance(doc, SkipItem):
-                _count(skips, named, doc.reason, doc.name)
-                if doc.reason != "unreadable_shard":
-                    docs_in += 1
-                    ticker.tick()
-                continue
-            docs_in += 1
-            ticker.tick()
-            items = encode_document(doc, tokenizer, image_size, skips, named, image_format)
-            if items is not None:
-                writer.add_document(items)
-                docs_out += 1
-    except Exception as e:  # a source that dies mid-way: keep what was read, name the shard
-        _count(skips, named, "unreadable_shard", f"{shard.name} ({e.__class__.__name__}: {e})")
+    for doc in documents_of(shard):
+        if isinstance(doc, SkipItem):
+            _count(skips, named, doc.reason, doc.name)
+            if doc.reason != "unreadable_shard":
+                docs_in += 1
+                ticker.tick()
+            continue
+        docs_in += 1
+        ticker.tick()
+        items = encode_document(doc, tokenizer, image_size, skips, named, image_format)
+        if items is not None:
+            writer.add_document(items)  # a write error (a full disk) stops the job: not the input's fault
+            docs_out += 1
     ticker.flush()
     report = {"documents_in": docs_in, "documents_out": docs_out, "images_kept": writer.num_images,
               "skipped": dict(skips), "skipped_items": named}
