@@ -113,10 +113,10 @@ def built_reading(source_class, config: InferenceConfig):
         source_class.read = real_read
 
 
-def _pp_worker(rank, world_size, path, state_file, tp):
+def _pp_worker(rank, world_size, path, state_files, tp):
     from megatron_emu.convert.streams import DCPSource
     from megatron_emu.evaluation.likelihood import continuation_logprobs
-    from megatron_emu.generation.loading import StateFileSource
+    from megatron_emu.generation.loading import SpanSource
 
     run, read = built_reading(DCPSource, InferenceConfig(path, tensor_model_parallel_size=tp,
                                                          pipeline_model_parallel_size=2))
@@ -138,12 +138,13 @@ def _pp_worker(rank, world_size, path, state_file, tp):
     expected = continuation_logprobs(CachedForward(single), prompts[1], options, chunk=2)
     got = continuation_logprobs(CachedForward(run.emu, run.links), prompts[1], options, chunk=2)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    from_file, read = built_reading(StateFileSource, InferenceConfig(state_file, tensor_model_parallel_size=tp,
-                                                                     pipeline_model_parallel_size=2))
-    assert sorted(read) == sorted(from_file.emu.state_dict()) == sorted(run.emu.state_dict())  # its stage only
     config = DecodingConfig(max_new_tokens=4)
-    assert generate(CachedForward(from_file.emu, from_file.links), prompts, config, stop) == \
-        generate(CachedForward(single), prompts, config, stop)
+    for state_file in state_files:
+        from_file, read = built_reading(SpanSource, InferenceConfig(state_file, tensor_model_parallel_size=tp,
+                                                                    pipeline_model_parallel_size=2))
+        assert sorted(read) == sorted(from_file.emu.state_dict()) == sorted(run.emu.state_dict())  # its stage only
+        assert generate(CachedForward(from_file.emu, from_file.links), prompts, config, stop) == \
+            generate(CachedForward(single), prompts, config, stop), state_file
     features = CachedForward(run.emu, run.links).on_first_stage(lambda: single.ln_visual.weight.detach() + 1,
                                                                 (CONFIG.vision.width,))
     torch.testing.assert_close(features, single.ln_visual.weight.detach() + 1)  # the first stage's value everywhere
@@ -151,18 +152,21 @@ def _pp_worker(rank, world_size, path, state_file, tp):
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2xpp2"])
 def test_pipeline_stages_decode_and_score_as_one_process(checkpoint, tp, tmp_path):
-    """From our checkpoint and from a state-dict file (safetensors with PP2, a torch file with
-    TP2xPP2) each rank reads its stage's tensors only."""
+    """From our checkpoint, an HF export and a state-dict file (safetensors with PP2, a torch
+    file with TP2xPP2) each rank reads its stage's tensors only."""
     state = load_for_inference(checkpoint).state_dict()
     if tp == 1:
         from safetensors.torch import save_file
 
-        state_file = str(tmp_path / "emu.safetensors")
-        save_file({k: v.contiguous() for k, v in state.items()}, state_file)
+        from megatron_emu.convert.export import export_hf
+
+        state_files = [str(tmp_path / "emu.safetensors"), str(tmp_path / "hf")]
+        save_file({k: v.contiguous() for k, v in state.items()}, state_files[0])
+        export_hf(checkpoint, state_files[1], build_tiny_tokenizer(), max_shard_bytes=400_000)  # several shards
     else:
-        state_file = str(tmp_path / "emu.pt")
-        torch.save(state, state_file)
-    spawn(2 * tp, _pp_worker, checkpoint, state_file, tp)
+        state_files = [str(tmp_path / "emu.pt")]
+        torch.save(state, state_files[0])
+    spawn(2 * tp, _pp_worker, checkpoint, state_files, tp)
 
 
 def _generate_text(rank, world_size, argv, expected):

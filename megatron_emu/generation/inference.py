@@ -11,9 +11,9 @@ decoder/train.py) all call `build_inference`.
        frozen; no FSDP / DDP, no optimizer.
 
 One process is a mesh of size 1, as in training. The model config comes first (the layout
-needs its layers and heads): our checkpoint of a whole Emu records it, a state-dict file
-takes the preset's; from these two each rank then reads only its part's tensors. The other
-forms (adapters, an HF export) are built whole on the CPU and cut to the part.
+needs its layers and heads): our checkpoint of a whole Emu and an HF export record it, a
+state-dict file takes the preset's; from these each rank then reads only its part's tensors.
+Adapters are merged on their base whole on the CPU and cut to the part.
 """
 
 from __future__ import annotations
@@ -77,10 +77,10 @@ def build_inference(config: InferenceConfig) -> InferenceRun:
 
 
 class Weights:
-    """Where the run's weights come from. From our checkpoint of a whole Emu (its model config
-    recorded) and from a state-dict file (the preset's config) each rank reads the tensors of
-    its own part only; the other forms (adapters merged on their base, an HF export, the
-    decoder's --emu-load) are read whole, float32 on the CPU, and cut to the rank's part."""
+    """Where the run's weights come from. From our checkpoint of a whole Emu and an HF export
+    (their model config recorded) and from a state-dict file (the preset's config) each rank
+    reads the tensors of its own part only; adapters merged on their base and the decoder's
+    --emu-load are read whole, float32 on the CPU, and cut to the rank's part."""
 
     def __init__(self, config: InferenceConfig):
         found = None

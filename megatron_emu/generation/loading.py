@@ -60,13 +60,17 @@ def load_for_inference(path: str, preset: str = "tiny", device: torch.device | s
 
 def partial_source(path: str, preset: str = "tiny"):
     """(source, model config) for a form whose tensors a rank can read a part of (read_part):
-    our checkpoint of a whole Emu (its recorded config), or a single state-dict file of
-    `preset` (.safetensors, or torch.save'd and memory-mapped); None for the forms that are
-    built whole (adapters on their base, an HF export)."""
+    our checkpoint of a whole Emu (its recorded config), an HF export (its visual/config.json)
+    or a single state-dict file of `preset` (.safetensors, or torch.save'd); None for
+    adapters, which are merged on their base whole."""
     if os.path.isfile(path):
-        source = StateFileSource(path)
+        source = state_file_source(path)
         return source, with_vocabulary_of(get_preset(preset), source.entries.get(EMBEDDING, (None,))[0], path)
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "visual", "config.json")):
+    if os.path.isfile(os.path.join(path, "visual", "config.json")):
+        from megatron_emu.convert.hf_emu import hf_emu_tensors, read_visual_config
+
+        return SpanSource(path, dict(hf_emu_tensors(path, spans=True))), read_visual_config(path)
+    if not os.path.isdir(path):
         return None
     from megatron_emu.convert.streams import DCPSource
 
@@ -76,36 +80,38 @@ def partial_source(path: str, preset: str = "tiny"):
     return source, ModelConfig.from_dict(source.record["config"]["model"])
 
 
-class StateFileSource:
-    """A single state-dict file, tensor by tensor, so a rank reads its part alone: safetensors
-    through its header and positioned reads of the tensors asked for (no mmap of the whole
-    file, which fails for a file larger than memory), a torch file memory-mapped."""
+class SpanSource:
+    """Named tensors, each where its bytes lie in a file (a FileSpan, read when asked for) or
+    memory-mapped: a rank reads, or touches the pages of, its part alone."""
 
-    def __init__(self, path: str):
-        from megatron_emu.convert.streams import TorchFileSource, check_length, header_spans
-
-        self.path = path
-        if path.endswith(".safetensors"):
-            try:
-                self.spans = header_spans(path)
-                check_length(path)
-            except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-            unknown = [n for n, span in self.spans.items() if span is None]
-            if unknown:
-                raise ValueError(f"{path}: {unknown[0]} has a dtype torch cannot read here")
-            self.entries = {n: span.shape for n, span in self.spans.items()}
-        else:
-            self.mapped = TorchFileSource(path)  # a one-line ValueError for an unreadable file
-            self.entries = self.mapped.shapes()
+    def __init__(self, path: str, items: dict):
+        self.path, self.items = path, items
+        self.entries: dict[str, tuple[int, ...]] = {name: tuple(item.shape) for name, item in items.items()}
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name]
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        if self.path.endswith(".safetensors"):
-            return {name: self.spans[name].tensor() for name in names}
-        return {name: self.mapped.get(name) for name in names}
+        return {name: self.items[name] if torch.is_tensor(self.items[name]) else self.items[name].tensor()
+                for name in names}
+
+
+def state_file_source(path: str) -> SpanSource:
+    """A single state-dict file: safetensors through its header and positioned reads (no mmap
+    of the whole file, which fails for a file larger than memory); a torch file memory-mapped."""
+    from megatron_emu.convert.streams import TorchFileSource, check_length, header_spans
+
+    if not path.endswith(".safetensors"):
+        return SpanSource(path, TorchFileSource(path).state)  # a one-line ValueError for an unreadable file
+    try:
+        spans = header_spans(path)
+        check_length(path)
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    unknown = [name for name, span in spans.items() if span is None]
+    if unknown:
+        raise ValueError(f"{path}: {unknown[0]} has a dtype torch cannot read here")
+    return SpanSource(path, spans)
 
 
 def read_part(source, config: ModelConfig, keep) -> Emu:
@@ -144,9 +150,9 @@ def batches(names: list[str], nbytes, limit: int) -> list[list[str]]:
 
 
 def check_names(source, names: set[str]) -> None:
-    """Every tensor of the whole Emu is there, and (a state file) nothing else."""
+    """Every tensor of the whole Emu is there, and (a state file, an export) nothing else."""
     missing = sorted(names - set(source.entries))
-    unexpected = sorted(set(source.entries) - names) if isinstance(source, StateFileSource) else []
+    unexpected = sorted(set(source.entries) - names) if isinstance(source, SpanSource) else []
     if missing or unexpected:
         raise ValueError(f"{source.path}: not an Emu of this config (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
