@@ -79,3 +79,30 @@ def test_another_base_or_a_missing_base_is_refused_in_one_line(runs, tmp_path):
     finally:
         os.rename(moved, base)
     assert os.path.isdir(iteration_dir(base, 0))
+
+
+def _pp_adapters(rank, world_size, adapters, merged):
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_emu.generation.inference import InferenceConfig, build_inference
+
+    loaded, real_load = [], dcp.load
+    dcp.load = lambda state, **kw: loaded.extend(state["model"]) or real_load(state, **kw)  # the base's reads
+    try:
+        on_base = build_inference(InferenceConfig(adapters, pipeline_model_parallel_size=2))
+    finally:
+        dcp.load = real_load
+    full = build_inference(InferenceConfig(merged, pipeline_model_parallel_size=2))
+    ours, theirs = on_base.emu.state_dict(), full.emu.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), rank  # bit-identical
+    assert sorted(loaded) == sorted(ours)  # the base: this stage's tensors only
+    assert ("llm.layers.0.attention.wq.weight" in ours) == (rank == 0) and ("llm.output.weight" in ours) == (rank == 1)
+
+
+def test_adapters_on_their_base_per_pipeline_stage(runs):
+    """PP2: each rank reads its stage of the base and the adapters and merges them: the stage
+    of the --lora-merge checkpoint, bit for bit."""
+    from tests.dist_utils import spawn
+
+    _, adapters, merged, _ = runs
+    spawn(2, _pp_adapters, adapters, merged)

@@ -25,7 +25,7 @@ import torch
 from megatron_emu.config import ModelConfig, ParallelConfig, PerformanceConfig
 from megatron_emu.generation.forward import shard_for_inference
 from megatron_emu.generation.frozen import freeze, load_emu
-from megatron_emu.generation.loading import load_for_inference, partial_source, read_part
+from megatron_emu.generation.loading import adapted_on_base, is_adapters, load_for_inference, partial_source, read_part
 from megatron_emu.generation.stage_links import StageLinks
 from megatron_emu.model.emu import Emu
 from megatron_emu.parallel.pipeline import prune_to_stage
@@ -79,19 +79,27 @@ def build_inference(config: InferenceConfig) -> InferenceRun:
 class Weights:
     """Where the run's weights come from. From our checkpoint of a whole Emu and an HF export
     (their model config recorded) and from a state-dict file (the preset's config) each rank
-    reads the tensors of its own part only; adapters merged on their base and the decoder's
-    --emu-load are read whole, float32 on the CPU, and cut to the rank's part."""
+    reads the tensors of its own part only; from adapters, its part of the base and its
+    adapters, merged. The decoder's --emu-load is read whole, float32 on the CPU, and cut."""
 
     def __init__(self, config: InferenceConfig):
-        found = None
-        if config.model is None and config.load and not config.base:
-            found = partial_source(config.load, config.preset)
-        self.source, self.whole = (found[0], None) if found else (None, read_whole(config))
-        self.config: ModelConfig = found[1] if found else self.whole.config
+        self.inference = config
+        found = partial_source(config.load, config.preset) if config.model is None and config.load else None
+        self.adapters = found is not None and is_adapters(found[0])
+        if found is not None and (self.adapters or not config.base):
+            (self.source, self.config), self.whole = found, None
+        else:  # the decoder's Emu, or a --pretrained-checkpoint given to what has no base: refused there
+            self.source, self.whole = None, read_whole(config)
+            self.config: ModelConfig = self.whole.config
 
     def part(self, keep) -> Emu:
         """keep(emu) -> this rank's part of `emu` (in place)."""
-        return keep(self.whole) if self.whole is not None else read_part(self.source, self.config, keep)
+        if self.whole is not None:
+            return keep(self.whole)
+        if self.adapters:
+            return freeze(adapted_on_base(self.source, self.config, self.inference.base,
+                                          self.inference.tokenizer_model, keep))
+        return read_part(self.source, self.config, keep)
 
 
 def read_whole(config: InferenceConfig) -> Emu:

@@ -59,10 +59,10 @@ def load_for_inference(path: str, preset: str = "tiny", device: torch.device | s
 
 
 def partial_source(path: str, preset: str = "tiny"):
-    """(source, model config) for a form whose tensors a rank can read a part of (read_part):
-    our checkpoint of a whole Emu (its recorded config), an HF export (its visual/config.json)
-    or a single state-dict file of `preset` (.safetensors, or torch.save'd); None for
-    adapters, which are merged on their base whole."""
+    """(source, model config) for a form whose tensors a rank can read a part of: our
+    checkpoint (its recorded config; adapters: is_adapters, built by adapted_on_base), an HF
+    export (its visual/config.json) or a single state-dict file of `preset` (.safetensors,
+    or torch.save'd); None where there is nothing at `path`."""
     if os.path.isfile(path):
         source = state_file_source(path)
         return source, with_vocabulary_of(get_preset(preset), source.entries.get(EMBEDDING, (None,))[0], path)
@@ -75,9 +75,12 @@ def partial_source(path: str, preset: str = "tiny"):
     from megatron_emu.convert.streams import DCPSource
 
     source = DCPSource(path)
-    if source.record["config"].get("lora", {}).get("rank"):
-        return None
     return source, ModelConfig.from_dict(source.record["config"]["model"])
+
+
+def is_adapters(source) -> bool:
+    """An instruction-tuning checkpoint: LoRA adapters only, to be put on their base."""
+    return bool(getattr(source, "record", {}).get("config", {}).get("lora", {}).get("rank"))
 
 
 class SpanSource:
@@ -175,9 +178,10 @@ def with_vocabulary_of(config: ModelConfig, rows: int | None, path: str) -> Mode
     return dataclasses.replace(config, llm=dataclasses.replace(config.llm, num_special_tokens=added))
 
 
-def adapted_on_base(source, config: ModelConfig, base: str, tokenizer_model: str) -> Emu:
-    """An adapter checkpoint (DCPSource) on its base, merged: the steps of --lora-merge
-    (training/instruct.py merge_checkpoint) in memory."""
+def adapted_on_base(source, config: ModelConfig, base: str, tokenizer_model: str, keep=lambda emu: emu) -> Emu:
+    """The part `keep(emu)` of an adapter checkpoint (DCPSource) on its base, merged: the steps
+    of --lora-merge (training/instruct.py merge_checkpoint) in memory, on the part only (the
+    base's tensors of the part are read, as training's pipeline stages read them)."""
     from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
     from megatron_emu.model.lora import LoRASpec, apply_lora, merge_lora
     from megatron_emu.training.instruct import init_new_chat_token_rows
@@ -192,13 +196,17 @@ def adapted_on_base(source, config: ModelConfig, base: str, tokenizer_model: str
             raise ValueError(f"{source.path}: its base {base} is gone: give --pretrained-checkpoint (the same base)")
     check_same_base(source.path, recorded, base_identity(base))
     lora = source.record["config"]["lora"]
-    model = build_emu(config, device="cpu", seed=0)
-    adapters = set(apply_lora(model, LoRASpec(lora["rank"], lora["alpha"])))
-    if set(source.entries) != adapters:
-        raise ValueError(f"{source.path}: holds {len(source.entries)} tensors, not the {len(adapters)} adapters "
+    spec = LoRASpec(lora["rank"], lora["alpha"])
+    every = set(apply_lora(build_emu(config, device="meta"), spec))
+    if set(source.entries) != every:
+        raise ValueError(f"{source.path}: holds {len(source.entries)} tensors, not the {len(every)} adapters "
                          f"of rank {lora['rank']} its run config describes")
+    model = keep(build_emu(config, device="meta"))
+    adapters = sorted(apply_lora(model, spec))
+    model.to_empty(device="cpu")  # every tensor is read below: the base's, then the adapters
+    model.llm.init_rope()  # the one buffer (not saved)
     load_pretrained(base, [model], dataclasses.asdict(config))
-    model.load_state_dict(source.read(sorted(adapters)), strict=False)  # adapters only (checksums verified)
+    model.load_state_dict(source.read(adapters), strict=False)  # adapters only (checksums verified)
     tokenizer = EmuTokenizer(tokenizer_model or build_tiny_tokenizer(), config.llm.num_special_tokens)
     init_new_chat_token_rows([model], tokenizer, base)
     merge_lora(model)
