@@ -45,7 +45,7 @@ def written(tmp_path_factory, request):
     tokenizer = EmuTokenizer(model, 6)
     out = {}
     for kind, path in write_fixtures(str(root)).items():
-        prefix = str(root / kind)
+        prefix = str(root / f"{kind}_data")
         preprocess_main(["--input-type", kind, "--input", path, "--output-prefix", prefix,
                          "--tokenizer-model", tokenizer.model_path, "--no-progress"])
         out[kind] = prefix
