@@ -6,11 +6,14 @@ and usage errors answer before torch loads (it costs seconds).
   their `error:` lines come from training/errors.py either way.
   The training log lines and the summary are printed by the logging rank, not through here.
 - `ToolParser`: argparse, whose usage errors end with one example to copy (exit code 2).
+- `full_disk_as_error`: a full disk (or quota) while a tool writes becomes one ValueError line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
 import sys
@@ -50,3 +53,15 @@ def refuse_run_as_tool(module_file: str, flags: str, example: str) -> None:
           f"error: tools/{name} is a part of tools/benchmark_throughput.py: run that\n"
           f"example: {example}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def full_disk_as_error(output: str, then: str):
+    """ENOSPC / EDQUOT inside the block -> ValueError "<output>: No space left on device; <then>"
+    (the tools print a ValueError as one `error:` line); any other error passes unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ValueError(f"{output}: {e.strerror or os.strerror(e.errno)}; {then}") from None

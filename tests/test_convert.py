@@ -230,3 +230,33 @@ def test_export_and_import_with_a_dtype_cast_read_the_spans_they_change(ours, ex
     import_checkpoint([("hf-emu", exported)], CONFIG, str(back), dtype=torch.bfloat16)
     loaded = read_model(str(back))
     assert all(loaded[n].dtype == torch.bfloat16 and torch.equal(loaded[n], want[n].bfloat16()) for n in want)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_output(ours, tmp_path, monkeypatch):
+    """The disk fills after the export's first write: one `error:` line naming the output, no
+    traceback, and neither the output nor its temporary directory is left behind."""
+    import errno
+    import subprocess
+    import sys
+
+    script = (
+        "import errno, os, runpy, sys\n"
+        "real, calls = os.pwrite, [0]\n"
+        "def pwrite(fd, data, offset):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] > 1:\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "    return real(fd, data, offset)\n"
+        "os.pwrite = pwrite\n"
+        "sys.argv = ['convert_checkpoint.py'] + sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0] if os.path.isfile(sys.argv[0]) else 'tools/convert_checkpoint.py', run_name='__main__')\n"
+    )
+    out = tmp_path / "hf"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", script, "--to", "hf", "--input", ours[0], "--output", str(out)],
+                         capture_output=True, text=True, cwd=root)
+    errors = [line.strip("\r ") for line in run.stderr.replace("\r", "\n").splitlines() if "error:" in line]
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert errors == [f"error: {out}: {os.strerror(errno.ENOSPC)}; nothing was written (the output appears whole "
+                      "or not at all): free space, then run the same command"]
+    assert os.listdir(tmp_path) == []

@@ -229,7 +229,7 @@ def test_full_disk_is_one_line_and_resume_finishes_byte_identical(tok, tmp_path,
 
     monkeypatch.setattr(checksums.HashingWriter, "write", fill_up)
     prefix = tmp_path / "full"
-    with pytest.raises(ValueError, match=rf"^{prefix}: No space left on device \(writing its files\); free space, "
+    with pytest.raises(ValueError, match=rf"^{prefix}: No space left on device; free space, "
                                          r"then run the same command with --resume: finished shards are kept$"):
         run(tok, *args, "--output-prefix", prefix)
     assert not os.path.exists(f"{prefix}.parts/00001.json") and not os.path.exists(f"{prefix}.json")

@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_emu.cli import ToolParser  # noqa: E402
+from megatron_emu.cli import ToolParser, full_disk_as_error  # noqa: E402
 from megatron_emu.config import PRESETS, get_preset  # noqa: E402
 from megatron_emu.convert.imports import KINDS  # noqa: E402
 from megatron_emu.convert.streams import parse_dtype  # noqa: E402
@@ -63,16 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.lora_alpha is not None and "emu-v1" not in (args.source or []):
-        parser.error("--lora-alpha is read only by --from emu-v1 (the released Emu-I's unmerged LoRA)")
-    if args.tokenizer_model and args.to != "hf":  # an ignored flag would look like it had been used
-        parser.error(f"--tokenizer-model is read only by --to hf (the export writes the tokenizer); "
-                     f"{'--to ' + args.to if args.to else '--from ' + ' '.join(args.source)} does not use it")
-    start = time.perf_counter()
+def convert(args) -> None:
+    """The one conversion the flags ask for, into args.output."""
     if args.to == "hf":
         from megatron_emu.convert.export import export_hf
         from megatron_emu.data.tokenizer import build_tiny_tokenizer
@@ -98,6 +90,21 @@ def main(argv=None) -> None:
                           preset=args.preset, seed=args.seed, dtype=parse_dtype(args.dtype),
                           max_shard_bytes=args.max_shard_size,
                           lora_alpha=EMU_I_LORA_ALPHA if args.lora_alpha is None else args.lora_alpha)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.lora_alpha is not None and "emu-v1" not in (args.source or []):
+        parser.error("--lora-alpha is read only by --from emu-v1 (the released Emu-I's unmerged LoRA)")
+    if args.tokenizer_model and args.to != "hf":  # an ignored flag would look like it had been used
+        parser.error(f"--tokenizer-model is read only by --to hf (the export writes the tokenizer); "
+                     f"{'--to ' + args.to if args.to else '--from ' + ' '.join(args.source)} does not use it")
+    start = time.perf_counter()
+    with full_disk_as_error(args.output, "nothing was written (the output appears whole or not at all): "
+                            "free space, then run the same command"):
+        convert(args)
     seconds = time.perf_counter() - start
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.output) for f in files)
     print(json.dumps({"output": args.output, "bytes": size, "seconds": round(seconds, 2),

@@ -25,7 +25,6 @@ Writes <prefix>.bin, <prefix>.idx, <prefix>.json (format metadata, checksums) an
 from __future__ import annotations
 
 import argparse
-import errno
 import glob
 import json
 import os
@@ -34,7 +33,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_emu.cli import ToolParser  # noqa: E402
+from megatron_emu.cli import ToolParser, full_disk_as_error  # noqa: E402
 from megatron_emu.data.images import IMAGE_FORMATS, JPEG_QUALITY  # noqa: E402
 from megatron_emu.data.preprocess import Shard, merge_parts, preprocess, synthetic_shards  # noqa: E402
 
@@ -142,7 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--input-type {args.input_type}: conversations need [USER] / [ASSISTANT] "
                          "(--num-special-tokens 6)")
     settings = dict(num_special=num_special, image_size=args.image_size, image_format=image_format)
-    try:
+    # A part is complete only once its .json is written, the dataset only once its .json is:
+    # what a full disk interrupted is redone, what was finished is kept.
+    again = "the same command" if args.merge else "the same command with --resume"
+    with full_disk_as_error(args.output_prefix, f"free space, then run {again}: finished shards are kept"):
         if args.merge:
             report = merge_parts(shards, args.output_prefix, kind, tokenizer_model, keep_parts=args.keep_parts,
                                  **settings)
@@ -150,14 +152,6 @@ def main(argv: list[str] | None = None) -> dict:
             report = preprocess(shards, args.output_prefix, kind, tokenizer_model, workers=args.workers,
                                 resume=args.resume, progress=not args.no_progress, keep_parts=args.keep_parts,
                                 shard_index=args.shard_index, num_shards=args.num_shards, **settings)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        # A part is complete only once its .json is written, the dataset only once its .json is:
-        # what the full disk interrupted is redone, what was finished is kept.
-        again = "the same command" if args.merge else "the same command with --resume"
-        raise ValueError(f"{args.output_prefix}: {e.strerror or 'no space left on the device'} (writing "
-                         f"{e.filename or 'its files'}); free space, then run {again}: finished shards are kept") from None
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)

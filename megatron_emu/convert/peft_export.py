@@ -15,6 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from megatron_emu.convert.keys import llama_to_hf
+from megatron_emu.convert.streams import atomic_output_dir
 from megatron_emu.model.lora import is_lora_parameter
 from megatron_emu.training.checkpoint_files import read_run_config
 from megatron_emu.training.pretrained import resolve_pretrained
@@ -52,13 +53,13 @@ def export_peft(checkpoint: str, output: str, base_model: str = "") -> None:
 
     state, record = read_adapters(checkpoint)
     lora = record["config"]["lora"]
-    os.makedirs(output, exist_ok=True)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"], "lora_alpha": lora["alpha"],
         "lora_dropout": lora["dropout"], "target_modules": PEFT_TARGETS, "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model or None,
         "modules_to_save": None, "init_lora_weights": True,
     }
-    with open(os.path.join(output, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    save_file({peft_name(n): t.contiguous() for n, t in state.items()}, os.path.join(output, "adapter_model.safetensors"))
+    with atomic_output_dir(output) as tmp:  # whole or not at all, as every export
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        save_file({peft_name(n): t.contiguous() for n, t in state.items()}, os.path.join(tmp, "adapter_model.safetensors"))

@@ -343,8 +343,8 @@ def write_sharded(directory: str, shards: list[dict[str, torch.Tensor]] | Iterat
     most two shards are in memory.
     """
     weight_map, written = {}, 0
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="write", leave=False)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="write", leave=False) as bar, \
+            ThreadPoolExecutor(max_workers=1) as pool:  # the bar is cleared before an error is printed
         pending = None
         for i, shard in enumerate(shards, start=1):
             name = f"{prefix}.safetensors" if num_shards == 1 else f"{prefix}-{i:05d}-of-{num_shards:05d}.safetensors"
@@ -358,7 +358,6 @@ def write_sharded(directory: str, shards: list[dict[str, torch.Tensor]] | Iterat
             del shard
         if pending is not None:
             pending.result()
-    bar.close()
     index = {"metadata": {"total_size": written}, "weight_map": weight_map}
     with open(os.path.join(directory, f"{prefix}.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)

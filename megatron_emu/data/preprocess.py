@@ -254,14 +254,16 @@ def preprocess(shards: list[Shard], output_prefix: str, kind: str, tokenizer_pat
             jobs.append((shard, part, kind, tokenizer_path, num_special, image_size, image_format))
     resumed = len(reports)
     bar = _progress_bar(progress, mine, reports, output_prefix)
-    if workers > 1 and len(jobs) > 1:
-        _run_pool(jobs, min(workers, len(jobs)), reports, bar)
-    else:
-        for job in jobs:
-            reports[job[0].index] = process_shard(job, bar.documents if bar else None)
-            _shard_done(bar)
-    if bar is not None:
-        bar.close()
+    try:
+        if workers > 1 and len(jobs) > 1:
+            _run_pool(jobs, min(workers, len(jobs)), reports, bar)
+        else:
+            for job in jobs:
+                reports[job[0].index] = process_shard(job, bar.documents if bar else None)
+                _shard_done(bar)
+    finally:  # also on an error: the bar's line ends before the error's
+        if bar is not None:
+            bar.close()
     if num_shards > 1:
         return dict(_summary(reports.values(), time.time() - t0), output_prefix=output_prefix, kind=kind,
                     shards=len(mine), shards_resumed=resumed, job=f"{shard_index} of {num_shards}")
