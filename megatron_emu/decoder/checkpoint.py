@@ -14,9 +14,13 @@ non-averaged weights), vae/ and scheduler/ copied from the SD source, so
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 
 import torch
+
+from megatron_emu.training.checkpoint_guard import disk_full
 
 
 def iteration_dir(save: str, step: int) -> str:
@@ -26,12 +30,32 @@ def iteration_dir(save: str, step: int) -> str:
 def save_checkpoint(save: str, step: int, state: dict) -> str:
     path = iteration_dir(save, step)
     os.makedirs(path, exist_ok=True)
-    torch.save(state, os.path.join(path, "state.pt.tmp"))
-    os.replace(os.path.join(path, "state.pt.tmp"), os.path.join(path, "state.pt"))
+    partial = os.path.join(path, "state.pt.tmp")
+    try:
+        torch.save(state, partial)
+    except BaseException as e:
+        if os.path.exists(partial):
+            os.remove(partial)  # the space it took is the next save's
+        with contextlib.suppress(OSError):
+            os.rmdir(path)  # if empty: no directory without its state.pt
+        if not disk_full(e, save):
+            raise
+        raise OSError(errno.ENOSPC, f"cannot save decoder step {step}: no space left on the device holding {save}; "
+                      f"removed the partial save, latest stays at {read_latest_name(save)}") from None
+    os.replace(partial, os.path.join(path, "state.pt"))
     with open(os.path.join(save, "latest.tmp"), "w") as f:
         f.write(os.path.basename(path))
     os.replace(os.path.join(save, "latest.tmp"), os.path.join(save, "latest"))
     return path
+
+
+def read_latest_name(save: str) -> str:
+    """What `<save>/latest` names, or that there is none yet."""
+    try:
+        with open(os.path.join(save, "latest")) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return "none (no earlier save)"
 
 
 def load_checkpoint(load: str) -> dict | None:
