@@ -6,6 +6,10 @@ under Megatron's tag names, each against the iteration and, as "<tag> vs samples
 against consumed samples, so runs with different batch sizes compare. The run's config
 goes in once as text (TensorBoard) and as the run config (W&B).
 
+A sink that fails to write (its disk full, W&B's service gone) is dropped with one warning
+and the run goes on: days of training are not ended, or left unsaved, for a lost plot. The
+log line still carries every scalar.
+
 Also here: Megatron's memory line, from CUDA's allocator on GPU and from the process's
 peak resident set on CPU (torch keeps no allocator statistics there).
 """
@@ -13,15 +17,20 @@ peak resident set on CPU (torch keeps no allocator statistics there).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
+import logging
 import resource
 import sys
+import threading
 
 import torch
 
 from megatron_emu.config import LoggingConfig
 from megatron_emu.optional import require
+
+log = logging.getLogger("megatron_emu")
 
 
 def config_json(config) -> str:
@@ -40,6 +49,7 @@ class Sinks:
             return
         text = config_json(run_config)
         if tensorboard is not None:
+            quiet_tensorboard_writer_thread()
             self.tensorboard = tensorboard.SummaryWriter(
                 logging.tensorboard_dir, max_queue=logging.tensorboard_queue_size)
             # Markdown: indented lines render as a code block in TensorBoard's text tab.
@@ -56,18 +66,46 @@ class Sinks:
     def scalars(self, iteration: int, consumed_samples: int, values: dict[str, float]) -> None:
         """Each value against the iteration and against consumed samples."""
         if self.tensorboard is not None:
-            for tag, value in values.items():
-                self.tensorboard.add_scalar(tag, value, iteration)
-                self.tensorboard.add_scalar(f"{tag} vs samples", value, consumed_samples)
+            with self.dropped_on_error("tensorboard", f"--tensorboard-dir {self.tensorboard.log_dir}"):
+                for tag, value in values.items():
+                    self.tensorboard.add_scalar(tag, value, iteration)
+                    self.tensorboard.add_scalar(f"{tag} vs samples", value, consumed_samples)
         if self.wandb is not None:  # W&B plots any logged key as the x-axis: consumed samples is one
-            self.wandb.log({**values, "consumed-samples": consumed_samples}, step=iteration)
+            with self.dropped_on_error("wandb", "W&B"):
+                self.wandb.log({**values, "consumed-samples": consumed_samples}, step=iteration)
 
     def close(self) -> None:
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            with self.dropped_on_error("tensorboard", f"--tensorboard-dir {self.tensorboard.log_dir}"):
+                self.tensorboard.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            with self.dropped_on_error("wandb", "W&B"):
+                self.wandb.finish()
         self.tensorboard = self.wandb = None
+
+    @contextlib.contextmanager
+    def dropped_on_error(self, sink: str, where: str):
+        """An error writing to `sink` drops it (one warning); the run goes on."""
+        try:
+            yield
+        except Exception as e:
+            setattr(self, sink, None)
+            log.warning("%s: cannot write (%s: %s); no more scalars go there, the run goes on",
+                        where, e.__class__.__name__, e)
+
+
+def quiet_tensorboard_writer_thread() -> None:
+    """TensorBoard writes from a thread of its own; a write error there is printed as a traceback
+    by threading's hook and raised again at the next add_scalar, where Sinks drops the sink
+    with one line. So that thread's OSError is not printed twice."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        previous(args)
+
+    threading.excepthook = hook
 
 
 # -- memory ----------------------------------------------------------------------------
