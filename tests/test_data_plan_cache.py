@@ -178,3 +178,25 @@ def test_a_damaged_plan_beside_a_read_only_dataset_is_rebuilt_in_the_cache_dir(t
     np.testing.assert_array_equal(view.plan.array, good)
     assert open(beside, "rb").read() == damaged
     assert any(".plan-chunks-" in p for p in os.listdir(tmp_path / "cache" / "plans"))
+
+
+def test_a_full_disk_while_a_plan_is_written_names_the_plan_and_leaves_no_part(tok, data, monkeypatch):
+    """ENOSPC while the plan is synced: one message naming the plan file and what to do (the
+    run prints it as its one error line), no temporary file left, and once there is room the
+    same call builds the plan."""
+    import errno
+
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plan_cache.os, "fsync", full)
+    spec = SeqSpec.from_tokenizer(tok, 192)
+    with pytest.raises(OSError, match=r"\.plan-[^:]*: no space left to write the sample plan \([\d,]+ rows so far, "
+                                      r"32 bytes each\); free space there, or give --data-cache-dir") as caught:
+        plan_chunks(data, spec, 5)
+    assert caught.value.errno == errno.ENOSPC and data.prefix in str(caught.value)
+    assert plan_files(data) == []  # no .tmp left
+    monkeypatch.setattr(plan_cache.os, "fsync", real_fsync)
+    np.testing.assert_array_equal(plan_chunks(data, spec, 5), reference_chunks(data, 192, spec.tokens_per_image, 5))

@@ -26,6 +26,7 @@ published by one atomic rename: a killed build leaves no file that looks complet
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
@@ -168,6 +169,12 @@ def _build(prefix, path, key, width, build_block, docs_per_block) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(e.errno, f"{path}: no space left to write the sample plan ({rows:,} rows so far, "
+                      f"{width * 8} bytes each); free space there, or give --data-cache-dir on a device "
+                      f"with room") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
