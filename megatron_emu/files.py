@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 
 def read_json(path: str, problem: str, reason_type_only: bool = False) -> dict:
@@ -14,3 +15,13 @@ def read_json(path: str, problem: str, reason_type_only: bool = False) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         reason = e.__class__.__name__ if reason_type_only else e
         raise ValueError(f"{path}: {problem} ({reason})") from None
+
+
+def write_json_atomic(path: str, value: dict) -> None:
+    """Temp file + fsync + os.replace: a reader sees the old file or the whole new one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -37,6 +37,9 @@ class HashingWriter:
             self.part.update(data)
         return self.file.write(data)
 
+    def flush(self) -> None:  # torch.save into this file flushes it at the end
+        self.file.flush()
+
     def close(self) -> None:
         self.file.close()
 

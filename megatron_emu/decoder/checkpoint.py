@@ -5,6 +5,8 @@ per iteration: `<save>/iter_0001000/state.pt` with the UNet, optimizer, EMA weig
 the random generators (noise and condition drop: a resumed run draws what the
 uninterrupted one would). `<save>/latest` names the newest one and is replaced
 atomically, after the file is complete, so a crash mid-save never breaks a resume.
+The file's xxh3_64, taken while it is written, goes into `state.json` beside it and is
+checked before a resume loads it: torch.load itself reads a flipped byte silently.
 
 The final product is `<save>/decoder/`: unet/ (diffusers UNet2DConditionModel, the
 EMA weights when --ema-decay > 0, else the trained ones), unet_trained/ (with EMA, the
@@ -16,11 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 
 import torch
 
+from megatron_emu.data.checksums import HashingWriter, file_xxh3
+from megatron_emu.files import read_json, write_json_atomic
 from megatron_emu.training.checkpoint_guard import disk_full
+
+log = logging.getLogger("megatron_emu")
 
 
 def iteration_dir(save: str, step: int) -> str:
@@ -32,10 +39,16 @@ def save_checkpoint(save: str, step: int, state: dict) -> str:
     os.makedirs(path, exist_ok=True)
     partial = os.path.join(path, "state.pt.tmp")
     try:
-        torch.save(state, partial)
+        with open(partial, "wb") as f:
+            hashed = HashingWriter(f)
+            torch.save(state, hashed)
+            f.flush()
+            os.fsync(f.fileno())
+        write_json_atomic(os.path.join(path, DIGEST_NAME), {"xxh3": hashed.hexdigest(), "bytes": os.path.getsize(partial)})
     except BaseException as e:
-        if os.path.exists(partial):
-            os.remove(partial)  # the space it took is the next save's
+        for leftover in (partial, os.path.join(path, DIGEST_NAME)):
+            if os.path.exists(leftover):
+                os.remove(leftover)  # the space it took is the next save's
         with contextlib.suppress(OSError):
             os.rmdir(path)  # if empty: no directory without its state.pt
         if not disk_full(e, save):
@@ -47,6 +60,28 @@ def save_checkpoint(save: str, step: int, state: dict) -> str:
         f.write(os.path.basename(path))
     os.replace(os.path.join(save, "latest.tmp"), os.path.join(save, "latest"))
     return path
+
+
+DIGEST_NAME = "state.json"
+
+
+def check_digest(path: str) -> None:
+    """state.pt against the xxh3_64 recorded when it was written (a checkpoint of an earlier
+    release has none: loaded with a warning)."""
+    recorded_at = os.path.join(os.path.dirname(path), DIGEST_NAME)
+    if not os.path.exists(recorded_at):
+        log.warning("%s: no %s (saved by an earlier release): loaded unverified", path, DIGEST_NAME)
+        return
+    recorded = read_json(recorded_at, "not a decoder checkpoint digest")
+    size = os.path.getsize(path)
+    if size != recorded.get("bytes"):
+        raise ValueError(f"{path}: {size} bytes, {recorded_at} recorded {recorded.get('bytes')}: the file changed "
+                         f"since it was saved (a partial copy?); resume from an earlier iter_* (edit latest)")
+    digest = file_xxh3(path)
+    if digest != recorded.get("xxh3"):
+        raise ValueError(f"{path}: checksum xxh3_64 {digest} differs from {recorded.get('xxh3')} recorded in "
+                         f"{recorded_at}: the file changed since it was saved (a flipped byte?); resume from an "
+                         f"earlier iter_* (edit latest)")
 
 
 def read_latest_name(save: str) -> str:
@@ -70,6 +105,7 @@ def load_checkpoint(load: str) -> dict | None:
     path = os.path.join(load, name, "state.pt")
     if not os.path.isfile(path):
         raise ValueError(f"{latest}: names {name}, which has no state.pt")
+    check_digest(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file

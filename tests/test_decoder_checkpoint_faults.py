@@ -1,5 +1,7 @@
-"""The decoder's checkpoint save on a full disk: one line, the partial file removed, `latest`
-unchanged; and torch's zip writer's disguise of it ("unexpected pos") is seen through."""
+"""Faults at the decoder's checkpoints: a full disk at save (one line, the partial file
+removed, `latest` unchanged, torch's zip writer's disguise "unexpected pos" seen through);
+a flipped byte or a partial copy of state.pt at resume (refused in one line: torch.load
+itself would read it silently)."""
 
 import errno
 import os
@@ -13,9 +15,8 @@ from megatron_emu.training import checkpoint_guard
 
 
 def fill_up(error: BaseException):
-    def save(state, path):
-        with open(path, "wb") as f:
-            f.write(b"\0" * 1000)  # part of the file, then the device is full
+    def save(state, file):
+        file.write(b"\0" * 1000)  # part of the file, then the device is full
         raise error
     return save
 
@@ -36,6 +37,7 @@ def test_a_full_disk_keeps_latest_and_leaves_no_partial_save(tmp_path, monkeypat
         checkpoint.save_checkpoint(save, 2, {"step": 2})
     assert caught.value.errno == errno.ENOSPC  # training/errors.py prints it as one line, exit code 1
     assert sorted(os.listdir(save)) == ["iter_0000001", "latest"]
+    assert sorted(os.listdir(os.path.join(save, "iter_0000001"))) == ["state.json", "state.pt"]
     assert checkpoint.load_checkpoint(save) == {"step": 1}
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     checkpoint.save_checkpoint(save, 2, {"step": 2})  # space freed: the next save goes through
@@ -47,3 +49,29 @@ def test_another_save_error_is_not_called_a_full_disk(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="something else"):
         checkpoint.save_checkpoint(str(tmp_path / "dec"), 1, {"step": 1})
     assert os.listdir(tmp_path / "dec") == []
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "partial copy"])
+def test_a_changed_state_file_is_refused_at_resume(tmp_path, damage):
+    save = str(tmp_path / "dec")
+    checkpoint.save_checkpoint(save, 1, {"unet": torch.randn(1000, 64), "step": 1})
+    state = os.path.join(save, "iter_0000001", "state.pt")
+    data = bytearray(open(state, "rb").read())
+    if damage == "flipped byte":
+        data[len(data) // 2] ^= 0x01  # inside the tensor's bytes: torch.load would not notice
+        message = r"checksum xxh3_64 [0-9a-f]+ differs from [0-9a-f]+ recorded in .*state.json: the file changed"
+    else:
+        data = data[: len(data) - 100]
+        message = rf"{len(data)} bytes, .*state.json recorded {len(data) + 100}: the file changed"
+    open(state, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=f"^{state}: {message}.*resume from an earlier iter_"):
+        checkpoint.load_checkpoint(save)
+
+
+def test_a_checkpoint_of_an_earlier_release_loads_with_a_warning(tmp_path, caplog):
+    save = str(tmp_path / "dec")
+    checkpoint.save_checkpoint(save, 1, {"step": 1})
+    os.remove(os.path.join(save, "iter_0000001", "state.json"))
+    with caplog.at_level("WARNING", logger="megatron_emu"):
+        assert checkpoint.load_checkpoint(save) == {"step": 1}
+    assert "no state.json (saved by an earlier release): loaded unverified" in caplog.text
