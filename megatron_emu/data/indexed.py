@@ -19,7 +19,6 @@ Layout (readable by megatron-core's own IndexedDataset(prefix, multimodal=True))
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
@@ -30,6 +29,7 @@ import xxhash
 from megatron_emu.data.checksums import HashingWriter, file_xxh3, verify_file
 from megatron_emu.data.images import IMAGE_FORMATS, decode_jpeg, encode_jpeg
 from megatron_emu.data.locks import sidecar_base
+from megatron_emu.files import write_json_atomic
 from megatron_emu.data.plan_cache import file_identity
 from megatron_emu.files import read_json
 
@@ -118,10 +118,7 @@ def write_meta(prefix: str, meta: dict, bin_xxh3: str | None = None) -> None:
     meta = dict(meta, format=FORMAT, bin_bytes=os.path.getsize(prefix + ".bin"),
                 idx_bytes=os.path.getsize(prefix + ".idx"), idx_xxh3=file_xxh3(prefix + ".idx"),
                 bin_xxh3=bin_xxh3 or file_xxh3(prefix + ".bin"))
-    tmp = prefix + ".json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
-    os.replace(tmp, prefix + ".json")
+    write_json_atomic(prefix + ".json", meta)  # fsynced: the marker never outlives its data in a crash
 
 
 def read_meta(prefix: str) -> dict:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_emu.files import write_json_atomic
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -59,9 +61,7 @@ def build_cache(prefix: str, meta: dict, num_rows: int, row_shape: tuple[int, ..
     del rows
     _barrier()
     if rank == 0:
-        with open(prefix + ".json.tmp", "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-        os.replace(prefix + ".json.tmp", prefix + ".json")
+        write_json_atomic(prefix + ".json", meta)  # written last: marks the cache complete
     _barrier()
 
 
