@@ -136,3 +136,45 @@ def test_gpu_backend_equals_math_bf16(backend, case):
     if not backend_installed(backend):
         pytest.skip(f"{backend} not installed")
     check_against_math(backend, case, dtype=torch.bfloat16, device="cuda", atol=2e-2)
+
+
+# -- our calls into flash-attn / Transformer Engine, on CPU stand-ins of their contracts ---
+@pytest.fixture
+def stand_ins(monkeypatch):
+    from tests import gpu_library_stand_ins
+
+    gpu_library_stand_ins.install(monkeypatch)
+    attention._te_modules.clear()
+    yield
+    attention._te_modules.clear()
+
+
+# No bias (neither library takes one); te only with Sq == Sk (the dispatcher sends the rest to sdpa).
+WRAPPER_CASES = [(w, c) for w in ("flash", "te") for c in CASES if not c[4] and (w == "flash" or c[1] == c[2])]
+
+
+@pytest.mark.parametrize("wrapper, case", WRAPPER_CASES, ids=[f"{w}-{c[0]}" for w, c in WRAPPER_CASES])
+def test_our_flash_and_te_calls_equal_math(stand_ins, wrapper, case):
+    """The layout transposes, the causal alignment and the scale we hand each library."""
+    _, sq, sk, causal, _, scale = case
+    q, k, v, _ = make_inputs(sq, sk, False)
+    call = attention.flash_attention if wrapper == "flash" else attention.te_attention
+    out = call(q, k, v, causal=causal, scale=scale)
+    ref = math_attention(q, k, v, causal=causal, scale=scale)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grads, ref_grads = (torch.autograd.grad(o.square().sum(), (q, k, v)) for o in (out, ref))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+def test_our_flash_varlen_call_equals_the_dense_document_mask(stand_ins):
+    """Packed rows: cu_seqlens over the flattened tokens, one causal attention per document."""
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [3, 3, 3, 3, 3, 4, 4, 5]])
+    q, k, v, _ = make_inputs(8, 8, False)
+    cu_seqlens, longest = attention.document_boundaries(ids)
+    assert cu_seqlens.tolist() == [0, 3, 5, 8, 13, 15, 16] and longest == 5
+    documents = attention.DocumentMask(ids, None, cu_seqlens, longest)
+    out = attention.flash_varlen_attention(q, k, v, documents)
+    allowed = attention.dense_document_mask(ids)
+    bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(out, math_attention(q, k, v, bias=bias), atol=1e-5, rtol=1e-5)
