@@ -8,6 +8,9 @@ real kernels are still compared with `math` by the CUDA tests of test_attention.
 - flash_attn.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
   max_seqlen_k, dropout_p, softmax_scale, causal): the sequences of a batch concatenated,
   (total, H, D), sequence i is rows cu_seqlens[i]:cu_seqlens[i + 1] (int32).
+- apex.normalization.fused_layer_norm.fused_rms_norm_affine(input, weight, normalized_shape,
+  eps) and fused_layer_norm_affine(input, weight, bias, normalized_shape, eps): RMSNorm and
+  LayerNorm over the trailing normalized_shape, computed in fp32, output in input's dtype.
 - transformer_engine.pytorch.DotProductAttention(num_attention_heads, kv_channels,
   attention_dropout, qkv_format, attn_mask_type, softmax_scale); qkv_format "bshd": inputs
   (B, S, H, D), output (B, S, H * D); attn_mask_type "no_mask", "causal" (top-left
@@ -77,11 +80,28 @@ class DotProductAttention(torch.nn.Module):
         return out.transpose(1, 2).reshape(B, Sq, H * D)
 
 
+def fused_rms_norm_affine(input, weight, normalized_shape, eps=1e-6, **_):
+    dims = tuple(range(-len(normalized_shape), 0))
+    x = input.float()
+    return (x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps) * weight.float()).to(input.dtype)
+
+
+def fused_layer_norm_affine(input, weight, bias, normalized_shape, eps=1e-6, **_):
+    out = torch.nn.functional.layer_norm(input.float(), normalized_shape, weight.float(), bias.float(), eps)
+    return out.to(input.dtype)
+
+
 def install(monkeypatch) -> None:
-    """Make `import flash_attn` and `from transformer_engine.pytorch import ...` find these."""
+    """Make `import flash_attn`, `from transformer_engine.pytorch import ...` and
+    `from apex.normalization.fused_layer_norm import ...` find these."""
     flash = types.ModuleType("flash_attn")
     flash.flash_attn_func, flash.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
     te, te_pytorch = types.ModuleType("transformer_engine"), types.ModuleType("transformer_engine.pytorch")
     te_pytorch.DotProductAttention, te.pytorch = DotProductAttention, te_pytorch
-    for name, module in (("flash_attn", flash), ("transformer_engine", te), ("transformer_engine.pytorch", te_pytorch)):
+    apex, norm, fused = (types.ModuleType(n) for n in ("apex", "apex.normalization", "apex.normalization.fused_layer_norm"))
+    fused.fused_rms_norm_affine, fused.fused_layer_norm_affine = fused_rms_norm_affine, fused_layer_norm_affine
+    apex.normalization, norm.fused_layer_norm = norm, fused
+    modules = {"flash_attn": flash, "transformer_engine": te, "transformer_engine.pytorch": te_pytorch,
+               "apex": apex, "apex.normalization": norm, "apex.normalization.fused_layer_norm": fused}
+    for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)

@@ -167,3 +167,23 @@ def test_compile_after_recompute_stays_compiled_across_stacks_and_image_counts()
     finally:
         logger.removeHandler(handler)
     assert not [m for m in messages if "recompile_limit" in m], messages
+
+
+def test_our_apex_norm_calls_equal_the_reference(monkeypatch):
+    """apex's fused RMSNorm / LayerNorm as we call them (argument order, shapes, eps), on CPU
+    stand-ins of apex's contract (tests/gpu_library_stand_ins.py)."""
+    from megatron_emu import kernels
+    from tests import gpu_library_stand_ins
+
+    gpu_library_stand_ins.install(monkeypatch)
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: object() if name == "apex" else None)
+    rms, layer = RMSNorm(64, eps=1e-5), nn.LayerNorm(64, eps=1e-5)
+    with torch.no_grad():
+        for p in (rms.weight, layer.weight, layer.bias):
+            p.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 64)
+    expected = [rms(x), layer(x)]
+    assert apply_fused_norms(nn.Sequential(rms, layer), "cuda") == "apex"
+    assert rms.forward.__name__ == "_apex_rms_norm_forward" and layer.forward.__name__ == "_apex_layer_norm_forward"
+    for got, want in zip([rms(x), layer(x)], expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
