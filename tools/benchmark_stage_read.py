@@ -8,8 +8,8 @@ file takes no disk blocks, so a 14B file costs nothing to make), then, in a fres
 per variant, builds the stage as generation/inference.py does and reports the process's
 peak RSS:
 - part:  partial_source + read_part, the stage's tensors only (what build_inference does);
-- whole: the whole Emu read and built in float32 on the CPU, then cut to the stage (the
-         path every state file took before; --whole, at sizes that fit in memory).
+- whole: the whole Emu loaded in float32 on the CPU (load_for_inference, the single-process
+         API), then cut to the stage (--whole, at sizes that fit in memory).
 Prints one JSON line per variant.
 """
 

@@ -26,58 +26,29 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def load_emu(config: ModelConfig, path: str, device: torch.device | str = "cpu") -> Emu:
-    """A frozen Emu of `config` with the weights at `path` (empty path: random, for smoke runs).
-    One of our checkpoints also sets what its LLaMA computes (norm eps, rope: e.g. an imported
-    LLaMA-2's 1e-5), whatever the preset says."""
-    if path and os.path.isdir(path):
+    """A frozen Emu of `config` with the weights at `path` (empty path: random, for smoke runs),
+    read tensor by tensor into a model built without initialising it (generation/loading.py
+    read_part): at 14B no random init and no second copy of the weights. One of our
+    checkpoints also sets what its LLaMA computes (norm eps, rope: e.g. an imported LLaMA-2's
+    1e-5), whatever the preset says."""
+    if not path:
+        return freeze(build_emu(config, device="cpu", seed=0).to(device))
+    from megatron_emu.generation.loading import read_part, state_file_source
+
+    if os.path.isdir(path):
+        from megatron_emu.convert.streams import DCPSource
         from megatron_emu.training.checkpoint_files import recorded_model_config
 
         saved = recorded_model_config(path).llm
         config = dataclasses.replace(config, llm=dataclasses.replace(
             config.llm, **{f: getattr(saved, f) for f in LLAMA_FUNCTION_FIELDS}))
-    model = build_emu(config, device="cpu", seed=0)
-    if path:
-        state = read_emu_state(path)
-        check_emu_state(state, model, path)
-        model.load_state_dict(state, strict=True)
-    return freeze(model.to(device))
-
-
-def read_emu_state(path: str) -> dict[str, torch.Tensor]:
-    if os.path.isdir(path):  # one of our DCP checkpoints (root with `latest`, or iter_N/)
-        from megatron_emu.convert.streams import DCPSource
-
         source = DCPSource(path)
-        return source.read(list(source.entries))
-    if not os.path.isfile(path):
+    elif os.path.isfile(path):
+        source = state_file_source(path)
+    else:
         raise ValueError(f"{path}: --emu-load does not exist")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch/safetensors raise many types for a corrupt file
-        raise ValueError(f"{path}: unreadable Emu state dict ({e.__class__.__name__})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict of Emu, got {type(state).__name__}")
-    return state
-
-
-def check_emu_state(state: dict, model: Emu, path: str) -> None:
-    """Shape mismatches get named in one line (load_state_dict's message is a wall of text)."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: not an Emu of this preset (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    hidden = model.config.llm.hidden
-    got = tuple(state["regression_head.weight"].shape)
-    if got != (hidden, hidden):
-        raise ValueError(f"{path}: Emu hidden size {got[0]} but the preset's is {hidden}")
-    for name, tensor in expected.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}")
+    head = "regression_head.weight"  # (hidden, hidden): the one shape that says the model's width
+    hidden = config.llm.hidden
+    if head in source.entries and source.shape(head) != (hidden, hidden):
+        raise ValueError(f"{path}: Emu hidden size {source.shape(head)[0]} but the preset's is {hidden}")
+    return freeze(read_part(source, config, lambda emu: emu).to(device))

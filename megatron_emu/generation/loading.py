@@ -28,41 +28,27 @@ def load_for_inference(path: str, preset: str = "tiny", device: torch.device | s
                        dtype: torch.dtype = torch.float32, base: str = "", tokenizer_model: str = "") -> Emu:
     """Frozen Emu (eval, no grads) with the weights at `path` (and, for adapters, `base`).
     tokenizer_model: the tokenizer of an adapter run (the words "user" / "assistant")."""
-    from megatron_emu.generation.frozen import check_emu_state, freeze, read_emu_state
+    from megatron_emu.generation.frozen import freeze
 
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such checkpoint, export or state-dict file")
-    hf_export = os.path.isfile(os.path.join(path, "visual", "config.json"))
-    if base and (hf_export or not os.path.isdir(path)):
-        raise ValueError(f"--pretrained-checkpoint {base}: only an adapter checkpoint --load has a base, not {path}")
-    if hf_export:
-        from megatron_emu.convert.hf_emu import load_emu_from_hf
-
-        return freeze(load_emu_from_hf(path).to(device, dtype))
-    if os.path.isdir(path):
-        from megatron_emu.convert.streams import DCPSource
-
-        source = DCPSource(path)
-        config = ModelConfig.from_dict(source.record["config"]["model"])
-        if source.record["config"].get("lora", {}).get("rank"):
-            return freeze(adapted_on_base(source, config, base, tokenizer_model).to(device, dtype))
-        if base:
-            raise ValueError(f"--pretrained-checkpoint {base}: {source.path} is a full checkpoint, not adapters")
-        state = source.read(list(source.entries))
+    source, config = partial_source(path, preset)
+    if base and not is_adapters(source):
+        if isinstance(source, SpanSource):  # an HF export or a state file
+            raise ValueError(f"--pretrained-checkpoint {base}: only an adapter checkpoint --load has a base, not {path}")
+        raise ValueError(f"--pretrained-checkpoint {base}: {source.path} is a full checkpoint, not adapters")
+    if is_adapters(source):
+        model = adapted_on_base(source, config, base, tokenizer_model)
     else:
-        state = read_emu_state(path)
-        config = with_vocabulary_of(get_preset(preset), rows_of(state), path)
-    model = build_emu(config, device="cpu", seed=0)
-    check_emu_state(state, model, path)
-    model.load_state_dict(state, strict=True)
+        model = read_part(source, config, lambda emu: emu)
     return freeze(model.to(device, dtype))
 
 
 def partial_source(path: str, preset: str = "tiny"):
-    """(source, model config) for a form whose tensors a rank can read a part of: our
-    checkpoint (its recorded config; adapters: is_adapters, built by adapted_on_base), an HF
-    export (its visual/config.json) or a single state-dict file of `preset` (.safetensors,
-    or torch.save'd); None where there is nothing at `path`."""
+    """(source, model config) for a form whose tensors are read a part at a time (read_part):
+    our checkpoint (its recorded config; adapters: is_adapters, built by adapted_on_base), an
+    HF export (its visual/config.json) or a single state-dict file of `preset` (.safetensors,
+    or torch.save'd)."""
     if os.path.isfile(path):
         source = state_file_source(path)
         return source, with_vocabulary_of(get_preset(preset), source.entries.get(EMBEDDING, (None,))[0], path)
@@ -71,7 +57,7 @@ def partial_source(path: str, preset: str = "tiny"):
 
         return SpanSource(path, dict(hf_emu_tensors(path, spans=True))), read_visual_config(path)
     if not os.path.isdir(path):
-        return None
+        raise ValueError(f"{path}: no such checkpoint, export or state-dict file")
     from megatron_emu.convert.streams import DCPSource
 
     source = DCPSource(path)
@@ -161,10 +147,6 @@ def check_names(source, names: set[str]) -> None:
 
 
 EMBEDDING = "llm.tok_embeddings.weight"
-
-
-def rows_of(state: dict) -> int | None:
-    return state[EMBEDDING].shape[0] if EMBEDDING in state else None
 
 
 def with_vocabulary_of(config: ModelConfig, rows: int | None, path: str) -> ModelConfig:
