@@ -84,7 +84,17 @@ def prompts_for(tokenizer):
 
 
 def _tp_worker(rank, world_size, path):
-    run = build_inference(InferenceConfig(path, tensor_model_parallel_size=2))
+    from torch.distributed.tensor import DTensor
+
+    from megatron_emu.generation import loading
+
+    filled, real_copy = [], loading.copy_into
+    loading.copy_into = lambda target, whole: filled.append(isinstance(target, DTensor)) or real_copy(target, whole)
+    try:
+        run = build_inference(InferenceConfig(path, tensor_model_parallel_size=2))
+    finally:
+        loading.copy_into = real_copy
+    assert any(filled)  # read into shards made on the meta device: no full-size copy of a sharded weight
     single = load_for_inference(path)
     tokenizer = EmuTokenizer(build_tiny_tokenizer())
     assert (run.dims.tp, run.dims.pp, run.dims.dp) == (2, 1, 1)

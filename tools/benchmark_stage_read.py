@@ -2,12 +2,16 @@
 
     python tools/benchmark_stage_read.py --preset emu-14b --pipeline-model-parallel-size 8 --stage 3
     python tools/benchmark_stage_read.py --preset 1b --pipeline-model-parallel-size 4 --stage 0 --whole
+    python tools/benchmark_stage_read.py --preset emu-14b --pipeline-model-parallel-size 8 --stage 3 \
+        --tensor-model-parallel-size 4      # TP ranks as gloo processes: each reads its shards
 
 Writes a sparse safetensors file with every tensor of the preset's Emu (bf16, zeros: the
 file takes no disk blocks, so a 14B file costs nothing to make), then, in a fresh process
 per variant, builds the stage as generation/inference.py does and reports the process's
 peak RSS:
 - part:  partial_source + read_part, the stage's tensors only (what build_inference does);
+         with --tensor-model-parallel-size T, T gloo processes (torchrun) shard the stage on
+         the meta device first and each keeps its slices: the peak RSS of the largest rank;
 - whole: the whole Emu loaded in float32 on the CPU (load_for_inference, the single-process
          API), then cut to the stage (--whole, at sizes that fit in memory).
 Prints one JSON line per variant.
@@ -50,7 +54,7 @@ def write_sparse_state_file(path: str, preset: str) -> int:
     return 8 + len(encoded) + offset
 
 
-def build_stage(path: str, preset: str, pp: int, stage: int, whole: bool) -> dict:
+def build_stage(path: str, preset: str, pp: int, stage: int, whole: bool, shard=None) -> dict:
     from megatron_emu.generation.loading import load_for_inference, partial_source, read_part
 
     start = time.perf_counter()
@@ -60,11 +64,29 @@ def build_stage(path: str, preset: str, pp: int, stage: int, whole: bool) -> dic
         part = keep(load_for_inference(path, preset))
     else:
         source, config = partial_source(path, preset)
-        part = read_part(source, config, keep)
+        part = read_part(source, config, keep, shard)
+    local = sum(getattr(t, "_local_tensor", t).numel() for t in part.state_dict().values())
     return {"variant": "whole" if whole else "part", "preset": preset, "pp": pp, "stage": stage,
             "stage_layers": list(layers), "stage_gib_fp32": sum(t.numel() for t in part.state_dict().values()) * 4 / 2**30,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "rank_gib_fp32": local * 4 / 2**30, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def build_stage_tp(path: str, preset: str, pp: int, stage: int) -> dict:
+    """One TP rank of a torchrun group: the stage sharded over the group, each rank its shards;
+    rank 0 returns the row of the rank with the largest peak RSS."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from megatron_emu.generation.forward import shard_for_inference
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    row = build_stage(path, preset, pp, stage, False, lambda part: shard_for_inference(part, mesh))
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    dist.destroy_process_group()
+    return dict(max(rows, key=lambda r: r["peak_rss_gib"]), tp=len(rows))
 
 
 def main(argv=None) -> list[dict]:
@@ -73,14 +95,18 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=8)
     parser.add_argument("--stage", type=int, default=0)
     parser.add_argument("--whole", action="store_true", help="also the whole-model path (needs ~4 bytes/param)")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="part: as T gloo ranks (torchrun)")
     parser.add_argument("--dir", default=None, help="where the sparse file goes (default: a temporary dir)")
     parser.add_argument("--child", choices=["part", "whole"], help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.child:
-        row = build_stage(args.file, args.preset, args.pipeline_model_parallel_size, args.stage, args.child == "whole")
-        print("STAGE_READ_JSON " + json.dumps(row), flush=True)
+        pp, tp = args.pipeline_model_parallel_size, args.tensor_model_parallel_size
+        row = (build_stage_tp(args.file, args.preset, pp, args.stage) if tp > 1 else
+               build_stage(args.file, args.preset, pp, args.stage, args.child == "whole"))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("STAGE_READ_JSON " + json.dumps(row), flush=True)
         return [row]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = os.path.join(tmp, f"{args.preset}.safetensors")
@@ -88,9 +114,12 @@ def main(argv=None) -> list[dict]:
         print(f"{path}: {size / 2**30:.1f} GiB (bf16, sparse)")
         rows = []
         for variant in ["part"] + (["whole"] if args.whole else []):
-            out = subprocess.run([sys.executable, __file__, "--child", variant, "--file", path, "--preset", args.preset,
-                                  "--pipeline-model-parallel-size", str(args.pipeline_model_parallel_size),
-                                  "--stage", str(args.stage)], capture_output=True, text=True, check=True).stdout
+            tp = args.tensor_model_parallel_size if variant == "part" else 1
+            launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc-per-node", str(tp)] if tp > 1 else [])
+            out = subprocess.run(launch + [__file__, "--child", variant, "--file", path, "--preset", args.preset,
+                                           "--pipeline-model-parallel-size", str(args.pipeline_model_parallel_size),
+                                           "--tensor-model-parallel-size", str(tp), "--stage", str(args.stage)],
+                                 capture_output=True, text=True, check=True).stdout
             row = json.loads(out.split("STAGE_READ_JSON ", 1)[1])
             row["file_gib_bf16"] = size / 2**30
             print("STAGE_READ_JSON " + json.dumps(row), flush=True)

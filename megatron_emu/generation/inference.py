@@ -92,14 +92,19 @@ class Weights:
             self.source, self.whole = None, read_whole(config)
             self.config: ModelConfig = self.whole.config
 
-    def part(self, keep) -> Emu:
-        """keep(emu) -> this rank's part of `emu` (in place)."""
+    def part(self, keep, shard, device: torch.device) -> Emu:
+        """keep(emu) -> this rank's part of `emu`, on `device`, float32; shard (or None): its
+        tensor parallelism, applied before the weights are read where the form allows."""
+        if self.whole is None and not self.adapters:
+            return read_part(self.source, self.config, keep, shard, device)
         if self.whole is not None:
-            return keep(self.whole)
-        if self.adapters:
-            return freeze(adapted_on_base(self.source, self.config, self.inference.base,
-                                          self.inference.tokenizer_model, keep))
-        return read_part(self.source, self.config, keep)
+            part = keep(self.whole).to(device)
+        else:
+            part = adapted_on_base(self.source, self.config, self.inference.base, self.inference.tokenizer_model,
+                                   keep).to(device)
+        if shard is not None:
+            shard(part)
+        return freeze(part)
 
 
 def read_whole(config: InferenceConfig) -> Emu:
@@ -115,7 +120,5 @@ def frozen_part(weights: Weights, layout: RunLayout) -> Emu:
     """This rank's part: its pipeline stage, on its device in the compute dtype, TP-sharded."""
     dims, pmesh = layout.dims, layout.pmesh
     stage = (lambda emu: prune_to_stage(emu, pmesh.pp_rank, dims.stage_layers)) if dims.pp > 1 else (lambda emu: emu)
-    part = weights.part(stage).to(pmesh.device, layout.precision.dtype)
-    if dims.tp > 1:
-        shard_for_inference(part, pmesh.tp_mesh)
-    return freeze(part)
+    shard = (lambda part: shard_for_inference(part, pmesh.tp_mesh)) if dims.tp > 1 else None
+    return freeze(weights.part(stage, shard, pmesh.device).to(layout.precision.dtype))

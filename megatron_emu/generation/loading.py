@@ -19,6 +19,7 @@ import dataclasses
 import os
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from megatron_emu.config import NUM_INSTRUCT_SPECIAL_TOKENS, NUM_PRETRAIN_SPECIAL_TOKENS, ModelConfig, get_preset
 from megatron_emu.model.emu import Emu, build_emu
@@ -103,24 +104,37 @@ def state_file_source(path: str) -> SpanSource:
     return SpanSource(path, spans)
 
 
-def read_part(source, config: ModelConfig, keep) -> Emu:
-    """The frozen part `keep(emu)` of the source's Emu (float32, CPU), reading its tensors
-    only: a pipeline stage of a 14B model without the whole model in memory."""
+def read_part(source, config: ModelConfig, keep, shard=None, device: torch.device | str = "cpu") -> Emu:
+    """The frozen part `keep(emu)` of the source's Emu (float32, on `device`), reading its
+    tensors only: a pipeline stage of a 14B model without the whole model in memory. With
+    `shard` (tensor parallelism, applied on the meta device first) each rank allocates only
+    its shards and keeps its slice of each tensor read."""
     from megatron_emu.generation.frozen import freeze
 
     whole = build_emu(config, device="meta")
     check_names(source, set(whole.state_dict()))
     model = keep(whole)
-    model.to_empty(device="cpu")
+    if shard is not None:
+        shard(model)
+    model.to_empty(device=device)
     model.llm.init_rope()  # the one buffer (not saved)
-    expected = model.state_dict()  # the part's own tensors: copying into them loads the part
+    expected = model.state_dict()  # the part's own tensors (DTensors where sharded): copying into them loads it
     wrong = [f"{n} {source.shape(n)} (expected {tuple(t.shape)})" for n, t in expected.items() if source.shape(n) != t.shape]
     if wrong:
         raise ValueError(f"{source.path}: not an Emu of this config: {', '.join(wrong[:3])}")
-    for names in batches(sorted(expected), lambda n: expected[n].nbytes, READ_BATCH_BYTES):
+    for names in batches(sorted(expected), lambda n: expected[n].numel() * expected[n].element_size(), READ_BATCH_BYTES):
         for name, tensor in source.read(names).items():
-            expected[name].copy_(tensor)
+            copy_into(expected[name], tensor)
     return freeze(model)
+
+
+def copy_into(target: torch.Tensor, whole: torch.Tensor) -> None:
+    """target := whole; a sharded (DTensor) target keeps only its own slice, cut locally."""
+    if isinstance(target, DTensor):
+        mine = distribute_tensor(whole.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(mine.to_local())
+    else:
+        target.copy_(whole)
 
 
 READ_BATCH_BYTES = 512 * 2**20  # read this much at a time: the part plus one batch in memory
