@@ -181,7 +181,7 @@ def test_training_from_the_import_keeps_the_fields_in_its_checkpoint_and_export(
 
 
 def test_the_decoder_computes_the_frozen_emu_with_the_checkpoint_fields(tmp_path):
-    from megatron_emu.generation.frozen import load_emu
+    from megatron_emu.generation.loading import load_emu
 
     hf = save_hf_llama(tmp_path / "llama", rms_norm_eps=1e-5, rope_scaling={"rope_type": "linear", "factor": 4.0})
     import_checkpoint([("hf-llama", str(tmp_path / "llama"))], CONFIG, str(tmp_path / "ckpt"), seed=0)

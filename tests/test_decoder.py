@@ -15,7 +15,7 @@ from megatron_emu.decoder.conditions import (
     right_pad,
     teacher_forced_conditions,
 )
-from megatron_emu.generation.frozen import load_emu
+from megatron_emu.generation.loading import load_emu
 from megatron_emu.decoder.unet import check_condition_dim, load_sd_components, resize_cross_attention
 from megatron_emu.model.emu import build_emu
 from tests.test_decoder_fixtures import SD_TEXT_DIM, decoder_assets  # noqa: F401

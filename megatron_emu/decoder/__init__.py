@@ -3,7 +3,7 @@
 
 unet.py        SD v1.5 components from a diffusers directory (or a config, for tests);
                cross-attention re-sized to Emu's hidden size
-frozen.py      loading the frozen Emu
+(the frozen Emu of --emu-load: generation/loading.py load_emu)
 conditions.py  the 32 regressed embeddings per image, the null condition, dropping, cache
 data.py        two indexed pair datasets mixed 7:2, images to 512x512, latent cache
 train.py       the finetuning loop (epsilon prediction, DDPM, AdamW, step LR, EMA, DDP)

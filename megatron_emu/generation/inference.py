@@ -3,7 +3,7 @@ the decoder's conditions (tools/generate_text.py, tools/evaluate.py, tools/gener
 decoder/train.py) all call `build_inference`.
 
     the model config (and later the weights: any form generation/loading.py reads; the
-    decoder's --emu-load: frozen.py)
+    decoder's --emu-load: loading.py load_emu)
     -> training/build.py build_layout: init_distributed -> ParallelDims (tp, pp, dp from the
        world size, validated against the model) -> mesh -> attention backend -> Precision
     -> this rank's part: its pipeline stage (parallel/pipeline.py prune_to_stage), on its
@@ -24,8 +24,9 @@ import torch
 
 from megatron_emu.config import ModelConfig, ParallelConfig, PerformanceConfig
 from megatron_emu.generation.forward import shard_for_inference
-from megatron_emu.generation.frozen import freeze, load_emu
-from megatron_emu.generation.loading import adapted_on_base, is_adapters, load_for_inference, partial_source, read_part
+from megatron_emu.generation.frozen import freeze
+from megatron_emu.generation.loading import (adapted_on_base, is_adapters, load_emu, load_for_inference, partial_source,
+                                             read_part)
 from megatron_emu.generation.stage_links import StageLinks
 from megatron_emu.model.emu import Emu
 from megatron_emu.parallel.pipeline import prune_to_stage
@@ -44,7 +45,7 @@ class InferenceConfig:
     bf16: bool = False
     attention_backend: str = "auto"
     # The decoder's --emu-load: an Emu of this config from our checkpoint or a state-dict file
-    # (frozen.py load_emu; empty `load`: random weights, for smoke runs).
+    # (loading.py load_emu; empty `load`: random weights, for smoke runs).
     model: ModelConfig | None = None
 
 

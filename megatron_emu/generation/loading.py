@@ -21,7 +21,8 @@ import os
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from megatron_emu.config import NUM_INSTRUCT_SPECIAL_TOKENS, NUM_PRETRAIN_SPECIAL_TOKENS, ModelConfig, get_preset
+from megatron_emu.config import (LLAMA_FUNCTION_FIELDS, NUM_INSTRUCT_SPECIAL_TOKENS, NUM_PRETRAIN_SPECIAL_TOKENS,
+                                 ModelConfig, get_preset)
 from megatron_emu.model.emu import Emu, build_emu
 
 
@@ -207,3 +208,33 @@ def adapted_on_base(source, config: ModelConfig, base: str, tokenizer_model: str
     init_new_chat_token_rows([model], tokenizer, base)
     merge_lora(model)
     return model
+
+
+def load_emu(config: ModelConfig, path: str, device: torch.device | str = "cpu") -> Emu:
+    """The decoder's `--emu-load`: a frozen Emu of `config` with the weights at `path` (our
+    checkpoint, any layout, or a state-dict file; empty path: random, for smoke runs),
+    read tensor by tensor into a model built without initialising it (generation/loading.py
+    read_part): at 14B no random init and no second copy of the weights. One of our
+    checkpoints also sets what its LLaMA computes (norm eps, rope: e.g. an imported LLaMA-2's
+    1e-5), whatever the preset says."""
+    from megatron_emu.generation.frozen import freeze
+
+    if not path:
+        return freeze(build_emu(config, device="cpu", seed=0).to(device))
+    if os.path.isdir(path):
+        from megatron_emu.convert.streams import DCPSource
+        from megatron_emu.training.checkpoint_files import recorded_model_config
+
+        saved = recorded_model_config(path).llm
+        config = dataclasses.replace(config, llm=dataclasses.replace(
+            config.llm, **{f: getattr(saved, f) for f in LLAMA_FUNCTION_FIELDS}))
+        source = DCPSource(path)
+    elif os.path.isfile(path):
+        source = state_file_source(path)
+    else:
+        raise ValueError(f"{path}: --emu-load does not exist")
+    head = "regression_head.weight"  # (hidden, hidden): the one shape that says the model's width
+    hidden = config.llm.hidden
+    if head in source.entries and source.shape(head) != (hidden, hidden):
+        raise ValueError(f"{path}: Emu hidden size {source.shape(head)[0]} but the preset's is {hidden}")
+    return freeze(read_part(source, config, lambda emu: emu).to(device))
