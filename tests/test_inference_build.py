@@ -241,3 +241,26 @@ def test_a_damaged_safetensors_state_file_is_refused_in_one_line(checkpoint, tmp
         with pytest.raises(ValueError, match=message) as error:
             partial_source(bad, "tiny")
         assert bad in str(error.value) and "\n" not in str(error.value), name
+
+
+def test_a_bf16_build_allocates_bf16_and_equals_the_fp32_load_cast(checkpoint):
+    """--bf16: the part is allocated in bf16 and read into directly (no fp32 copy first); its
+    tensors, the rope table included, are bit-identical to the fp32 load cast to bf16."""
+    from megatron_emu.generation import loading
+
+    targets, real_copy = [], loading.copy_into
+    loading.copy_into = lambda target, whole: targets.append(target.dtype) or real_copy(target, whole)
+    try:
+        run = build_inference(InferenceConfig(checkpoint, bf16=True))
+    finally:
+        loading.copy_into = real_copy
+    assert targets and set(targets) == {torch.bfloat16}  # read straight into bf16 tensors
+    try:
+        ours = {**run.emu.state_dict(), "rope": run.emu.llm.rope}
+        cast = load_for_inference(checkpoint).to(torch.bfloat16)
+        theirs = {**cast.state_dict(), "rope": cast.llm.rope}
+        assert ours.keys() == theirs.keys()
+        for name, tensor in ours.items():
+            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, theirs[name]), name
+    finally:
+        run.close()

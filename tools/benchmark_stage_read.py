@@ -54,25 +54,26 @@ def write_sparse_state_file(path: str, preset: str) -> int:
     return 8 + len(encoded) + offset
 
 
-def build_stage(path: str, preset: str, pp: int, stage: int, whole: bool, shard=None) -> dict:
+def build_stage(path: str, preset: str, pp: int, stage: int, whole: bool, shard=None,
+                dtype: torch.dtype = torch.float32) -> dict:
     from megatron_emu.generation.loading import load_for_inference, partial_source, read_part
 
     start = time.perf_counter()
     layers = even_split(get_preset(preset).llm.layers, pp)
     keep = lambda emu: prune_to_stage(emu, stage, layers)  # noqa: E731
     if whole:
-        part = keep(load_for_inference(path, preset))
+        part = keep(load_for_inference(path, preset)).to(dtype)
     else:
         source, config = partial_source(path, preset)
-        part = read_part(source, config, keep, shard)
+        part = read_part(source, config, keep, shard, dtype=dtype)
     local = sum(getattr(t, "_local_tensor", t).numel() for t in part.state_dict().values())
-    return {"variant": "whole" if whole else "part", "preset": preset, "pp": pp, "stage": stage,
+    return {"variant": "whole" if whole else "part", "preset": preset, "pp": pp, "stage": stage, "dtype": str(dtype),
             "stage_layers": list(layers), "stage_gib_fp32": sum(t.numel() for t in part.state_dict().values()) * 4 / 2**30,
             "rank_gib_fp32": local * 4 / 2**30, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def build_stage_tp(path: str, preset: str, pp: int, stage: int) -> dict:
+def build_stage_tp(path: str, preset: str, pp: int, stage: int, dtype: torch.dtype) -> dict:
     """One TP rank of a torchrun group: the stage sharded over the group, each rank its shards;
     rank 0 returns the row of the rank with the largest peak RSS."""
     import torch.distributed as dist
@@ -82,7 +83,7 @@ def build_stage_tp(path: str, preset: str, pp: int, stage: int) -> dict:
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    row = build_stage(path, preset, pp, stage, False, lambda part: shard_for_inference(part, mesh))
+    row = build_stage(path, preset, pp, stage, False, lambda part: shard_for_inference(part, mesh), dtype)
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
     dist.destroy_process_group()
@@ -96,6 +97,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--stage", type=int, default=0)
     parser.add_argument("--whole", action="store_true", help="also the whole-model path (needs ~4 bytes/param)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="part: as T gloo ranks (torchrun)")
+    parser.add_argument("--bf16", action="store_true", help="the part in bf16, as an inference run with --bf16")
     parser.add_argument("--dir", default=None, help="where the sparse file goes (default: a temporary dir)")
     parser.add_argument("--child", choices=["part", "whole"], help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
@@ -103,8 +105,9 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(1)
     if args.child:
         pp, tp = args.pipeline_model_parallel_size, args.tensor_model_parallel_size
-        row = (build_stage_tp(args.file, args.preset, pp, args.stage) if tp > 1 else
-               build_stage(args.file, args.preset, pp, args.stage, args.child == "whole"))
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        row = (build_stage_tp(args.file, args.preset, pp, args.stage, dtype) if tp > 1 else
+               build_stage(args.file, args.preset, pp, args.stage, args.child == "whole", dtype=dtype))
         if int(os.environ.get("RANK", "0")) == 0:
             print("STAGE_READ_JSON " + json.dumps(row), flush=True)
         return [row]
@@ -118,7 +121,8 @@ def main(argv=None) -> list[dict]:
             launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc-per-node", str(tp)] if tp > 1 else [])
             out = subprocess.run(launch + [__file__, "--child", variant, "--file", path, "--preset", args.preset,
                                            "--pipeline-model-parallel-size", str(args.pipeline_model_parallel_size),
-                                           "--tensor-model-parallel-size", str(tp), "--stage", str(args.stage)],
+                                           "--tensor-model-parallel-size", str(tp), "--stage", str(args.stage)]
+                                 + (["--bf16"] if args.bf16 else []),
                                  capture_output=True, text=True, check=True).stdout
             row = json.loads(out.split("STAGE_READ_JSON ", 1)[1])
             row["file_gib_bf16"] = size / 2**30

@@ -93,16 +93,17 @@ class Weights:
             self.source, self.whole = None, read_whole(config)
             self.config: ModelConfig = self.whole.config
 
-    def part(self, keep, shard, device: torch.device) -> Emu:
-        """keep(emu) -> this rank's part of `emu`, on `device`, float32; shard (or None): its
-        tensor parallelism, applied before the weights are read where the form allows."""
+    def part(self, keep, shard, device: torch.device, dtype: torch.dtype) -> Emu:
+        """keep(emu) -> this rank's part of `emu`, on `device` in `dtype`; shard (or None): its
+        tensor parallelism. Where the form allows, both are applied before the weights are
+        read: each rank allocates its shards only, in the compute dtype (bf16: half the bytes)."""
         if self.whole is None and not self.adapters:
-            return read_part(self.source, self.config, keep, shard, device)
+            return read_part(self.source, self.config, keep, shard, device, dtype)
         if self.whole is not None:
-            part = keep(self.whole).to(device)
+            part = keep(self.whole).to(device, dtype)
         else:
             part = adapted_on_base(self.source, self.config, self.inference.base, self.inference.tokenizer_model,
-                                   keep).to(device)
+                                   keep).to(device, dtype)
         if shard is not None:
             shard(part)
         return freeze(part)
@@ -122,4 +123,4 @@ def frozen_part(weights: Weights, layout: RunLayout) -> Emu:
     dims, pmesh = layout.dims, layout.pmesh
     stage = (lambda emu: prune_to_stage(emu, pmesh.pp_rank, dims.stage_layers)) if dims.pp > 1 else (lambda emu: emu)
     shard = (lambda part: shard_for_inference(part, pmesh.tp_mesh)) if dims.tp > 1 else None
-    return freeze(weights.part(stage, shard, pmesh.device).to(layout.precision.dtype))
+    return freeze(weights.part(stage, shard, pmesh.device, layout.precision.dtype))

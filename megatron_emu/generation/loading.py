@@ -105,8 +105,9 @@ def state_file_source(path: str) -> SpanSource:
     return SpanSource(path, spans)
 
 
-def read_part(source, config: ModelConfig, keep, shard=None, device: torch.device | str = "cpu") -> Emu:
-    """The frozen part `keep(emu)` of the source's Emu (float32, on `device`), reading its
+def read_part(source, config: ModelConfig, keep, shard=None, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> Emu:
+    """The frozen part `keep(emu)` of the source's Emu (on `device`, in `dtype`), reading its
     tensors only: a pipeline stage of a 14B model without the whole model in memory. With
     `shard` (tensor parallelism, applied on the meta device first) each rank allocates only
     its shards and keeps its slice of each tensor read."""
@@ -117,8 +118,9 @@ def read_part(source, config: ModelConfig, keep, shard=None, device: torch.devic
     model = keep(whole)
     if shard is not None:
         shard(model)
-    model.to_empty(device=device)
-    model.llm.init_rope()  # the one buffer (not saved)
+    model.to(dtype).to_empty(device=device)  # allocated in the compute dtype: no fp32 copy first
+    model.llm.init_rope()  # the one buffer (not saved), computed in fp32 ...
+    model.llm.rope = model.llm.rope.to(dtype)  # ... and held in the model's dtype, as Module.to(dtype) leaves it
     expected = model.state_dict()  # the part's own tensors (DTensors where sharded): copying into them loads it
     wrong = [f"{n} {source.shape(n)} (expected {tuple(t.shape)})" for n, t in expected.items() if source.shape(n) != t.shape]
     if wrong:
