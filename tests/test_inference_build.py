@@ -107,6 +107,10 @@ def _tp_worker(rank, world_size, path):
         torch.testing.assert_close(sharded.start(prompts), whole.start(prompts), rtol=1e-5, atol=1e-5)
         next_tokens = torch.tensor([5, 6, 7])
         torch.testing.assert_close(sharded.step(next_tokens), whole.step(next_tokens), rtol=1e-5, atol=1e-5)
+    # bf16: the shards are allocated in bf16 on the meta device's plan, then read into.
+    half, cast = build_inference(InferenceConfig(path, tensor_model_parallel_size=2, bf16=True)), single.to(torch.bfloat16)
+    for name, tensor in half.emu.state_dict().items():
+        assert torch.equal(tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor, cast.state_dict()[name]), name
 
 
 def test_tp2_frozen_build_gives_the_logits_of_one_process(checkpoint):
