@@ -260,3 +260,33 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(ours, tmp_path, monkeypatc
     assert errors == [f"error: {out}: {os.strerror(errno.ENOSPC)}; nothing was written (the output appears whole "
                       "or not at all): free space, then run the same command"]
     assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_export_leaves_no_output_and_the_next_one_sweeps_its_partial(ours, tmp_path):
+    """SIGKILL mid-export (no cleanup runs): the output stays absent (written whole or not at all),
+    and the next export of the same output removes the dead writer's partial directory
+    (a 14B export's would keep ~28 GB); a live writer's partial is left alone."""
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "hf"
+    script = ("import os, signal, sys, runpy\n"
+              "import megatron_emu.direct_io as d\n"
+              "real = d.DirectFile.write\n"
+              "def write(self, data):\n"
+              "    real(self, data)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)  # killed after the first write\n"
+              "d.DirectFile.write = write\n"
+              "sys.argv = ['tools/convert_checkpoint.py'] + sys.argv[1:]\n"
+              "runpy.run_path('tools/convert_checkpoint.py', run_name='__main__')\n")
+    killed = subprocess.run([sys.executable, "-c", script, "--to", "hf", "--input", ours[0], "--output", str(out)],
+                            cwd=root, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    partials = [p for p in os.listdir(tmp_path) if p.startswith(".hf.partial-")]
+    assert len(partials) == 1 and not out.exists()
+    live = tmp_path / f".hf.partial-{os.getppid()}"  # pytest's parent process: alive, another writer
+    live.mkdir()
+    export_hf(ours[0], str(out), build_tiny_tokenizer())
+    assert sorted(os.listdir(tmp_path)) == sorted(["hf", live.name])

@@ -200,3 +200,16 @@ def test_a_full_disk_while_a_plan_is_written_names_the_plan_and_leaves_no_part(t
     assert plan_files(data) == []  # no .tmp left
     monkeypatch.setattr(plan_cache.os, "fsync", real_fsync)
     np.testing.assert_array_equal(plan_chunks(data, spec, 5), reference_chunks(data, 192, spec.tokens_per_image, 5))
+
+
+def test_a_killed_builders_temporary_plan_is_removed_by_the_next_build(tok, data):
+    """A builder killed mid-write leaves `<plan>.tmp<pid>` (gigabytes at 75M documents); the
+    next build, holding the plan's lock, removes it before writing its own."""
+    spec = SeqSpec.from_tokenizer(tok, 192)
+    plan_chunks(data, spec, 5)
+    (plan,) = [p for p in plan_files(data) if ".tmp" not in p]
+    path = os.path.join(os.path.dirname(data.prefix), plan)
+    os.rename(path, path + ".tmp424242")  # as if killed before its rename
+    reopened = MultimodalIndexed(data.prefix)
+    np.testing.assert_array_equal(plan_chunks(reopened, spec, 5), reference_chunks(data, 192, spec.tokens_per_image, 5))
+    assert plan_files(data) == [plan]

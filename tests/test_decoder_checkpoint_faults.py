@@ -75,3 +75,17 @@ def test_a_checkpoint_of_an_earlier_release_loads_with_a_warning(tmp_path, caplo
     with caplog.at_level("WARNING", logger="megatron_emu"):
         assert checkpoint.load_checkpoint(save) == {"step": 1}
     assert "no state.json (saved by an earlier release): loaded unverified" in caplog.text
+
+
+def test_a_killed_save_is_swept_by_the_next_one(tmp_path):
+    """SIGKILL mid-save leaves iter_N/state.pt.tmp (a whole state's bytes) and no state.pt:
+    `latest` never named it, and the next save removes it."""
+    save = str(tmp_path / "dec")
+    checkpoint.save_checkpoint(save, 1, {"step": 1})
+    killed = os.path.join(save, "iter_0000002")
+    os.makedirs(killed)
+    open(os.path.join(killed, "state.pt.tmp"), "wb").write(b"\0" * 1000)
+    assert checkpoint.load_checkpoint(save) == {"step": 1}
+    checkpoint.save_checkpoint(save, 3, {"step": 3})
+    assert sorted(os.listdir(save)) == ["iter_0000001", "iter_0000003", "latest"]
+    assert checkpoint.load_checkpoint(save) == {"step": 3}

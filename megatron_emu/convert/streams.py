@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -30,6 +31,8 @@ from tqdm import tqdm
 from megatron_emu.convert.dcp_reader import DirectReader
 from megatron_emu.direct_io import DirectFile, FileSpan, read_spans
 
+log = logging.getLogger("megatron_emu")
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -43,12 +46,15 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 @contextlib.contextmanager
 def atomic_output_dir(path: str):
-    """Yield a temp directory that becomes `path` only if the block succeeds."""
+    """Yield a temp directory that becomes `path` only if the block succeeds. Partial
+    directories that killed writers of the same output left behind are removed first."""
     if os.path.exists(path) and os.listdir(path):
         raise ValueError(f"{path}: output directory exists and is not empty")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.partial-{os.getpid()}")
+    prefix = f".{os.path.basename(os.path.abspath(path))}.partial-"
+    sweep_dead_partials(parent, prefix)
+    tmp = os.path.join(parent, f"{prefix}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
@@ -59,6 +65,28 @@ def atomic_output_dir(path: str):
     if os.path.exists(path):
         os.rmdir(path)  # empty, checked above
     os.rename(tmp, path)
+
+
+def sweep_dead_partials(parent: str, prefix: str) -> None:
+    """Remove `<prefix><pid>` directories whose process is gone (a SIGKILL, an OOM kill, a
+    preempted node: no cleanup ran); a 14B export's leftover would keep its ~28 GB."""
+    for name in os.listdir(parent):
+        pid = name[len(prefix):]
+        if not (name.startswith(prefix) and pid.isdigit()) or pid_alive(int(pid)):
+            continue
+        log.info("%s: removing the partial output of a writer that is gone (pid %s)", os.path.join(parent, name), pid)
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------

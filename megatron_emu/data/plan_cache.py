@@ -27,6 +27,7 @@ published by one atomic rename: a killed build leaves no file that looks complet
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import warnings
@@ -150,6 +151,10 @@ def cached_plan(prefix: str, name: str, params: dict, width: int,
 
 
 def _build(prefix, path, key, width, build_block, docs_per_block) -> None:
+    """Called holding the plan's lock: a `.tmp<pid>` file already there is a killed builder's
+    (a plan of 75M documents is gigabytes), removed before this one writes its own."""
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):
+        os.remove(stale)
     idx = IdxFile.open(prefix + ".idx")
     tmp = f"{path}.tmp{os.getpid()}"
     rows = 0

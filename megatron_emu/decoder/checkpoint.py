@@ -36,6 +36,7 @@ def iteration_dir(save: str, step: int) -> str:
 
 def save_checkpoint(save: str, step: int, state: dict) -> str:
     path = iteration_dir(save, step)
+    sweep_interrupted_saves(save)
     os.makedirs(path, exist_ok=True)
     partial = os.path.join(path, "state.pt.tmp")
     try:
@@ -63,6 +64,22 @@ def save_checkpoint(save: str, step: int, state: dict) -> str:
 
 
 DIGEST_NAME = "state.json"
+
+
+def sweep_interrupted_saves(save: str) -> None:
+    """What a killed save left (rank 0 alone saves, so no save is running now): its partial
+    state.pt.tmp (the size of a whole state), and an iteration directory left without state.pt."""
+    if not os.path.isdir(save):
+        return
+    for name in os.listdir(save):
+        path = os.path.join(save, name)
+        if not (name.startswith("iter_") and os.path.isdir(path)):
+            continue
+        for leftover in ("state.pt.tmp", DIGEST_NAME if not os.path.exists(os.path.join(path, "state.pt")) else None):
+            if leftover and os.path.exists(os.path.join(path, leftover)):
+                os.remove(os.path.join(path, leftover))
+        with contextlib.suppress(OSError):
+            os.rmdir(path)  # only if nothing is left in it
 
 
 def check_digest(path: str) -> None:
