@@ -81,28 +81,37 @@ def test_another_base_or_a_missing_base_is_refused_in_one_line(runs, tmp_path):
     assert os.path.isdir(iteration_dir(base, 0))
 
 
-def _pp_adapters(rank, world_size, adapters, merged):
+def _adapters_worker(rank, world_size, adapters, merged, tp, pp):
     import torch.distributed.checkpoint as dcp
 
     from megatron_emu.generation.inference import InferenceConfig, build_inference
 
+    layout = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     loaded, real_load = [], dcp.load
     dcp.load = lambda state, **kw: loaded.extend(state["model"]) or real_load(state, **kw)  # the base's reads
     try:
-        on_base = build_inference(InferenceConfig(adapters, pipeline_model_parallel_size=2))
+        on_base = build_inference(InferenceConfig(adapters, **layout))
     finally:
         dcp.load = real_load
-    full = build_inference(InferenceConfig(merged, pipeline_model_parallel_size=2))
+    full = build_inference(InferenceConfig(merged, **layout))
+    whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
     ours, theirs = on_base.emu.state_dict(), full.emu.state_dict()
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), rank  # bit-identical
-    assert sorted(loaded) == sorted(ours)  # the base: this stage's tensors only
-    assert ("llm.layers.0.attention.wq.weight" in ours) == (rank == 0) and ("llm.output.weight" in ours) == (rank == 1)
+    assert ours.keys() == theirs.keys()
+    for name in ours:  # bit-identical, shard by shard
+        assert torch.equal(whole(ours[name]), whole(theirs[name])), (rank, name)
+    assert sorted(loaded) == sorted(ours)  # the base: this part's tensors only
+    wq = ours.get("llm.layers.0.attention.wq.weight")
+    if tp > 1:  # read into shards made on the meta device
+        assert wq.to_local().shape[0] == wq.shape[0] // tp
+    if pp > 1:
+        assert (wq is not None) == (on_base.pmesh.pp_rank == 0) and ("llm.output.weight" in ours) == (on_base.pmesh.pp_rank == 1)
 
 
-def test_adapters_on_their_base_per_pipeline_stage(runs):
-    """PP2: each rank reads its stage of the base and the adapters and merges them: the stage
-    of the --lora-merge checkpoint, bit for bit."""
+@pytest.mark.parametrize("tp, pp", [(1, 2), (2, 1)], ids=["pp2", "tp2"])
+def test_adapters_on_their_base_per_part(runs, tp, pp):
+    """PP2 / TP2: each rank reads its part of the base (its stage; its shards) and of the
+    adapters and merges them: the part of the --lora-merge checkpoint, bit for bit."""
     from tests.dist_utils import spawn
 
     _, adapters, merged, _ = runs
-    spawn(2, _pp_adapters, adapters, merged)
+    spawn(2, _adapters_worker, adapters, merged, tp, pp)

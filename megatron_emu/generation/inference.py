@@ -97,13 +97,12 @@ class Weights:
         """keep(emu) -> this rank's part of `emu`, on `device` in `dtype`; shard (or None): its
         tensor parallelism. Where the form allows, both are applied before the weights are
         read: each rank allocates its shards only, in the compute dtype (bf16: half the bytes)."""
-        if self.whole is None and not self.adapters:
+        if self.adapters:
+            return freeze(adapted_on_base(self.source, self.config, self.inference.base,
+                                          self.inference.tokenizer_model, keep, shard, device).to(dtype))
+        if self.whole is None:
             return read_part(self.source, self.config, keep, shard, device, dtype)
-        if self.whole is not None:
-            part = keep(self.whole).to(device, dtype)
-        else:
-            part = adapted_on_base(self.source, self.config, self.inference.base, self.inference.tokenizer_model,
-                                   keep).to(device, dtype)
+        part = keep(self.whole).to(device, dtype)
         if shard is not None:
             shard(part)
         return freeze(part)

@@ -131,11 +131,15 @@ def read_part(source, config: ModelConfig, keep, shard=None, device: torch.devic
     return freeze(model)
 
 
-def copy_into(target: torch.Tensor, whole: torch.Tensor) -> None:
-    """target := whole; a sharded (DTensor) target keeps only its own slice, cut locally."""
+def copy_into(target: torch.Tensor, whole: torch.Tensor, add: bool = False) -> None:
+    """target := whole (add: target += whole); a sharded (DTensor) target takes only its own
+    slice of `whole`, cut locally."""
     if isinstance(target, DTensor):
-        mine = distribute_tensor(whole.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
-        target.to_local().copy_(mine.to_local())
+        whole = distribute_tensor(whole.to(target.device), target.device_mesh, target.placements,
+                                  src_data_rank=None).to_local()
+        target = target.to_local()
+    if add:
+        target.add_(whole.to(target.dtype))
     else:
         target.copy_(whole)
 
@@ -177,12 +181,15 @@ def with_vocabulary_of(config: ModelConfig, rows: int | None, path: str) -> Mode
     return dataclasses.replace(config, llm=dataclasses.replace(config.llm, num_special_tokens=added))
 
 
-def adapted_on_base(source, config: ModelConfig, base: str, tokenizer_model: str, keep=lambda emu: emu) -> Emu:
+def adapted_on_base(source, config: ModelConfig, base: str, tokenizer_model: str, keep=lambda emu: emu,
+                    shard=None, device: torch.device | str = "cpu") -> Emu:
     """The part `keep(emu)` of an adapter checkpoint (DCPSource) on its base, merged: the steps
-    of --lora-merge (training/instruct.py merge_checkpoint) in memory, on the part only (the
-    base's tensors of the part are read, as training's pipeline stages read them)."""
+    of --lora-merge (training/instruct.py merge_checkpoint) in memory, on the part only: the
+    base's tensors of the part are read as training's pipeline stages read them (with `shard`,
+    each rank its own shards), and each adapter pair is merged into its weight as
+    W += (alpha / r) B A, a sharded W taking its slice of the product (float32, on `device`)."""
     from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
-    from megatron_emu.model.lora import LoRASpec, apply_lora, merge_lora
+    from megatron_emu.model.lora import LoRASpec, apply_lora
     from megatron_emu.training.instruct import init_new_chat_token_rows
     from megatron_emu.training.pretrained import base_identity, check_same_base, load_pretrained
 
@@ -200,16 +207,28 @@ def adapted_on_base(source, config: ModelConfig, base: str, tokenizer_model: str
     if set(source.entries) != every:
         raise ValueError(f"{source.path}: holds {len(source.entries)} tensors, not the {len(every)} adapters "
                          f"of rank {lora['rank']} its run config describes")
+    mine = sorted(apply_lora(keep(build_emu(config, device="meta")), spec))  # the adapters of this part
     model = keep(build_emu(config, device="meta"))
-    adapters = sorted(apply_lora(model, spec))
-    model.to_empty(device="cpu")  # every tensor is read below: the base's, then the adapters
+    if shard is not None:
+        shard(model)
+    model.to_empty(device=device)  # every tensor is read below: the base's, then the merged adapters
     model.llm.init_rope()  # the one buffer (not saved)
     load_pretrained(base, [model], dataclasses.asdict(config))
-    model.load_state_dict(source.read(adapters), strict=False)  # adapters only (checksums verified)
     tokenizer = EmuTokenizer(tokenizer_model or build_tiny_tokenizer(), config.llm.num_special_tokens)
     init_new_chat_token_rows([model], tokenizer, base)
-    merge_lora(model)
+    merge_adapters(model, source.read(mine), spec.alpha / spec.rank)  # checksums verified on read
     return model
+
+
+def merge_adapters(model: Emu, adapters: dict[str, torch.Tensor], scaling: float) -> None:
+    """W += scaling * B A for every `<linear>.lora.lora_A` / `lora_B` pair: model/lora.py
+    merge_lora's arithmetic, on weights that may be sharded."""
+    weights = dict(model.named_parameters())
+    for name in sorted(n for n in adapters if n.endswith(".lora.lora_A")):
+        stem = name.removesuffix(".lora.lora_A")
+        delta = (adapters[stem + ".lora.lora_B"].float() @ adapters[name].float()) * scaling  # (out, in)
+        with torch.no_grad():
+            copy_into(weights[stem + ".weight"], delta, add=True)
 
 
 def load_emu(config: ModelConfig, path: str, device: torch.device | str = "cpu") -> Emu:
