@@ -130,7 +130,7 @@ def built_reading(source_class, config: InferenceConfig):
 def _pp_worker(rank, world_size, path, state_files, tp):
     from megatron_emu.convert.streams import DCPSource
     from megatron_emu.evaluation.likelihood import continuation_logprobs
-    from megatron_emu.generation.loading import SpanSource
+    from megatron_emu.generation.weight_sources import SpanSource
 
     run, read = built_reading(DCPSource, InferenceConfig(path, tensor_model_parallel_size=tp,
                                                          pipeline_model_parallel_size=2))
@@ -213,7 +213,8 @@ def test_layout_errors_are_one_line(checkpoint):
 def test_a_state_file_of_another_shape_is_refused_in_one_line(checkpoint, tmp_path):
     """Reading a part checks the whole file first: an extra tensor, a missing one, or a tensor
     of another shape is named, with the file, before anything is loaded."""
-    from megatron_emu.generation.loading import partial_source, read_part
+    from megatron_emu.generation.loading import read_part
+    from megatron_emu.generation.weight_sources import partial_source
 
     state = load_for_inference(checkpoint).state_dict()
     cases = {
@@ -232,7 +233,7 @@ def test_a_state_file_of_another_shape_is_refused_in_one_line(checkpoint, tmp_pa
 def test_a_damaged_safetensors_state_file_is_refused_in_one_line(checkpoint, tmp_path):
     from safetensors.torch import save_file
 
-    from megatron_emu.generation.loading import partial_source
+    from megatron_emu.generation.weight_sources import partial_source
 
     path = str(tmp_path / "emu.safetensors")
     save_file({k: v.contiguous() for k, v in load_for_inference(checkpoint).state_dict().items()}, path)

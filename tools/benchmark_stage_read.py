@@ -56,7 +56,8 @@ def write_sparse_state_file(path: str, preset: str) -> int:
 
 def build_stage(path: str, preset: str, pp: int, stage: int, whole: bool, shard=None,
                 dtype: torch.dtype = torch.float32) -> dict:
-    from megatron_emu.generation.loading import load_for_inference, partial_source, read_part
+    from megatron_emu.generation.loading import load_for_inference, read_part
+    from megatron_emu.generation.weight_sources import partial_source
 
     start = time.perf_counter()
     layers = even_split(get_preset(preset).llm.layers, pp)

@@ -25,8 +25,8 @@ import torch
 from megatron_emu.config import ModelConfig, ParallelConfig, PerformanceConfig
 from megatron_emu.generation.forward import shard_for_inference
 from megatron_emu.generation.frozen import freeze
-from megatron_emu.generation.loading import (adapted_on_base, is_adapters, load_emu, load_for_inference, partial_source,
-                                             read_part)
+from megatron_emu.generation.loading import adapted_on_base, load_emu, load_for_inference, read_part
+from megatron_emu.generation.weight_sources import is_adapters, partial_source
 from megatron_emu.generation.stage_links import StageLinks
 from megatron_emu.model.emu import Emu
 from megatron_emu.parallel.pipeline import prune_to_stage

@@ -1,16 +1,13 @@
-"""An Emu for inference from any of the forms we write, with the model size it was saved with.
+"""An Emu, or one rank's part of it, for inference from any of the forms we write
+(weight_sources.py says where their tensors lie), with the model size it was saved with.
 
-- our checkpoint (DCP: the root with `latest`, or an iter_N/ directory), whatever TP/PP/DP
-  layout saved it: the model config recorded in the checkpoint is used (vocabulary, padded
-  rows), the preset is not needed;
-- an HF export (tools/convert_checkpoint.py --to hf: a directory with visual/config.json);
-- a single state-dict file (.safetensors / .pt) of the given preset; its vocabulary (4 or 6
-  added tokens: Emu or Emu-I) is read from the embedding's rows;
-- an instruction-tuning checkpoint (adapters only, pretrain_emu.py --lora-rank): built on
-  its base as training builds it (the base grown by [USER] / [ASSISTANT], their rows set
-  from the words, the adapters loaded) and merged as --lora-merge merges, so it decodes
-  the tokens of the merged checkpoint. The base is the one the checkpoint records, or
-  `base` (--pretrained-checkpoint); one whose fingerprint differs from the record is refused.
+read_part builds the part on the meta device (pipeline stage, then TP shards), allocates it
+in the compute dtype and reads only its tensors, a batch at a time. An instruction-tuning
+checkpoint (adapters only, pretrain_emu.py --lora-rank) is built on its base as training
+builds it (the base grown by [USER] / [ASSISTANT], their rows set from the words) and
+merged as --lora-merge merges, so it decodes the tokens of the merged checkpoint. The base
+is the one the checkpoint records, or `base` (--pretrained-checkpoint); one whose
+fingerprint differs from the record is refused.
 """
 
 from __future__ import annotations
@@ -21,8 +18,8 @@ import os
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from megatron_emu.config import (LLAMA_FUNCTION_FIELDS, NUM_INSTRUCT_SPECIAL_TOKENS, NUM_PRETRAIN_SPECIAL_TOKENS,
-                                 ModelConfig, get_preset)
+from megatron_emu.config import LLAMA_FUNCTION_FIELDS, ModelConfig
+from megatron_emu.generation.weight_sources import SpanSource, is_adapters, partial_source, state_file_source
 from megatron_emu.model.emu import Emu, build_emu
 
 
@@ -44,65 +41,6 @@ def load_for_inference(path: str, preset: str = "tiny", device: torch.device | s
     else:
         model = read_part(source, config, lambda emu: emu)
     return freeze(model.to(device, dtype))
-
-
-def partial_source(path: str, preset: str = "tiny"):
-    """(source, model config) for a form whose tensors are read a part at a time (read_part):
-    our checkpoint (its recorded config; adapters: is_adapters, built by adapted_on_base), an
-    HF export (its visual/config.json) or a single state-dict file of `preset` (.safetensors,
-    or torch.save'd)."""
-    if os.path.isfile(path):
-        source = state_file_source(path)
-        return source, with_vocabulary_of(get_preset(preset), source.entries.get(EMBEDDING, (None,))[0], path)
-    if os.path.isfile(os.path.join(path, "visual", "config.json")):
-        from megatron_emu.convert.hf_emu import hf_emu_tensors, read_visual_config
-
-        return SpanSource(path, dict(hf_emu_tensors(path, spans=True))), read_visual_config(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"{path}: no such checkpoint, export or state-dict file")
-    from megatron_emu.convert.streams import DCPSource
-
-    source = DCPSource(path)
-    return source, ModelConfig.from_dict(source.record["config"]["model"])
-
-
-def is_adapters(source) -> bool:
-    """An instruction-tuning checkpoint: LoRA adapters only, to be put on their base."""
-    return bool(getattr(source, "record", {}).get("config", {}).get("lora", {}).get("rank"))
-
-
-class SpanSource:
-    """Named tensors, each where its bytes lie in a file (a FileSpan, read when asked for) or
-    memory-mapped: a rank reads, or touches the pages of, its part alone."""
-
-    def __init__(self, path: str, items: dict):
-        self.path, self.items = path, items
-        self.entries: dict[str, tuple[int, ...]] = {name: tuple(item.shape) for name, item in items.items()}
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name]
-
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        return {name: self.items[name] if torch.is_tensor(self.items[name]) else self.items[name].tensor()
-                for name in names}
-
-
-def state_file_source(path: str) -> SpanSource:
-    """A single state-dict file: safetensors through its header and positioned reads (no mmap
-    of the whole file, which fails for a file larger than memory); a torch file memory-mapped."""
-    from megatron_emu.convert.streams import TorchFileSource, check_length, header_spans
-
-    if not path.endswith(".safetensors"):
-        return SpanSource(path, TorchFileSource(path).state)  # a one-line ValueError for an unreadable file
-    try:
-        spans = header_spans(path)
-        check_length(path)
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    unknown = [name for name, span in spans.items() if span is None]
-    if unknown:
-        raise ValueError(f"{path}: {unknown[0]} has a dtype torch cannot read here")
-    return SpanSource(path, spans)
 
 
 def read_part(source, config: ModelConfig, keep, shard=None, device: torch.device | str = "cpu",
@@ -165,20 +103,6 @@ def check_names(source, names: set[str]) -> None:
     unexpected = sorted(set(source.entries) - names) if isinstance(source, SpanSource) else []
     if missing or unexpected:
         raise ValueError(f"{source.path}: not an Emu of this config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-EMBEDDING = "llm.tok_embeddings.weight"
-
-
-def with_vocabulary_of(config: ModelConfig, rows: int | None, path: str) -> ModelConfig:
-    """The preset with as many added tokens as the embedding has rows for (4 or 6)."""
-    if rows is None:
-        raise ValueError(f"{path}: no {EMBEDDING}: not an Emu state dict")
-    added = rows - config.llm.base_vocab_size
-    if added not in (NUM_PRETRAIN_SPECIAL_TOKENS, NUM_INSTRUCT_SPECIAL_TOKENS):
-        raise ValueError(f"{path}: embedding has {rows} rows; this preset's vocabulary is "
-                         f"{config.llm.base_vocab_size} + 4 (Emu) or + 6 (Emu-I)")
-    return dataclasses.replace(config, llm=dataclasses.replace(config.llm, num_special_tokens=added))
 
 
 def adapted_on_base(source, config: ModelConfig, base: str, tokenizer_model: str, keep=lambda emu: emu,
