@@ -93,8 +93,8 @@ def build_stage_tp(path: str, preset: str, pp: int, stage: int, dtype: torch.dty
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="emu-14b")
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=8)
+    parser.add_argument("--preset", default="tiny", help="tiny: a quick run; emu-14b: the paper's size")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=2)
     parser.add_argument("--stage", type=int, default=0)
     parser.add_argument("--whole", action="store_true", help="also the whole-model path (needs ~4 bytes/param)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="part: as T gloo ranks (torchrun)")
