@@ -3,6 +3,7 @@
 import pytest
 
 from megatron_emu.data import preprocess as pre
+from megatron_emu.data import preprocess_progress as progress
 from megatron_emu.data.tokenizer import EmuTokenizer, build_tiny_tokenizer
 
 
@@ -28,8 +29,8 @@ class Recorder:
 
 
 def test_worker_counts_reach_the_bar_per_few_documents(tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(pre, "PROGRESS_EVERY_DOCS", 4)
-    monkeypatch.setattr(pre, "PROGRESS_EVERY_S", 1e9)  # count-driven only: deterministic
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_DOCS", 4)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 1e9)  # count-driven only: deterministic
     bar = Recorder()
     monkeypatch.setattr(pre, "_progress_bar", lambda *args: bar)
     shards = pre.synthetic_shards("pairs", 30, seed=0, docs_per_shard=10)

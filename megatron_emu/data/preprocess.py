@@ -22,11 +22,11 @@ import numpy as np
 
 from megatron_emu.data.images import SkipItem, prepare_image, stored_image  # noqa: F401 (prepare_image: API)
 from megatron_emu.data.indexed import MODE_IMAGE, MODE_TEXT, DocumentWriter, _check_files, read_meta
+from megatron_emu.data.preprocess_progress import Ticker, drain, shard_done
+from megatron_emu.data.preprocess_progress import progress_bar as _progress_bar  # tests stand a recorder in
 from megatron_emu.data.synthetic import RawDocument
 
 MAX_NAMED_SKIPS = 10000  # the report names every skipped input, up to this many
-PROGRESS_EVERY_DOCS = 64  # a worker reports its document count this often ...
-PROGRESS_EVERY_S = 0.5  # ... or after this long, whichever comes first
 
 
 @dataclass
@@ -129,26 +129,6 @@ def iter_shard_documents(shard: Shard):
         yield from iter_source(shard.source, shard.spec)
 
 
-class _Ticker:
-    """Counts documents and hands them to `report(n)` every PROGRESS_EVERY_DOCS documents or
-    PROGRESS_EVERY_S seconds, so the bar moves per document at the cost of one queue put per
-    batch of documents, not one per document."""
-
-    def __init__(self, report):
-        self.report, self.pending, self.last = report, 0, time.monotonic()
-
-    def tick(self) -> None:
-        self.pending += 1
-        if self.report is not None and (self.pending >= PROGRESS_EVERY_DOCS
-                                        or time.monotonic() - self.last >= PROGRESS_EVERY_S):
-            self.flush()
-
-    def flush(self) -> None:
-        if self.report is not None and self.pending:
-            self.report(self.pending)
-        self.pending, self.last = 0, time.monotonic()
-
-
 def documents_of(shard: Shard):
     """The shard's documents (and SkipItems); a source that dies mid-way ends them with an
     unreadable_shard SkipItem naming the shard: what was read is kept. Only the reading is
@@ -167,7 +147,7 @@ def process_shard(job: tuple, progress=None) -> dict:
     tokenizer = _tokenizer(tok_path, num_special)
     skips, named = Counter(), []
     docs_in = docs_out = 0
-    ticker = _Ticker(progress)
+    ticker = Ticker(progress)
     if os.path.exists(part_prefix + ".json"):  # a stale marker must not vouch for the files rewritten below
         os.remove(part_prefix + ".json")
     writer = DocumentWriter(part_prefix, tokenizer.vocab_size, image_size, image_format)
@@ -260,7 +240,7 @@ def preprocess(shards: list[Shard], output_prefix: str, kind: str, tokenizer_pat
         else:
             for job in jobs:
                 reports[job[0].index] = process_shard(job, bar.documents if bar else None)
-                _shard_done(bar)
+                shard_done(bar)
     finally:  # also on an error: the bar's line ends before the error's
         if bar is not None:
             bar.close()
@@ -346,55 +326,14 @@ def _run_pool(jobs: list, workers: int, reports: dict, bar) -> None:
     with ctx.Pool(workers, initializer=_init_worker, initargs=(counts,)) as pool:
         pending = {job[0].index: pool.apply_async(_process_shard_in_worker, (job,)) for job in jobs}
         while pending:
-            _drain(counts, bar)
+            drain(counts, bar)
             done = [i for i, r in pending.items() if r.ready()]
             for index in done:
                 reports[index] = pending.pop(index).get()  # re-raises a worker's error
-                _shard_done(bar)
+                shard_done(bar)
             if pending and not done:
                 next(iter(pending.values())).wait(0.1)
-        _drain(counts, bar)
-
-
-def _drain(counts, bar) -> None:
-    while counts is not None and not counts.empty():
-        bar.documents(counts.get())
-
-
-class _Bar:
-    """tqdm in documents (items/s) with shards done as a postfix."""
-
-    def __init__(self, total_docs: int | None, done_docs: int, total_shards: int, done_shards: int, name: str):
-        from tqdm import tqdm
-
-        self.shards, self.total_shards = done_shards, total_shards
-        self.tqdm = tqdm(total=total_docs, initial=done_docs, desc=os.path.basename(name), unit="doc",
-                         dynamic_ncols=True, smoothing=0.1)
-        self.tqdm.set_postfix_str(f"shards {done_shards}/{total_shards}", refresh=False)
-
-    def documents(self, n: int) -> None:
-        self.tqdm.update(n)
-
-    def shard_done(self) -> None:
-        self.shards += 1
-        self.tqdm.set_postfix_str(f"shards {self.shards}/{self.total_shards}")
-
-    def close(self) -> None:
-        self.tqdm.close()
-
-
-def _progress_bar(enabled: bool, shards: list[Shard], resumed: dict, name: str) -> _Bar | None:
-    if not enabled:
-        return None
-    # Synthetic shards know their size; file shards do not (the bar then shows count and rate).
-    sizes = [s.spec[3] - s.spec[2] if s.source == "synthetic" else None for s in shards]
-    total = None if None in sizes else sum(sizes)
-    return _Bar(total, sum(r["documents_in"] for r in resumed.values()), len(shards), len(resumed), name)
-
-
-def _shard_done(bar) -> None:
-    if bar is not None:
-        bar.shard_done()
+        drain(counts, bar)
 
 
 def synthetic_shards(kind: str, num_documents: int, seed: int, docs_per_shard: int = 250) -> list[Shard]:
