@@ -44,7 +44,6 @@ class ToolParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\nexample: {self.example}\n")
 
 
-
 def refuse_run_as_tool(module_file: str, flags: str, example: str) -> None:
     """A module of tools/benchmark_throughput.py run on its own: its usage, one `error:` line
     and an example, exit code 2, as every tool answers a call it cannot serve."""

@@ -17,11 +17,16 @@ def read_json(path: str, problem: str, reason_type_only: bool = False) -> dict:
         raise ValueError(f"{path}: {problem} ({reason})") from None
 
 
-def write_json_atomic(path: str, value: dict) -> None:
-    """Temp file + fsync + os.replace: a reader sees the old file or the whole new one."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Temp file (`<path>.tmp.<pid>`) + fsync + os.replace: a reader sees the old file or the
+    whole new one, never half."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, value: dict) -> None:
+    write_text_atomic(path, json.dumps(value, indent=1, sort_keys=True))

@@ -29,9 +29,8 @@ import xxhash
 from megatron_emu.data.checksums import HashingWriter, file_xxh3, verify_file
 from megatron_emu.data.images import IMAGE_FORMATS, decode_jpeg, encode_jpeg
 from megatron_emu.data.locks import sidecar_base
-from megatron_emu.files import write_json_atomic
 from megatron_emu.data.plan_cache import file_identity
-from megatron_emu.files import read_json
+from megatron_emu.files import read_json, write_json_atomic
 
 MODE_TEXT = 0
 MODE_IMAGE = 1

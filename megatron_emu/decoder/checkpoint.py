@@ -24,7 +24,7 @@ import os
 import torch
 
 from megatron_emu.data.checksums import HashingWriter, file_xxh3
-from megatron_emu.files import read_json, write_json_atomic
+from megatron_emu.files import read_json, write_json_atomic, write_text_atomic
 from megatron_emu.training.checkpoint_guard import disk_full
 
 log = logging.getLogger("megatron_emu")
@@ -57,9 +57,7 @@ def save_checkpoint(save: str, step: int, state: dict) -> str:
         raise OSError(errno.ENOSPC, f"cannot save decoder step {step}: no space left on the device holding {save}; "
                       f"removed the partial save, latest stays at {read_latest_name(save)}") from None
     os.replace(partial, os.path.join(path, "state.pt"))
-    with open(os.path.join(save, "latest.tmp"), "w") as f:
-        f.write(os.path.basename(path))
-    os.replace(os.path.join(save, "latest.tmp"), os.path.join(save, "latest"))
+    write_text_atomic(os.path.join(save, "latest"), os.path.basename(path))
     return path
 
 
@@ -75,8 +73,9 @@ def sweep_interrupted_saves(save: str) -> None:
         path = os.path.join(save, name)
         if not (name.startswith("iter_") and os.path.isdir(path)):
             continue
-        for leftover in ("state.pt.tmp", DIGEST_NAME if not os.path.exists(os.path.join(path, "state.pt")) else None):
-            if leftover and os.path.exists(os.path.join(path, leftover)):
+        saved = os.path.exists(os.path.join(path, "state.pt"))
+        for leftover in ["state.pt.tmp"] + ([] if saved else [DIGEST_NAME]):
+            if os.path.exists(os.path.join(path, leftover)):
                 os.remove(os.path.join(path, leftover))
         with contextlib.suppress(OSError):
             os.rmdir(path)  # only if nothing is left in it

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from megatron_emu.config import ModelConfig
+from megatron_emu.files import write_text_atomic
 
 LATEST_NAME = "latest_checkpointed_iteration.txt"  # Megatron-LM's tracker file
 RUN_CONFIG_NAME = "run_config.json"
@@ -31,14 +32,9 @@ def list_iterations(root: str) -> list[int]:
 
 
 def write_latest(root: str, iteration: int) -> None:
-    """Temp file + fsync + os.replace: readers see the old or the new value, never half."""
-    path = os.path.join(root, LATEST_NAME)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Readers see the old or the new value, never half (its `.tmp.<pid>` file is what
+    checkpoint_guard sweeps after a kill)."""
+    write_text_atomic(os.path.join(root, LATEST_NAME), str(iteration))
 
 
 def read_latest(root: str) -> int | None:

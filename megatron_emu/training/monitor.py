@@ -97,14 +97,17 @@ class Sinks:
 def quiet_tensorboard_writer_thread() -> None:
     """TensorBoard writes from a thread of its own; a write error there is printed as a traceback
     by threading's hook and raised again at the next add_scalar, where Sinks drops the sink
-    with one line. So that thread's OSError is not printed twice."""
+    with one line. So that thread's OSError is not printed twice. Installed once per process."""
     previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
 
     def hook(args):
         if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
             return
         previous(args)
 
+    hook.quiets_tensorboard = True
     threading.excepthook = hook
 
 
