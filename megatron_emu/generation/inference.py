@@ -59,7 +59,7 @@ class InferenceRun(OnLayout):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layout.precision.dtype
+        return self.precision.dtype
 
 
 def build_inference(config: InferenceConfig) -> InferenceRun:

@@ -131,8 +131,9 @@ def adapted_on_base(source, config: ModelConfig, base: str, tokenizer_model: str
     if set(source.entries) != every:
         raise ValueError(f"{source.path}: holds {len(source.entries)} tensors, not the {len(every)} adapters "
                          f"of rank {lora['rank']} its run config describes")
-    mine = sorted(apply_lora(keep(build_emu(config, device="meta")), spec))  # the adapters of this part
     model = keep(build_emu(config, device="meta"))
+    weights = set(model.state_dict())
+    mine = sorted(n for n in every if n.rsplit(".lora.", 1)[0] + ".weight" in weights)  # this part's adapters
     if shard is not None:
         shard(model)
     model.to_empty(device=device)  # every tensor is read below: the base's, then the merged adapters

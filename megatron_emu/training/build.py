@@ -46,7 +46,7 @@ class RunLayout:
 
 
 class OnLayout:
-    """A run built on a RunLayout (`self.layout`): its sizes, mesh and device, and its close."""
+    """A run built on a RunLayout (`self.layout`): its fields, its device, and its close."""
 
     layout: RunLayout
 
@@ -57,6 +57,18 @@ class OnLayout:
     @property
     def pmesh(self) -> ParallelMesh:
         return self.layout.pmesh
+
+    @property
+    def n_micro(self) -> int:
+        return self.layout.n_micro
+
+    @property
+    def attention(self) -> str:
+        return self.layout.attention
+
+    @property
+    def precision(self) -> Precision:
+        return self.layout.precision
 
     @property
     def device(self) -> torch.device:
@@ -75,18 +87,6 @@ class Run(OnLayout):
     layout: RunLayout
     pmodel: ParallelModel
     optimizer: torch.optim.Optimizer
-
-    @property
-    def n_micro(self) -> int:
-        return self.layout.n_micro
-
-    @property
-    def attention(self) -> str:
-        return self.layout.attention
-
-    @property
-    def precision(self) -> Precision:
-        return self.layout.precision
 
 
 def build_run(config: TrainConfig) -> Run:
