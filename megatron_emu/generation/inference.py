@@ -12,8 +12,8 @@ decoder/train.py) all call `build_inference`.
 
 One process is a mesh of size 1, as in training. The model config comes first (the layout
 needs its layers and heads): our checkpoint of a whole Emu and an HF export record it, a
-state-dict file takes the preset's; from these each rank then reads only its part's tensors.
-Adapters are merged on their base whole on the CPU and cut to the part.
+state-dict file takes the preset's; from these each rank then reads only its part's tensors
+(adapters: its part of the base and of the adapters, merged), in its shards and compute dtype.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from megatron_emu.config import ModelConfig, ParallelConfig, PerformanceConfig
 from megatron_emu.generation.forward import shard_for_inference
 from megatron_emu.generation.frozen import freeze
 from megatron_emu.generation.loading import adapted_on_base, load_emu, load_for_inference, read_part
-from megatron_emu.generation.weight_sources import is_adapters, partial_source
 from megatron_emu.generation.stage_links import StageLinks
+from megatron_emu.generation.weight_sources import is_adapters, partial_source
 from megatron_emu.model.emu import Emu
 from megatron_emu.parallel.pipeline import prune_to_stage
 from megatron_emu.training.build import OnLayout, RunLayout, build_layout
@@ -118,8 +118,8 @@ def read_whole(config: InferenceConfig) -> Emu:
 
 
 def frozen_part(weights: Weights, layout: RunLayout) -> Emu:
-    """This rank's part: its pipeline stage, on its device in the compute dtype, TP-sharded."""
+    """This rank's part: its pipeline stage, on its device in the compute dtype, TP-sharded, frozen."""
     dims, pmesh = layout.dims, layout.pmesh
     stage = (lambda emu: prune_to_stage(emu, pmesh.pp_rank, dims.stage_layers)) if dims.pp > 1 else (lambda emu: emu)
     shard = (lambda part: shard_for_inference(part, pmesh.tp_mesh)) if dims.tp > 1 else None
-    return freeze(weights.part(stage, shard, pmesh.device, layout.precision.dtype))
+    return weights.part(stage, shard, pmesh.device, layout.precision.dtype)
