@@ -6,7 +6,7 @@ whose defaults are the paper's recipe. The result is `<--save>/decoder/` (diffus
 Bad input ends in one `error:` line and exit code 2, as in pretrain_emu.py.
 """
 
-from megatron_emu.cli import setup_logging
+from megatron_emu.cli import end_process_group, setup_logging
 from megatron_emu.decoder.arguments import parse_decoder_args
 from megatron_emu.training.errors import exit_on_error
 
@@ -24,3 +24,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # on success only: an error exited above

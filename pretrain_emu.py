@@ -5,7 +5,7 @@ at all (README command 1) the final checkpoint goes to runs/tiny/checkpoints.
 """
 
 from megatron_emu.arguments import parse_args
-from megatron_emu.cli import setup_logging
+from megatron_emu.cli import end_process_group, setup_logging
 from megatron_emu.training.errors import exit_on_error
 
 
@@ -20,3 +20,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # on success only: an error exited above

@@ -7,6 +7,7 @@ and usage errors answer before torch loads (it costs seconds).
   The training log lines and the summary are printed by the logging rank, not through here.
 - `ToolParser`: argparse, whose usage errors end with one example to copy (exit code 2).
 - `full_disk_as_error`: a full disk (or quota) while a tool writes becomes one ValueError line.
+- `end_process_group`: the last call of an entry point that torchrun / srun may launch.
 """
 
 from __future__ import annotations
@@ -52,6 +53,20 @@ def refuse_run_as_tool(module_file: str, flags: str, example: str) -> None:
           f"error: tools/{name} is a part of tools/benchmark_throughput.py: run that\n"
           f"example: {example}", file=sys.stderr)
     sys.exit(2)
+
+
+def end_process_group() -> None:
+    """End this rank's process groups once its work is done, before the interpreter exits.
+
+    Left alive, gloo's worker threads meet the interpreter's teardown and now and then abort
+    the process (SIGABRT, "terminate called without an active exception") after every line
+    of output was written; torch asks each launched process to call destroy_process_group.
+    Only called after success (the entry points exit before it on an error): destroying a
+    group while a failed peer is still inside a collective can hang (torchtitan does the same).
+    """
+    dist = sys.modules.get("torch.distributed")  # a run that never imported torch has no group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

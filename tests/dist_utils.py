@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -38,3 +39,26 @@ def spawn(world_size: int, fn, *args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_worker, args=(world_size, os.path.join(tmp, "init"), fn, args), nprocs=world_size,
                            join=True, start_method=start_method)
+
+
+# Imported by every Python process started with its folder on PYTHONPATH; its exit hook is
+# registered first, so it runs last, after the entry point returned and torch's own hooks.
+EXIT_PROBE = """
+import atexit, os, sys
+
+def _report():
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and "RANK" in os.environ:  # the ranks torchrun started, not torchrun
+        print("process group at exit:", "alive" if dist.is_initialized() else "ended", file=sys.stderr, flush=True)
+
+atexit.register(_report)
+"""
+
+
+def exit_probe(tmp_path) -> Path:
+    """A folder for PYTHONPATH whose sitecustomize reports, at each rank's exit, whether the
+    process group was still alive (cli.end_process_group ends it)."""
+    folder = tmp_path / "exit_probe"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(EXIT_PROBE)
+    return folder

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.dist_utils import exit_probe
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = sorted((ROOT / "tools").glob("*.py"))  # a new tool is covered by being there
 # Run bare, these are benchmarks of a minute or more: the default suite asks for --help, `-m slow` runs them bare.
 LONG_BARE = {"benchmark_data.py"}
 
 
-def run_command(command: list[str], cwd, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def run_command(command: list[str], cwd, timeout: int = 600, path: tuple = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *map(str, path)]), "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
@@ -104,13 +106,17 @@ def test_summary_windows_never_overlap():
                              "--num-workers", "0", "--device", "cpu"], "decoder finetune: "),
 ])
 def test_two_ranks_log_their_setup_once(script, flags, setup, tmp_path):
-    """Under torchrun, rank 0 logs the setup; rank 1 writes no megatron_emu line (it would on an error)."""
+    """Under torchrun, rank 0 logs the setup; rank 1 writes no megatron_emu line (it would on an error).
+    Each rank ends its process group before exiting (cli.end_process_group): the probe's exit hook runs last."""
     logs = tmp_path / "logs"  # torchrun's --redirects 3: each rank's stdout/stderr in files of its own
     run = run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                        "--log-dir", str(logs), "--redirects", "3", str(ROOT / script), *flags,
-                       "--save", str(tmp_path / "save")], tmp_path)
+                       "--save", str(tmp_path / "save")], tmp_path, path=[exit_probe(tmp_path)])
     assert run.returncode == 0, run.stderr[-3000:]
     stderr = {rank: next(logs.glob(f"**/attempt_0/{rank}/stderr.log")).read_text() for rank in (0, 1)}
     setup_lines = {rank: [line for line in text.splitlines() if " megatron_emu: " in line] for rank, text in stderr.items()}
     assert sum(setup in line for line in setup_lines[0]) == 1, stderr[0]
     assert setup_lines[1] == [], stderr[1]
+    for text in stderr.values():
+        assert "process group at exit: ended" in text, text[-2000:]
+

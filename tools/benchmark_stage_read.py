@@ -134,3 +134,6 @@ def main(argv=None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+    from megatron_emu.cli import end_process_group
+
+    end_process_group()  # on success only: an error exited above

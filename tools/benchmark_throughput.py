@@ -277,3 +277,6 @@ def measure(config: TrainConfig, args, ours: dict) -> dict:
 
 if __name__ == "__main__":
     main()
+    from megatron_emu.cli import end_process_group
+
+    end_process_group()  # on success only: an error exited above

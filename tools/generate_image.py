@@ -100,3 +100,6 @@ def generate(inference, args, config) -> list[str]:
 
 if __name__ == "__main__":
     exit_on_error(main)  # bad input (a checkpoint, a decoder dir, an image): one line, exit 2
+    from megatron_emu.cli import end_process_group
+
+    end_process_group()  # on success only: an error exited above
