@@ -11,7 +11,6 @@ samples" series), so runs with different batch sizes line up.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
