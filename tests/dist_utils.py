@@ -43,13 +43,14 @@ def spawn(world_size: int, fn, *args) -> None:
 
 # Imported by every Python process started with its folder on PYTHONPATH; its exit hook is
 # registered first, so it runs last, after the entry point returned and torch's own hooks.
-EXIT_PROBE = """
+EXIT_PROBE = r"""
 import atexit, os, sys
 
 def _report():
     dist = sys.modules.get("torch.distributed")
     if dist is not None and "RANK" in os.environ:  # the ranks torchrun started, not torchrun
-        print("process group at exit:", "alive" if dist.is_initialized() else "ended", file=sys.stderr, flush=True)
+        state = "alive" if dist.is_initialized() else "ended"
+        os.write(2, f"process group at exit: {state}\n".encode())  # one write: ranks share torchrun's stderr
 
 atexit.register(_report)
 """
