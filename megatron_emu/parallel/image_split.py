@@ -27,8 +27,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from megatron_emu.config import ModelConfig
-from megatron_emu.model.causal_former import CausalFormer
-from megatron_emu.model.vision import EVAVisionTransformer
 
 PLACEMENTS = ("heads", "images", "auto")
 ENCODERS = ("visual", "causal_former")
@@ -65,10 +63,9 @@ def tp_traffic(config: ModelConfig, name: str, images: float, act_bytes: int = 2
     """Bytes over TP of encoder `name` for `images` images, by placement: `heads`, its blocks'
     activations all-reduced (2 forward, 2 backward per block); `images_gather`, its outputs
     gathered; `images_grads`, its fp32 gradients all-reduced (once a step, whatever `images`)."""
-    with torch.device("meta"):  # exact parameter counts, no memory
-        module = EVAVisionTransformer(config.vision) if name == "visual" else \
-            CausalFormer(config.causal_former, visual_dim=config.vision.width, llm_hidden=config.llm.hidden)
-    params = sum(p.numel() for p in module.parameters())
+    from megatron_emu.parallel.planner_parameters import parameter_counts  # counted once per config, on meta
+
+    params = parameter_counts(config)[name]
     if name == "visual":
         v = config.vision
         tokens, width, blocks = v.num_tokens, v.width, v.layers

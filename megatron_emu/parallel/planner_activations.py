@@ -119,7 +119,7 @@ def activation_profile(config: ModelConfig, micro_batch_size: int, seq_length: i
     b, s, v, c = micro_batch_size, seq_length, config.vision, config.causal_former
     vision_tp, cf_tp = encoder_tp or (tp, tp)
     with FakeTensorMode(), _default_dtype(weight_dtype):
-        emu = Emu(config)
+        emu = Emu(_one_block_each(config))  # the blocks measured; the depth changes none of them
         for block, shards in ((emu.llm.layers["0"], tp), (emu.visual.blocks[0], vision_tp),
                               (emu.causal_former.blocks[0], cf_tp)):
             shard_for_tp(block, shards)
@@ -142,6 +142,12 @@ def activation_profile(config: ModelConfig, micro_batch_size: int, seq_length: i
     # Cross-entropy keeps fp32 log-probabilities of (B, S-1, V / TP) (loss.py casts to fp32).
     loss = 4 * b * (s - 1) * config.llm.vocab_size // tp
     return ActivationProfile(llm, vis, cf, rest, head + loss)
+
+
+def _one_block_each(config: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(config, llm=dataclasses.replace(config.llm, layers=1),
+                               vision=dataclasses.replace(config.vision, layers=1),
+                               causal_former=dataclasses.replace(config.causal_former, layers=1))
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
                 largest_block=max(count(emu.llm.layers["0"]), count(emu.visual.blocks[0]),
                                   count(emu.causal_former.blocks[0])),
                 vision_block=count(emu.visual.blocks[0]), cf_block=count(emu.causal_former.blocks[0]),
+                visual=count(emu.visual), causal_former=count(emu.causal_former),
                 **tp_replicated_counts(emu))
 
 
