@@ -7,6 +7,7 @@ one in the parent with the worker's traceback.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +26,13 @@ def _worker(rank: int, world_size: int, init_file: str, fn, args) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for a test's MASTER_PORT."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def spawn(world_size: int, fn, *args) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from tests.dist_utils import free_port
 from tests.test_decoder_fixtures import decoder_assets  # noqa: F401
 
 
@@ -27,7 +28,7 @@ def _worker(rank, world, port, assets, out):
 
 
 def test_ddp_ranks_stay_identical_and_share_the_condition_cache(decoder_assets, tmp_path):
-    port = 29500 + os.getpid() % 1000
+    port = free_port()
     mp.start_processes(_worker, args=(2, port, decoder_assets, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     w0, h0 = torch.load(tmp_path / "rank0.pt", weights_only=False)

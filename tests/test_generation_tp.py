@@ -58,12 +58,12 @@ def test_tool_under_torchrun_tp2_and_pp2_prints_what_one_process_prints(tmp_path
             "--image", str(tmp_path / "a.png"), "--prompt", "a red", "--task", "prompt", "--max-new-tokens", "4"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, str(exit_probe(tmp_path))]), "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args,
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
                           "--tensor-model-parallel-size", "2"], capture_output=True, text=True, env=env)
     assert one.returncode == 0 and two.returncode == 0, rank_errors(two.stderr)
     assert two.stdout == one.stdout and one.stdout.startswith("a red\t")
     assert two.stderr.count("process group at exit: ended") == 2, rank_errors(two.stderr)  # cli.end_process_group
-    stages = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args,
+    stages = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
                              "--pipeline-model-parallel-size", "2"], capture_output=True, text=True, env=env)
     assert stages.returncode == 0 and stages.stdout == one.stdout, rank_errors(stages.stderr)
     bad = subprocess.run([sys.executable, *args, "--tensor-model-parallel-size", "2"], capture_output=True, text=True, env=env)
