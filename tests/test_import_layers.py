@@ -2,7 +2,7 @@
 source: no cycles, and no module imports from a layer above its own. TYPE_CHECKING-only
 imports are not runtime imports and are left out.
 
-Layers, lowest first: the plain foundations (config, files, the direct-I/O readers) ->
+Layers, lowest first: the plain foundations (config, files, the direct-I/O readers, memo) ->
 model -> data -> parallel -> training -> the users of trained models (convert, generation,
 evaluation) -> decoder (Stable Diffusion on a frozen Emu) -> arguments (the command line,
 which may read a checkpoint's recorded config)."""
@@ -15,7 +15,7 @@ import megatron_emu
 
 PACKAGE = os.path.dirname(megatron_emu.__file__)
 LAYER = {"config": 0, "model_config": 0, "files": 0, "optional": 0, "logging_args": 0, "cli": 0, "direct_io": 0,
-         "range_check": 0, "kernels": 1, "model": 1, "data": 2, "parallel": 3, "training": 4, "convert": 5,
+         "range_check": 0, "memo": 0, "kernels": 1, "model": 1, "data": 2, "parallel": 3, "training": 4, "convert": 5,
          "generation": 5, "evaluation": 5, "decoder": 6, "arguments": 7}
 
 

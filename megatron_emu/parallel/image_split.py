@@ -27,6 +27,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from megatron_emu.config import ModelConfig
+from megatron_emu.memo import cached
+from megatron_emu.model.causal_former import CausalFormer
+from megatron_emu.model.vision import EVAVisionTransformer
 
 PLACEMENTS = ("heads", "images", "auto")
 ENCODERS = ("visual", "causal_former")
@@ -63,9 +66,7 @@ def tp_traffic(config: ModelConfig, name: str, images: float, act_bytes: int = 2
     """Bytes over TP of encoder `name` for `images` images, by placement: `heads`, its blocks'
     activations all-reduced (2 forward, 2 backward per block); `images_gather`, its outputs
     gathered; `images_grads`, its fp32 gradients all-reduced (once a step, whatever `images`)."""
-    from megatron_emu.parallel.planner_parameters import parameter_counts  # counted once per config, on meta
-
-    params = parameter_counts(config)[name]
+    params = encoder_parameters(config, name)
     if name == "visual":
         v = config.vision
         tokens, width, blocks = v.num_tokens, v.width, v.layers
@@ -76,6 +77,15 @@ def tp_traffic(config: ModelConfig, name: str, images: float, act_bytes: int = 2
         out_tokens, out_width = c.num_query_tokens, config.llm.hidden
     return dict(heads=images * blocks * 4 * tokens * width * act_bytes,
                 images_gather=images * out_tokens * out_width * act_bytes, images_grads=4 * params)
+
+
+@cached
+def encoder_parameters(config: ModelConfig, name: str) -> int:
+    """Exact parameter count of encoder `name`, counted once per config on the meta device."""
+    with torch.device("meta"):
+        module = EVAVisionTransformer(config.vision) if name == "visual" else \
+            CausalFormer(config.causal_former, visual_dim=config.vision.width, llm_hidden=config.llm.hidden)
+    return sum(p.numel() for p in module.parameters())
 
 
 def _images_cheaper(config: ModelConfig, name: str, tp: int, images_per_step: float) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,20 +19,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from megatron_emu.config import ModelConfig
-
-
-def cached(fn):
-    """Memoise on the arguments' repr (configs are mutable dataclasses, not hashable)."""
-    cache: dict[str, object] = {}
-
-    @functools.wraps(fn)
-    def wrapper(*args):
-        key = repr(args)
-        if key not in cache:
-            cache[key] = fn(*args)
-        return cache[key]
-
-    return wrapper
+from megatron_emu.memo import cached
 
 
 # -- activations, measured on fake tensors ------------------------------------------

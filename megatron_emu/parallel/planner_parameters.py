@@ -13,7 +13,7 @@ from __future__ import annotations
 from megatron_emu.config import ModelConfig
 from megatron_emu.parallel.image_split import choose_placement
 from megatron_emu.parallel.mesh import ParallelDims
-from megatron_emu.parallel.planner_activations import cached
+from megatron_emu.memo import cached
 
 
 @cached
@@ -30,7 +30,6 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
                 largest_block=max(count(emu.llm.layers["0"]), count(emu.visual.blocks[0]),
                                   count(emu.causal_former.blocks[0])),
                 vision_block=count(emu.visual.blocks[0]), cf_block=count(emu.causal_former.blocks[0]),
-                visual=count(emu.visual), causal_former=count(emu.causal_former),
                 **tp_replicated_counts(emu))
 
 
