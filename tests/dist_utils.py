@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world_size: int, init_file: str, fn, args) -> None:
+def _worker(rank: int, world_size: int, init_file: str, call_file: str) -> None:
+    fn, args = torch.load(call_file, weights_only=False)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # the CI machine has 2 cores shared by every rank
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -35,18 +35,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world_size: int, fn, *args) -> None:
-    """Run fn(rank, world_size, *args) on `world_size` gloo ranks; fn must be importable.
+# Imported once by the fork server; every rank is then forked from it with them loaded.
+PRELOAD = ["torch", "torch.distributed", "tests.dist_utils", "megatron_emu.training.train"]
 
-    Forked where that is safe (Linux, no CUDA and no process group in this process):
-    every rank then starts with torch already imported, which otherwise costs several
-    seconds per rank on a busy 2-core CI machine.
+
+def spawn(world_size: int, fn, *args) -> None:
+    """Run fn(rank, world_size, *args) on `world_size` gloo ranks; fn and args must pickle.
+
+    The ranks are forked from a fork server: a fresh interpreter that imported torch and
+    our training code once (importing them per rank costs several seconds on a busy 2-core
+    CI machine). Not forked from pytest itself: by the time a multi-rank test runs, this
+    process has run hundreds of tests (thread pools, gloo groups, TensorBoard threads), and
+    a rank forked from that state once died of heap corruption inside a collective.
     """
-    safe_to_fork = sys.platform == "linux" and not torch.cuda.is_initialized() and not dist.is_initialized()
-    start_method = "fork" if safe_to_fork else "spawn"
+    mp.set_forkserver_preload(PRELOAD)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(world_size, os.path.join(tmp, "init"), fn, args), nprocs=world_size,
-                           join=True, start_method=start_method)
+        call_file = os.path.join(tmp, "call.pt")  # fn and args by file: tensors passed as fds run out of fds
+        torch.save((fn, args), call_file)
+        mp.start_processes(_worker, args=(world_size, os.path.join(tmp, "init"), call_file), nprocs=world_size,
+                           join=True, start_method="forkserver")
 
 
 # Imported by every Python process started with its folder on PYTHONPATH; its exit hook is
