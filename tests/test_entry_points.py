@@ -119,4 +119,3 @@ def test_two_ranks_log_their_setup_once(script, flags, setup, tmp_path):
     assert setup_lines[1] == [], stderr[1]
     for text in stderr.values():
         assert "process group at exit: ended" in text, text[-2000:]
-

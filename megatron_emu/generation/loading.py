@@ -183,4 +183,4 @@ def load_emu(config: ModelConfig, path: str, device: torch.device | str = "cpu")
     hidden = config.llm.hidden
     if head in source.entries and source.shape(head) != (hidden, hidden):
         raise ValueError(f"{path}: Emu hidden size {source.shape(head)[0]} but the preset's is {hidden}")
-    return freeze(read_part(source, config, lambda emu: emu).to(device))
+    return read_part(source, config, lambda emu: emu, device=device)  # frozen, allocated on `device`

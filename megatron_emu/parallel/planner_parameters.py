@@ -11,9 +11,9 @@ under FSDP.
 from __future__ import annotations
 
 from megatron_emu.config import ModelConfig
+from megatron_emu.memo import cached
 from megatron_emu.parallel.image_split import choose_placement
 from megatron_emu.parallel.mesh import ParallelDims
-from megatron_emu.memo import cached
 
 
 @cached
